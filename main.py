@@ -1,0 +1,52 @@
+"""vit-accel entry point.
+
+  python main.py --config=configs/fmnist_mocov3.py[:smoke] --workdir=DIR [--config.key=value ...]
+
+Re-running the same command resumes from the latest checkpoint in DIR/checkpoints.
+Bad input (config, data, workdir) ends with one line naming the problem and the fix, exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, tensorboard/.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+EXIT_USER_ERROR = 2
+
+
+class _DropLibraryChatter:
+  """Orbax logs every save step by step at INFO; keep only its warnings and errors."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vit_accel.errors import UserError
+  config = FLAGS.config
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  try:
+    # Data presence is checked before JAX/TF start, so a missing dataset fails in seconds.
+    from input_pipeline import sources
+    sources.check_source(config)
+    from vit_accel import train  # heavy imports (JAX, TF) from here on
+    logging.info("config:\n%s", config)
+    train.train_and_evaluate(config, os.path.abspath(FLAGS.workdir))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+  app.run(main)

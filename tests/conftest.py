@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+# Keep test processes quiet and on the CPU, whatever the machine has.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def tiny_config(**overrides):
+  """The smoke recipe shrunk further: a few steps of a 2-layer ViT, kNN on small subsets."""
+  from configs import fmnist_mocov3
+  c = fmnist_mocov3.get_config("smoke")
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 2
+  c.checkpoint.every_steps = 2
+  c.checkpoint.async_save = True
+  c.tensorboard = False
+  c.eval.bank_size = 400
+  c.eval.query_size = 200
+  c.eval.batch_size = 200
+  c.eval.final_full = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def needs_fashion_mnist():
+  if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+    pytest.fail("Fashion-MNIST is not installed: run ./setup.sh (apt-get install dataset-fashion-mnist)")

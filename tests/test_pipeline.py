@@ -1,0 +1,150 @@
+"""Input pipeline: IDX reading, determinism, resume position, host split, dtypes, augment ops."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+from input_pipeline import augment, pipeline, sources
+from vit_accel.errors import UserError
+
+
+def synthetic_images(n=96, size=32, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+def take(ds, k):
+  return [b for _, b in zip(range(k), ds.as_numpy_iterator())]
+
+
+def test_batches_are_uint8_with_expected_shapes_and_range():
+  cfg = tiny_config()
+  ds = pipeline.train_dataset(synthetic_images(), cfg, pipeline.HostSplit(0, 1, 16))
+  batch = take(ds, 1)[0]
+  v0, v1 = batch["views"]
+  for v in (v0, v1):
+    assert v.dtype == np.uint8 and v.shape == (16, 32, 32, 3)
+    assert v.max() > 100  # not collapsed to black
+    np.testing.assert_array_equal(v[..., 0], v[..., 2])  # grey tiled to 3 channels
+  assert not np.array_equal(v0, v1)  # two different augmentations
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+  images = synthetic_images()
+  a = take(pipeline.train_dataset(images, tiny_config(), pipeline.HostSplit(0, 1, 16)), 3)
+  b = take(pipeline.train_dataset(images, tiny_config(), pipeline.HostSplit(0, 1, 16)), 3)
+  c = take(pipeline.train_dataset(images, tiny_config(seed=1), pipeline.HostSplit(0, 1, 16)), 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["views"][0], y["views"][0])
+  assert not np.array_equal(a[0]["views"][0], c[0]["views"][0])
+
+
+def test_resume_position_reproduces_the_stream_across_epochs():
+  images = synthetic_images(n=40)  # 2 steps of 16 per epoch: stream crosses epoch boundaries
+  split = pipeline.HostSplit(0, 1, 16)
+  full = take(pipeline.train_dataset(images, tiny_config(), split), 7)
+  resumed = take(pipeline.train_dataset(images, tiny_config(), split, start_step=3), 4)
+  for x, y in zip(full[3:], resumed):
+    np.testing.assert_array_equal(x["views"][0], y["views"][0])
+    np.testing.assert_array_equal(x["views"][1], y["views"][1])
+  # Different epochs see different orders.
+  assert not np.array_equal(full[0]["views"][0], full[2]["views"][0])
+
+
+def test_hosts_read_disjoint_shards():
+  images = np.arange(64, dtype=np.uint8).reshape(64, 1, 1, 1) * np.ones((1, 32, 32, 1), np.uint8)
+  cfg = tiny_config()
+  cfg.aug.crop_scale = (1.0, 1.0)
+  cfg.aug.crop_ratio = (1.0, 1.0)
+  cfg.aug.jitter_p = 0.0
+  seen = []
+  for host in range(2):
+    split = pipeline.HostSplit(host, 2, 16)
+    assert split.local_batch == 8
+    batches = take(pipeline.train_dataset(images, cfg, split), 4)  # one epoch of the shard
+    seen.append({int(v[0, 0, 0]) for b in batches for v in b["views"][0]})
+  assert seen[0] == set(range(32)) and seen[1] == set(range(32, 64))
+
+
+def test_batch_not_divisible_by_processes_is_a_clear_error():
+  with pytest.raises(UserError, match="not divisible"):
+    pipeline.train_dataset(synthetic_images(), tiny_config(), pipeline.HostSplit(0, 3, 16))
+
+
+@pytest.mark.parametrize("op", ["crop", "flip", "jitter", "blur", "solarize", "grey"])
+def test_augment_ops_same_eagerly_and_in_tf_data(op):
+  fns = {
+      "crop": lambda im, s: augment.random_resized_crop(im, s, 24, scale=(0.2, 1.0)),
+      "flip": augment.random_flip,
+      "jitter": lambda im, s: augment.color_jitter(im, s, 0.4, 0.4, 0.4, 0.1),
+      "blur": augment.gaussian_blur,
+      "solarize": lambda im, s: augment.solarize(im),
+      "grey": lambda im, s: augment.to_grayscale(im),
+  }
+  fn = fns[op]
+  image = tf.constant(np.random.default_rng(0).uniform(size=(32, 32, 3)), tf.float32)
+  seed = tf.constant([3, 4], tf.int64)
+  eager = fn(image, seed).numpy()
+  in_graph = next(iter(tf.data.Dataset.from_tensors((image, seed)).map(fn))).numpy()
+  np.testing.assert_allclose(eager, in_graph, atol=1e-6)
+  assert eager.min() >= 0.0 and eager.max() <= 1.0 + 1e-6
+
+
+def test_color_jitter_changes_image_and_solarize_inverts_bright_pixels():
+  image = tf.fill([8, 8, 3], 0.8)
+  jittered = augment.color_jitter(image, tf.constant([1, 2], tf.int64), brightness=0.5, contrast=0)
+  assert not np.allclose(jittered.numpy(), 0.8)
+  np.testing.assert_allclose(augment.solarize(image).numpy(), 0.2, atol=1e-6)
+
+
+def write_idx(path, array):
+  codes = {np.uint8: 0x08}
+  header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(
+      ">" + "I" * array.ndim, *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+def test_idx_reader_roundtrip_and_padding(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+  labels = np.arange(5, dtype=np.uint8)
+  for split, (img_name, lbl_name) in sources.FASHION_MNIST_FILES.items():
+    write_idx(tmp_path / img_name, images)
+    write_idx(tmp_path / lbl_name, labels)
+  x, y = sources.load_fashion_mnist(str(tmp_path), "train")
+  assert x.shape == (5, 32, 32, 1) and x.dtype == np.uint8
+  np.testing.assert_array_equal(x[:, 2:30, 2:30, 0], images)
+  assert x[:, :2].max() == 0 and x[:, 30:].max() == 0
+  np.testing.assert_array_equal(y, labels)
+
+
+def test_truncated_idx_is_a_clear_error(tmp_path):
+  path = tmp_path / "bad.gz"
+  with gzip.open(path, "wb") as f:
+    f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 100) + b"\x00" * 10)
+  with pytest.raises(UserError, match="truncated"):
+    sources.read_idx(str(path))
+
+
+def test_missing_data_fails_fast_with_one_line(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/fmnist_mocov3.py:smoke",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.dir={tmp_path / 'nowhere'}"],
+      cwd=root, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1
+  assert "dataset-fashion-mnist" in lines[0] and "data.dir" in lines[0]
+  assert not (tmp_path / "run").exists()  # nothing created for a run that could not start
+
+
+def test_real_fashion_mnist_loads(needs_fashion_mnist):
+  x, y = sources.load_fashion_mnist(sources.FASHION_MNIST_DEFAULT_DIR, "test")
+  assert x.shape == (10000, 32, 32, 1) and y.shape == (10000,)
+  assert set(np.unique(y)) == set(range(10))

@@ -1,0 +1,1 @@
+"""vit-accel: self-supervised ViT pretraining accelerated by token-sequence compression."""

@@ -1,0 +1,58 @@
+"""Orbax CheckpointManager wrapper: async saves of the train state plus a small JSON of run metadata.
+
+Restores always go through an abstract target carrying the *current* mesh's shardings, so a
+checkpoint written on one topology restores onto another.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, keep: int, every_steps: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(1, every_steps),
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+    """Starts an (async) save when `step` is on the interval, or always with force=True."""
+    return self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore_meta(self, step: int) -> dict:
+    """Only the JSON metadata: cheap, and checked before a state of another shape is touched."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def restore(self, step: int, abstract_state):
+    """(state placed on `abstract_state`'s shardings, meta dict)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree` (arrays or shape structs) carrying `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,324 @@
+"""The trainer, top to bottom: setup, mesh, input, model, shardings, step, checkpoint, evals, loop."""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from input_pipeline import pipeline, sources
+from vit_accel import checkpointing, evaluation, schedule
+from vit_accel import sharding as sharding_lib
+from vit_accel.errors import UserError
+from vit_accel.metric_writer import MetricWriter, read_metrics
+from vit_accel.models.vit import VisionTransformer
+from vit_accel.objectives import mocov3
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any       # query encoder: backbone + projector + predictor
+  key_params: Any   # momentum encoder: EMA of backbone + projector
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------- setup
+def validate_config(config) -> None:
+  """Cheap checks that fail before anything compiles, each naming the key and the fix."""
+  if config.objective != "mocov3":
+    raise UserError(f"unknown objective={config.objective!r}; available: mocov3")
+  m = config.model
+  if m.patch_size <= 0 or m.image_size % m.patch_size:
+    raise UserError(f"model.patch_size={m.patch_size} does not tile model.image_size="
+                    f"{m.image_size}; use a divisor of {m.image_size}")
+  if m.width % m.num_heads:
+    raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+  if config.batch_size <= 0:
+    raise UserError(f"batch_size={config.batch_size} must be positive")
+
+
+def build_model(config) -> mocov3.MoCoV3Model:
+  m = config.model
+  backbone = VisionTransformer(width=m.width, depth=m.depth, num_heads=m.num_heads,
+                               mlp_ratio=m.mlp_ratio, patch_size=m.patch_size,
+                               image_size=m.image_size)
+  return mocov3.MoCoV3Model(backbone=backbone, proj_hidden_dim=config.mocov3.proj_hidden_dim,
+                            out_dim=config.mocov3.out_dim,
+                            pred_hidden_dim=config.mocov3.pred_hidden_dim)
+
+
+def make_optimizer(config, total_steps: int):
+  """AdamW with warmup + cosine; no weight decay on biases, norms, CLS token and position embedding."""
+  def decay_mask(params):
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {k: (p.ndim > 1 and k[-1] not in ("pos_embed", "cls_token")) for k, p in flat.items()})
+  lr = schedule.learning_rate_schedule(config, total_steps)
+  tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
+                   weight_decay=config.optim.weight_decay, mask=decay_mask)
+  if config.optim.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), tx)
+  return tx, lr
+
+
+def normalize_images(images, config):
+  """uint8 [B, S, S, 3] -> float32, per-channel standardised (done on device, not in tf.data)."""
+  mean = jnp.asarray(config.data.mean, jnp.float32)
+  std = jnp.asarray(config.data.std, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def cost_units_per_image(config) -> float:
+  """Per-image cost of one uncompressed step in base-forward units (1 = one backbone forward on one
+  image): a view through the gradient branch costs forward + backward ~ 3, a key view 1."""
+  views = 2 if config.mocov3.symmetric else 1
+  return views * (3.0 + 1.0)
+
+
+def run_metadata(config, total_steps: int) -> dict:
+  """What a checkpoint must agree with to be resumed by this config."""
+  return {"objective": config.objective, "model": config.model.to_dict(),
+          "batch_size": int(config.batch_size), "total_steps": int(total_steps),
+          "seed": int(config.seed)}
+
+
+def check_resumable(saved: dict, current: dict, directory: str) -> None:
+  for key in ("objective", "model", "batch_size", "total_steps", "seed"):
+    if key in saved and saved[key] != current[key]:
+      raise UserError(f"{directory} holds a checkpoint of a run with {key}={saved[key]}, this "
+                      f"config has {key}={current[key]}; use a new --workdir or restore the config")
+
+
+# -------------------------------------------------------------------------------------- the step
+def make_train_step(config, model, tx, lr_fn, total_steps: int):
+  temperature = float(config.mocov3.temperature)
+
+  def train_step(state: TrainState, batch):
+    views = tuple(normalize_images(v, config) for v in batch["views"])
+    progress = state.step.astype(jnp.float32) / total_steps
+    momentum = mocov3.momentum_at(progress, config.mocov3.base_momentum)
+
+    def loss_of(params):
+      return mocov3.loss_fn(model, params, state.key_params, views, temperature,
+                            symmetric=config.mocov3.symmetric)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    key_params = mocov3.ema_update(state.key_params, params, momentum)
+    metrics = {"loss": loss, "lr": lr_fn(state.step), "momentum": momentum,
+               "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, key_params=key_params,
+                      opt_state=opt_state), metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------------- evaluation
+class KnnEvaluator:
+  """kNN top-1 of backbone CLS features: bank = train split, queries = test split."""
+
+  def __init__(self, config, model, mesh, state_shardings):
+    self.config = config
+    self.mesh = mesh
+    ev = config.eval
+    size = config.model.image_size
+    train_images, self.train_labels = sources.load(config, "train")
+    test_images, self.test_labels = sources.load(config, "test")
+    self.train_images = pipeline.eval_images(train_images, size)
+    self.test_images = pipeline.eval_images(test_images, size)
+    sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
+
+    def feature_fn(params, images):
+      return model.apply({"params": params}, normalize_images(images, config),
+                         method=mocov3.MoCoV3Model.features)
+
+    self.feature_fn = jax.jit(feature_fn, in_shardings=(state_shardings.params,
+                                                        sharding_lib.batch_sharding(mesh)),
+                              out_shardings=sharding_lib.batch_sharding(mesh))
+
+  def __call__(self, params, *, full: bool) -> dict:
+    ev = self.config.eval
+    t0 = time.time()
+    bank_limit, query_limit = (-1, -1) if full else (ev.bank_size, ev.query_size)
+    bank_x, bank_y = pipeline.subsample(self.train_images, self.train_labels, bank_limit, 1)
+    query_x, query_y = pipeline.subsample(self.test_images, self.test_labels, query_limit, 2)
+    bank = evaluation.extract_features(self.feature_fn, params, bank_x, ev.batch_size, self.mesh)
+    query = evaluation.extract_features(self.feature_fn, params, query_x, ev.batch_size, self.mesh)
+    top1 = evaluation.knn_top1(bank, bank_y, query, query_y, k=ev.knn_k,
+                               temperature=ev.knn_temperature)
+    return {"knn_top1": top1, "knn_bank": int(bank.shape[0]), "knn_queries": int(query.shape[0]),
+            "eval_s": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------- driver
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) pretraining in `workdir`. Returns the final evaluation metrics."""
+  validate_config(config)
+  sources.check_source(config)
+  mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch(config.batch_size, mesh)
+  logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform, jax.process_count())
+
+  # Input: the training split, this host's part of it.
+  train_images, _ = sources.load(config, "train")
+  total_steps = schedule.total_steps(config, train_images.shape[0])
+  split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
+
+  # Model and optimiser; shapes first, then shardings, then state created directly in them.
+  model = build_model(config)
+  tx, lr_fn = make_optimizer(config, total_steps)
+  size = config.model.image_size
+  init_rng = jax.random.key(config.seed)
+
+  def init_state(rng):
+    params = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      key_params=jax.tree.map(jnp.copy, mocov3.key_params_of(params)),
+                      opt_state=tx.init(params))
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  meta = run_metadata(config, total_steps)
+
+  ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
+                                    every_steps=config.checkpoint.every_steps,
+                                    async_save=config.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  wall_offset = 0.0  # wall-clock seconds spent by earlier invocations of this run
+  if latest is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    start_step = 0
+  else:
+    saved_meta = ckpt.restore_meta(latest)
+    check_resumable(saved_meta, meta, ckpt.directory)
+    wall_offset = float(saved_meta.get("wall_s", 0.0))
+    finished = [m for m in read_metrics(workdir) if m["step"] >= total_steps and "knn_top1" in m]
+    if latest >= total_steps and finished:
+      ckpt.close()
+      print(f"run already complete at step {latest}; final kNN top-1: "
+            f"{finished[-1]['knn_top1']:.4f}", flush=True)
+      return finished[-1]
+    state, _ = ckpt.restore(latest, checkpointing.abstract_with_shardings(abstract_state,
+                                                                          state_shardings))
+    start_step = int(state.step)
+    logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params["backbone"]))
+  logging.info("backbone: %.2fM params; %d steps of global batch %d", n_params / 1e6, total_steps,
+               config.batch_size)
+
+  # The step, compiled ahead of time so shape errors show before data flows.
+  local_view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                                    sharding=sharding_lib.batch_sharding(mesh))
+  abstract_batch = {"views": (local_view, local_view)}
+  step_fn = jax.jit(make_train_step(config, model, tx, lr_fn, total_steps),
+                    in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                    donate_argnums=0)
+  t0 = time.time()
+  compiled_step = step_fn.lower(
+      checkpointing.abstract_with_shardings(abstract_state, state_shardings), abstract_batch
+  ).compile()
+  logging.info("compiled train step in %.1fs", time.time() - t0)
+
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  evaluator = KnnEvaluator(config, model, mesh, state_shardings)
+  cost_per_step = cost_units_per_image(config) * config.batch_size
+  stop_at = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
+
+  t_start = time.time()
+  train_time = 0.0
+  eval_time = 0.0
+
+  def elapsed():
+    """Wall-clock seconds of this run's loop (training + evals), over all its invocations."""
+    return wall_offset + time.time() - t_start
+
+  def evaluate(step, full):
+    nonlocal eval_time
+    wall = elapsed()
+    result = evaluator(state.params, full=full)
+    eval_time += result["eval_s"]
+    writer.write(step, {**result, "wall_s": wall})
+    logging.info("step %d: kNN top-1 %.4f (bank %d, queries %d, %.1fs)", step,
+                 result["knn_top1"], result["knn_bank"], result["knn_queries"], result["eval_s"])
+    return result
+
+  if start_step == 0 and config.eval.at_start:
+    evaluate(0, full=config.eval.full_at_start)
+
+  dataset = pipeline.train_dataset(train_images, config, split, start_step)
+  batches = dataset.as_numpy_iterator()
+  t_log = time.time()
+  steps_since_log = 0
+  result = {}
+  step = start_step
+  while step < stop_at:
+    batch = sharding_lib.host_to_global(next(batches), mesh)
+    state, metrics = compiled_step(state, batch)
+    step += 1
+    steps_since_log += 1
+    if step % config.checkpoint.every_steps == 0:
+      ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+    if step % config.log_every_steps == 0 or step == stop_at:
+      metrics = jax.device_get(metrics)  # the only sync point of the loop
+      if not math.isfinite(float(metrics["loss"])):
+        ckpt.wait()
+        raise UserError(f"non-finite loss {float(metrics['loss'])} at step {step}; the last good "
+                        f"checkpoint is kept; lower optim.base_lr or enable optim.grad_clip")
+      dt = time.time() - t_log
+      train_time += dt
+      per_step = dt / steps_since_log
+      line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+              "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
+              "stage": 0, "seq_len": evaluator_seq_len(config),
+              "budget_units": step * cost_per_step,
+              "wall_s": elapsed(),
+              "images_per_s": config.batch_size / per_step}
+      writer.write(step, line)
+      logging.info("step %d/%d (%.1f%%) loss %.4f lr %.2e %.0f img/s ETA %s", step, total_steps,
+                   100.0 * step / total_steps, line["loss"], line["lr"], line["images_per_s"],
+                   _format_duration(per_step * (stop_at - step)))
+      t_log, steps_since_log = time.time(), 0
+    if config.eval.every_steps > 0 and step % config.eval.every_steps == 0 and step < total_steps:
+      result = evaluate(step, full=False)
+      t_log = time.time()
+
+  if step == stop_at and step not in ckpt.all_steps():
+    ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+  ckpt.wait()
+  if step >= total_steps:
+    result = evaluate(step, full=config.eval.final_full)
+    init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
+    logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
+                 _format_duration(eval_time), 100 * eval_time / max(train_time + eval_time, 1e-9))
+    summary = f"final kNN top-1: {result['knn_top1']:.4f}"
+    if init:
+      summary += f" (at initialisation {init[0]:.4f})"
+    print(summary, flush=True)
+  writer.flush()
+  writer.close()
+  ckpt.close()
+  return result
+
+
+def evaluator_seq_len(config) -> int:
+  """Tokens per view in the gradient branch (CLS + patches); uncompressed in this version."""
+  return (config.model.image_size // config.model.patch_size) ** 2 + 1
