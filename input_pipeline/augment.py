@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+from input_pipeline.tf_runtime import tf
 
 
 def split_seed(seed, num: int):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
+from input_pipeline.tf_runtime import tf
 
 from input_pipeline import views as views_lib
 from vit_accel.errors import UserError

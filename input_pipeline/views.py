@@ -1,7 +1,7 @@
 """View recipes: an image + seed -> the augmented views an objective consumes (uint8, 3 channels)."""
 from __future__ import annotations
 
-import tensorflow as tf
+from input_pipeline.tf_runtime import tf
 
 from input_pipeline import augment
 

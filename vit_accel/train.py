@@ -126,13 +126,12 @@ def make_train_step(config, model, tx, lr_fn, total_steps: int):
 class KnnEvaluator:
   """kNN top-1 of backbone CLS features: bank = train split, queries = test split."""
 
-  def __init__(self, config, model, mesh, state_shardings):
+  def __init__(self, config, model, mesh, state_shardings, train_split, test_split):
     self.config = config
     self.mesh = mesh
     ev = config.eval
     size = config.model.image_size
-    train_images, self.train_labels = sources.load(config, "train")
-    test_images, self.test_labels = sources.load(config, "test")
+    (train_images, self.train_labels), (test_images, self.test_labels) = train_split, test_split
     self.train_images = pipeline.eval_images(train_images, size)
     self.test_images = pipeline.eval_images(test_images, size)
     sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
@@ -177,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                jax.devices()[0].platform, jax.process_count())
 
   # Input: the training split, this host's part of it.
-  train_images, _ = sources.load(config, "train")
+  train_images, train_labels = sources.load(config, "train")
   total_steps = schedule.total_steps(config, train_images.shape[0])
   split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
 
@@ -225,9 +224,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                config.batch_size)
 
   # The step, compiled ahead of time so shape errors show before data flows.
-  local_view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
-                                    sharding=sharding_lib.batch_sharding(mesh))
-  abstract_batch = {"views": (local_view, local_view)}
+  global_view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                                     sharding=sharding_lib.batch_sharding(mesh))
+  abstract_batch = {"views": (global_view, global_view)}
   step_fn = jax.jit(make_train_step(config, model, tx, lr_fn, total_steps),
                     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
@@ -239,7 +238,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("compiled train step in %.1fs", time.time() - t0)
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-  evaluator = KnnEvaluator(config, model, mesh, state_shardings)
+  evaluator = KnnEvaluator(config, model, mesh, state_shardings, (train_images, train_labels),
+                           sources.load(config, "test"))
   cost_per_step = cost_units_per_image(config) * config.batch_size
   stop_at = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
 
