@@ -70,3 +70,16 @@ def test_invalid_config_fails_before_compiling(tmp_path):
   with pytest.raises(UserError, match="objective"):
     train.train_and_evaluate(tiny_config(objective="byol"), str(tmp_path / "b"))
   assert not (tmp_path / "a").exists()
+
+
+def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path, needs_fashion_mnist):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(stop_at_step=2), workdir)
+  # A learning rate this large overflows the parameters to inf within a step or two.
+  with pytest.raises(UserError, match="non-finite loss .* at step"):
+    train.train_and_evaluate(tiny_config(**{"optim.base_lr": 1e38, "optim.warmup_fraction": 0.0}),
+                             workdir)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps == [2]
+  params = load_params(workdir, 2)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

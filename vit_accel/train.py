@@ -270,55 +270,59 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_since_log = 0
   result = {}
   step = start_step
-  while step < stop_at:
-    batch = sharding_lib.host_to_global(next(batches), mesh)
-    state, metrics = compiled_step(state, batch)
-    step += 1
-    steps_since_log += 1
-    if step % config.checkpoint.every_steps == 0:
-      ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
-    if step % config.log_every_steps == 0 or step == stop_at:
-      metrics = jax.device_get(metrics)  # the only sync point of the loop
-      if not math.isfinite(float(metrics["loss"])):
-        ckpt.wait()
-        raise UserError(f"non-finite loss {float(metrics['loss'])} at step {step}; the last good "
-                        f"checkpoint is kept; lower optim.base_lr or enable optim.grad_clip")
-      dt = time.time() - t_log
-      train_time += dt
-      per_step = dt / steps_since_log
-      line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-              "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
-              "stage": 0, "seq_len": evaluator_seq_len(config),
-              "budget_units": step * cost_per_step,
-              "wall_s": elapsed(),
-              "images_per_s": config.batch_size / per_step}
-      writer.write(step, line)
-      logging.info("step %d/%d (%.1f%%) loss %.4f lr %.2e %.0f img/s ETA %s", step, total_steps,
-                   100.0 * step / total_steps, line["loss"], line["lr"], line["images_per_s"],
-                   _format_duration(per_step * (stop_at - step)))
-      t_log, steps_since_log = time.time(), 0
-    if config.eval.every_steps > 0 and step % config.eval.every_steps == 0 and step < total_steps:
-      result = evaluate(step, full=False)
-      t_log = time.time()
+  try:
+    while step < stop_at:
+      batch = sharding_lib.host_to_global(next(batches), mesh)
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      steps_since_log += 1
+      log_now = step % config.log_every_steps == 0 or step == stop_at
+      save_now = step % config.checkpoint.every_steps == 0
+      if log_now or save_now:
+        metrics = jax.device_get(metrics)  # the loop's only sync points
+        if not math.isfinite(float(metrics["loss"])):  # checked before a save: no bad checkpoint
+          raise UserError(f"non-finite loss {float(metrics['loss'])} at step {step}; the last good "
+                          f"checkpoint is kept; lower optim.base_lr or enable optim.grad_clip")
+      if save_now:
+        ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+      if log_now:
+        dt = time.time() - t_log
+        train_time += dt
+        per_step = dt / steps_since_log
+        line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+                "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
+                "stage": 0, "seq_len": gradient_branch_seq_len(config),
+                "budget_units": step * cost_per_step,
+                "wall_s": elapsed(),
+                "images_per_s": config.batch_size / per_step}
+        writer.write(step, line)
+        logging.info("step %d/%d (%.1f%%) loss %.4f lr %.2e %.0f img/s ETA %s", step, total_steps,
+                     100.0 * step / total_steps, line["loss"], line["lr"], line["images_per_s"],
+                     _format_duration(per_step * (stop_at - step)))
+        t_log, steps_since_log = time.time(), 0
+      if config.eval.every_steps > 0 and step % config.eval.every_steps == 0 and step < total_steps:
+        result = evaluate(step, full=False)
+        t_log = time.time()
 
-  if step == stop_at and step not in ckpt.all_steps():
-    ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
-  ckpt.wait()
-  if step >= total_steps:
-    result = evaluate(step, full=config.eval.final_full)
-    init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
-    logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
-                 _format_duration(eval_time), 100 * eval_time / max(train_time + eval_time, 1e-9))
-    summary = f"final kNN top-1: {result['knn_top1']:.4f}"
-    if init:
-      summary += f" (at initialisation {init[0]:.4f})"
-    print(summary, flush=True)
-  writer.flush()
-  writer.close()
-  ckpt.close()
+    if step == stop_at and step not in ckpt.all_steps():
+      ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+    ckpt.wait()
+    if step >= total_steps:
+      result = evaluate(step, full=config.eval.final_full)
+      init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
+      logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
+                   _format_duration(eval_time), 100 * eval_time / max(train_time + eval_time, 1e-9))
+      summary = f"final kNN top-1: {result['knn_top1']:.4f}"
+      if init:
+        summary += f" (at initialisation {init[0]:.4f})"
+      print(summary, flush=True)
+  finally:
+    # Ctrl-C, a NaN or any crash: let a pending async save finish so the checkpoint is whole.
+    writer.close()
+    ckpt.close()
   return result
 
 
-def evaluator_seq_len(config) -> int:
+def gradient_branch_seq_len(config) -> int:
   """Tokens per view in the gradient branch (CLS + patches); uncompressed in this version."""
   return (config.model.image_size // config.model.patch_size) ** 2 + 1
