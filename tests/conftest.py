@@ -22,7 +22,8 @@ def tiny_config(**overrides):
   c.eval.bank_size = 400
   c.eval.query_size = 200
   c.eval.batch_size = 200
-  c.eval.final_full = False
+  c.eval.final_bank_size = 400
+  c.eval.final_query_size = 200
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

@@ -10,7 +10,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=16", "--config.total_steps=2", "--config.log_every_steps=1",
         "--config.tensorboard=False", "--config.eval.at_start=False", "--config.eval.bank_size=400",
-        "--config.eval.query_size=200", "--config.eval.batch_size=200"]
+        "--config.eval.query_size=200", "--config.eval.final_bank_size=400",
+        "--config.eval.final_query_size=200", "--config.eval.batch_size=200"]
 
 
 def run(workdir, devices):

@@ -144,10 +144,13 @@ class KnnEvaluator:
                                                         sharding_lib.batch_sharding(mesh)),
                               out_shardings=sharding_lib.batch_sharding(mesh))
 
-  def __call__(self, params, *, full: bool) -> dict:
+  def __call__(self, params, *, final: bool) -> dict:
+    """Periodic evaluations use small fixed subsets; `final` (also used for the initial network,
+    the baseline) uses eval.final_bank_size / final_query_size (-1 = the whole split)."""
     ev = self.config.eval
     t0 = time.time()
-    bank_limit, query_limit = (-1, -1) if full else (ev.bank_size, ev.query_size)
+    bank_limit, query_limit = ((ev.final_bank_size, ev.final_query_size) if final
+                               else (ev.bank_size, ev.query_size))
     bank_x, bank_y = pipeline.subsample(self.train_images, self.train_labels, bank_limit, 1)
     query_x, query_y = pipeline.subsample(self.test_images, self.test_labels, query_limit, 2)
     bank = evaluation.extract_features(self.feature_fn, params, bank_x, ev.batch_size, self.mesh)
@@ -251,10 +254,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Wall-clock seconds of this run's loop (training + evals), over all its invocations."""
     return wall_offset + time.time() - t_start
 
-  def evaluate(step, full):
+  def evaluate(step, final):
     nonlocal eval_time
     wall = elapsed()
-    result = evaluator(state.params, full=full)
+    result = evaluator(state.params, final=final)
     eval_time += result["eval_s"]
     writer.write(step, {**result, "wall_s": wall})
     logging.info("step %d: kNN top-1 %.4f (bank %d, queries %d, %.1fs)", step,
@@ -262,7 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return result
 
   if start_step == 0 and config.eval.at_start:
-    evaluate(0, full=config.eval.full_at_start)
+    evaluate(0, final=True)
 
   dataset = pipeline.train_dataset(train_images, config, split, start_step)
   batches = dataset.as_numpy_iterator()
@@ -300,15 +303,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      100.0 * step / total_steps, line["loss"], line["lr"], line["images_per_s"],
                      _format_duration(per_step * (stop_at - step)))
         t_log, steps_since_log = time.time(), 0
-      if config.eval.every_steps > 0 and step % config.eval.every_steps == 0 and step < total_steps:
-        result = evaluate(step, full=False)
-        t_log = time.time()
+      # Periodic kNN, except within half an interval of the final one.
+      if (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+          and total_steps - step > config.eval.every_steps // 2):
+        t_eval = time.time()
+        result = evaluate(step, final=False)
+        t_log += time.time() - t_eval  # step-time measurements exclude evaluation
 
     if step == stop_at and step not in ckpt.all_steps():
       ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
     ckpt.wait()
     if step >= total_steps:
-      result = evaluate(step, full=config.eval.final_full)
+      result = evaluate(step, final=True)
       init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
       logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
                    _format_duration(eval_time), 100 * eval_time / max(train_time + eval_time, 1e-9))
