@@ -19,7 +19,7 @@ def tiny_config(**overrides):
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = True
   c.tensorboard = False
-  c.eval.bank_size = 400
+  c.eval.bank_size = 100
   c.eval.query_size = 200
   c.eval.batch_size = 200
   c.eval.final_bank_size = 400

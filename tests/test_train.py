@@ -24,7 +24,8 @@ def load_params(workdir, step):
 
 def test_smoke_run_writes_metrics_and_checkpoints(tmp_path, needs_fashion_mnist):
   workdir = str(tmp_path / "run")
-  result = train.train_and_evaluate(tiny_config(**{"eval.at_start": True}), workdir)
+  config = tiny_config(**{"eval.at_start": True, "eval.every_steps": 2})
+  result = train.train_and_evaluate(config, workdir)
   assert 0.0 <= result["knn_top1"] <= 1.0
   lines = read_lines(workdir)
   train_lines = [l for l in lines if "loss" in l]
@@ -35,7 +36,8 @@ def test_smoke_run_writes_metrics_and_checkpoints(tmp_path, needs_fashion_mnist)
     assert np.isfinite(l["loss"])
   assert train_lines[-1]["budget_units"] > train_lines[0]["budget_units"]
   evals = [l for l in lines if "knn_top1" in l]
-  assert [l["step"] for l in evals] == [0, 6]
+  assert [l["step"] for l in evals] == [0, 2, 4, 6]  # start, periodic, final
+  assert [l["knn_bank"] for l in evals] == [400, 100, 100, 400]  # final-protocol sizes at 0 and end
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                 if d.isdigit())[-1] == 6
 
