@@ -85,3 +85,15 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path, needs_fash
   assert steps == [2]
   params = load_params(workdir, 2)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_resume_drops_metrics_logged_past_the_checkpoint(tmp_path, needs_fashion_mnist):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(stop_at_step=4), workdir)
+  # As if the process had died after logging step 6 but before checkpointing it.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
+  train.train_and_evaluate(tiny_config(), workdir)
+  steps = [l["step"] for l in read_lines(workdir) if "loss" in l]
+  assert steps == [2, 4, 6]
+  assert all(l["loss"] != 123.0 for l in read_lines(workdir) if "loss" in l)

@@ -25,6 +25,20 @@ class MetricWriter:
       from flax.metrics import tensorboard as flax_tb  # imports TF's summary ops lazily
       self._tb = flax_tb.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+  def drop_after(self, step: int) -> None:
+    """On resume: forget lines logged past the restored checkpoint (that work is redone), so the
+    file reads as one consistent run. Rewritten atomically."""
+    if not self.enabled:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a", buffering=1)
+
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return

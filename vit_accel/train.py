@@ -241,6 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("compiled train step in %.1fs", time.time() - t0)
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  writer.drop_after(start_step)
   evaluator = KnnEvaluator(config, model, mesh, state_shardings, (train_images, train_labels),
                            sources.load(config, "test"))
   cost_per_step = cost_units_per_image(config) * config.batch_size
