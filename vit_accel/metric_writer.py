@@ -32,10 +32,9 @@ class MetricWriter:
       return
     path = self._jsonl.name
     self._jsonl.close()
-    with open(path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    kept = [m for m in read_metrics(os.path.dirname(path)) if m["step"] <= step]
     with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(m) + "\n" for m in kept)
     os.replace(path + ".tmp", path)
     self._jsonl = open(path, "a", buffering=1)
 
@@ -48,10 +47,6 @@ class MetricWriter:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
           self._tb.scalar(k, v, int(step))
-
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
 
   def close(self) -> None:
     if self._jsonl is not None:
