@@ -16,7 +16,9 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, tensorboard/.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "cost"],
+                  "train: pretrain (or resume); cost: time the train step per compression strategy "
+                  "and write WORKDIR/cost_table.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -39,10 +41,16 @@ def main(argv):
   try:
     # Data presence is checked before JAX/TF start, so a missing dataset fails in seconds.
     from input_pipeline import sources
-    sources.check_source(config)
+    if FLAGS.mode == "train":
+      sources.check_source(config)
     from vit_accel import train  # heavy imports (JAX, TF) from here on
     logging.info("config:\n%s", config)
-    train.train_and_evaluate(config, os.path.abspath(FLAGS.workdir))
+    workdir = os.path.abspath(FLAGS.workdir)
+    if FLAGS.mode == "cost":
+      from vit_accel import cost_table
+      cost_table.run(config, workdir)
+    else:
+      train.train_and_evaluate(config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)

@@ -38,6 +38,18 @@ def get_config(arg: str | None = None):
   c.mocov3.pred_hidden_dim = 1024
   c.mocov3.out_dim = 256
 
+  # Sequence compression (vit_accel/compression.py). A strategy spec is 'full', 'keep0.25' (random
+  # token keep), 'count16', 'patch8' (flexible patch size), 'patch8,keep0.5', 'res16' (resolution
+  # scaling); 'QUERY|KEY' sets both branches, a single spec compresses the query only.
+  c.compression = ml_collections.ConfigDict()
+  c.compression.strategy = "full"
+  c.compression.bucket = 8       # kept-token counts round to a multiple of this
+  # --mode=cost times the train step for each of these (full length is always measured first).
+  c.compression.cost_candidates = (
+      "keep0.5", "keep0.25", "patch16", "keep0.5|keep0.5", "keep0.25|keep0.25",
+      "patch16|patch16", "res16|res16")
+  c.compression.cost_repeats = 7
+
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 2e-3         # x batch_size / 256 (MoCo-v3 ViT: 1.5e-4 at batch 4096)
   c.optim.warmup_fraction = 0.1

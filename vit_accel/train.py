@@ -14,8 +14,9 @@ import optax
 from absl import logging
 
 from input_pipeline import pipeline, sources
-from vit_accel import checkpointing, evaluation, schedule
+from vit_accel import checkpointing, compression, evaluation, schedule
 from vit_accel import sharding as sharding_lib
+from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.metric_writer import MetricWriter, read_metrics
 from vit_accel.models.vit import VisionTransformer
@@ -43,6 +44,9 @@ def validate_config(config) -> None:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
   if config.batch_size <= 0:
     raise UserError(f"batch_size={config.batch_size} must be positive")
+  compression_strategies(config)
+  for spec in config.compression.cost_candidates:
+    compression.parse_checked(spec, config.compression.bucket, m, "compression.cost_candidates")
 
 
 def build_model(config) -> mocov3.MoCoV3Model:
@@ -76,11 +80,34 @@ def normalize_images(images, config):
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def cost_units_per_image(config) -> float:
-  """Per-image cost of one uncompressed step in base-forward units (1 = one backbone forward on one
-  image): a view through the gradient branch costs forward + backward ~ 3, a key view 1."""
-  views = 2 if config.mocov3.symmetric else 1
-  return views * (3.0 + 1.0)
+def init_state_fn(config, model, tx):
+  """rng -> a fresh TrainState (jit it with out_shardings to create it directly in place)."""
+  size = config.model.image_size
+
+  def init_state(rng):
+    params = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      key_params=jax.tree.map(jnp.copy, mocov3.key_params_of(params)),
+                      opt_state=tx.init(params))
+
+  return init_state
+
+
+def step_cost_units(config, strategies: BranchStrategies) -> float:
+  """Per-image cost of one train step in base-forward units (1 = one uncompressed backbone forward
+  on one image), from the analytic cost model."""
+  return compression.step_cost_units(config.model, mocov3.cost_branches(config, strategies))
+
+
+def compression_strategies(config) -> BranchStrategies:
+  return compression.parse_checked(config.compression.strategy, config.compression.bucket,
+                                   config.model, "compression.strategy")
+
+
+def dropout_rng(config, step):
+  """Token-keep randomness of a step: a pure function of (seed, step), so resumed runs and every
+  host draw the same tokens."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), step)
 
 
 def run_metadata(config, total_steps: int) -> dict:
@@ -98,7 +125,9 @@ def check_resumable(saved: dict, current: dict, directory: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- the step
-def make_train_step(config, model, tx, lr_fn, total_steps: int):
+def make_train_step(config, model, tx, lr_fn, total_steps: int,
+                    strategies: BranchStrategies = BranchStrategies()):
+  """The jitted step for one compression strategy pair (one static-shaped program)."""
   temperature = float(config.mocov3.temperature)
 
   def train_step(state: TrainState, batch):
@@ -108,7 +137,8 @@ def make_train_step(config, model, tx, lr_fn, total_steps: int):
 
     def loss_of(params):
       return mocov3.loss_fn(model, params, state.key_params, views, temperature,
-                            symmetric=config.mocov3.symmetric)
+                            symmetric=config.mocov3.symmetric, strategies=strategies,
+                            rng=dropout_rng(config, state.step))
 
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -188,12 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx, lr_fn = make_optimizer(config, total_steps)
   size = config.model.image_size
   init_rng = jax.random.key(config.seed)
-
-  def init_state(rng):
-    params = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      key_params=jax.tree.map(jnp.copy, mocov3.key_params_of(params)),
-                      opt_state=tx.init(params))
+  init_state = init_state_fn(config, model, tx)
 
   abstract_state = jax.eval_shape(init_state, init_rng)
   state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
@@ -230,7 +255,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   global_view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
                                      sharding=sharding_lib.batch_sharding(mesh))
   abstract_batch = {"views": (global_view, global_view)}
-  step_fn = jax.jit(make_train_step(config, model, tx, lr_fn, total_steps),
+  strategies = compression_strategies(config)
+  step_fn = jax.jit(make_train_step(config, model, tx, lr_fn, total_steps, strategies),
                     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                     donate_argnums=0)
@@ -244,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.drop_after(start_step)
   evaluator = KnnEvaluator(config, model, mesh, state_shardings, (train_images, train_labels),
                            sources.load(config, "test"))
-  cost_per_step = cost_units_per_image(config) * config.batch_size
+  cost_per_step = step_cost_units(config, strategies) * config.batch_size
   stop_at = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
 
   t_start = time.time()
@@ -295,7 +321,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         per_step = dt / steps_since_log
         line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
                 "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
-                "stage": 0, "seq_len": gradient_branch_seq_len(config),
+                "stage": 0, "seq_len": strategies.query.layout(size, config.model.patch_size).seq_len,
                 "budget_units": step * cost_per_step,
                 "wall_s": elapsed(),
                 "images_per_s": config.batch_size / per_step}
@@ -329,7 +355,3 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
   return result
 
-
-def gradient_branch_seq_len(config) -> int:
-  """Tokens per view in the gradient branch (CLS + patches); uncompressed in this version."""
-  return (config.model.image_size // config.model.patch_size) ** 2 + 1

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_accel import compression
+from vit_accel.compression import FULL, BranchStrategies, Strategy
 from vit_accel.models.heads import MLPHead
 from vit_accel.models.vit import VisionTransformer
 
@@ -29,15 +31,15 @@ class MoCoV3Model(nn.Module):
     self.projector = MLPHead(self.proj_hidden_dim, self.out_dim, num_layers=3, last_bn=True)
     self.predictor = MLPHead(self.pred_hidden_dim, self.out_dim, num_layers=2, last_bn=False)
 
-  def features(self, images):
-    """Backbone CLS feature (what evaluation uses)."""
-    return self.backbone(images)[0]
+  def features(self, images, strategy: Strategy = FULL, rng=None):
+    """Backbone CLS feature (what evaluation uses, at full length)."""
+    return self.backbone(images, strategy, rng)[0]
 
-  def query(self, images):
-    return self.predictor(self.projector(self.features(images)))
+  def query(self, images, strategy: Strategy = FULL, rng=None):
+    return self.predictor(self.projector(self.features(images, strategy, rng)))
 
-  def key(self, images):
-    return self.projector(self.features(images))
+  def key(self, images, strategy: Strategy = FULL, rng=None):
+    return self.projector(self.features(images, strategy, rng))
 
   def __call__(self, images):  # used for init: touches every submodule
     return self.query(images)
@@ -70,16 +72,36 @@ def ema_update(key_params, params, momentum):
 
 
 def loss_fn(model: MoCoV3Model, params, key_params, views, temperature: float,
-            symmetric: bool = True):
+            symmetric: bool = True, strategies: BranchStrategies = BranchStrategies(), rng=None):
   """MoCo-v3 loss for two views. Symmetric: ctr(q1, k2) + ctr(q2, k1) (the official recipe);
-  asymmetric: ctr(q1, k2) only (the paper's accelerated setting, half the query cost)."""
+  asymmetric: ctr(q1, k2) only (the paper's accelerated setting, half the query cost).
+
+  The query (gradient) branch runs `strategies.query`, the key branch `strategies.key`; `rng` picks
+  the kept tokens, a different stream per (branch, view)."""
   v1, v2 = views
-  q1 = model.apply({"params": params}, v1, method=MoCoV3Model.query)
-  k2 = model.apply({"params": key_params}, v2, method=MoCoV3Model.key)
-  k2 = jax.lax.stop_gradient(k2)
-  loss = infonce(q1, k2, temperature)
+  rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
+
+  def q(view, r):
+    return model.apply({"params": params}, view, strategies.query, r, method=MoCoV3Model.query)
+
+  def k(view, r):
+    out = model.apply({"params": key_params}, view, strategies.key, r, method=MoCoV3Model.key)
+    return jax.lax.stop_gradient(out)
+
+  loss = infonce(q(v1, rngs[0]), k(v2, rngs[1]), temperature)
   if symmetric:
-    q2 = model.apply({"params": params}, v2, method=MoCoV3Model.query)
-    k1 = jax.lax.stop_gradient(model.apply({"params": key_params}, v1, method=MoCoV3Model.key))
-    loss = loss + infonce(q2, k1, temperature)
+    loss = loss + infonce(q(v2, rngs[2]), k(v1, rngs[3]), temperature)
   return loss
+
+
+def cost_branches(config, strategies: BranchStrategies):
+  """The branches of one MoCo-v3 step per sample, for the cost model: each view through the query
+  (backbone + projector + predictor, with gradient) and through the key (backbone + projector)."""
+  m, h = config.model, config.mocov3
+  proj = compression.mlp_flops([m.width, h.proj_hidden_dim, h.proj_hidden_dim, h.out_dim])
+  pred = compression.mlp_flops([h.out_dim, h.pred_hidden_dim, h.out_dim])
+  q_layout = strategies.query.layout(m.image_size, m.patch_size)
+  k_layout = strategies.key.layout(m.image_size, m.patch_size)
+  views = 2 if h.symmetric else 1
+  return views * [compression.Branch(q_layout, proj + pred, with_grad=True),
+                  compression.Branch(k_layout, proj, with_grad=False)]

@@ -1,0 +1,269 @@
+"""Sequence compression: strategies, their token layouts, the PI-resize, token keep, and the cost model.
+
+A `Strategy` says how one branch's view is turned into a shorter token sequence:
+  - flexible patch scaling: a patch size other than the model's base one (kernel PI-resized),
+  - resolution scaling: the image downscaled, base patch kept (a baseline from prior work),
+  - random token keep: K of the patch tokens kept per sample, K rounded to a bucket so that the set
+    of sequence lengths (= compiled programs) stays small.
+Specs are short strings so they fit configs and stage lists: "full", "keep0.25", "count16",
+"patch8", "patch8,keep0.5", "res16". A branch pair is "QUERY|KEY"; a single spec means the query
+(gradient) branch, with the key branch at full length.
+
+Cost is in base-forward units: 1 = one forward pass of the uncompressed backbone on one sample.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_accel.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a strategy does to an S x S image for a model with base patch b."""
+  patch_size: int    # patch size the kernel is applied at
+  grid: int          # tokens per side before dropping
+  input_size: int    # image side fed to the patch embedding (grid * patch_size)
+  num_patches: int   # grid ** 2
+  kept: int          # patch tokens kept after random dropping
+  seq_len: int       # kept + CLS
+
+  @property
+  def compressed(self) -> bool:
+    return self.kept < self.num_patches
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """One branch's compression. 0 means "not used" for patch_size, keep_count and resolution."""
+  patch_size: int = 0        # 0 = the model's base patch size
+  keep_ratio: float = 1.0    # fraction of patch tokens kept, in (0, 1]
+  keep_count: int = 0        # > 0: keep this many patch tokens (overrides keep_ratio)
+  resolution: int = 0        # > 0: resolution scaling to this image side, base patch
+  bucket: int = 8            # kept counts round to a multiple of this (or to all patches)
+
+  def __post_init__(self):
+    if not 0.0 < self.keep_ratio <= 1.0:
+      raise UserError(f"compression keep ratio {self.keep_ratio} is outside (0, 1]")
+    if self.keep_count < 0 or self.patch_size < 0 or self.resolution < 0:
+      raise UserError(f"compression strategy {self.spec} has a negative size")
+    if self.bucket <= 0:
+      raise UserError(f"compression.bucket={self.bucket} must be positive")
+    if self.patch_size and self.resolution:
+      raise UserError(f"compression strategy {self.spec}: choose patch scaling or resolution "
+                      f"scaling, not both")
+
+  # ------------------------------------------------------------------------------ spec strings
+  @classmethod
+  def parse(cls, spec: str, bucket: int = 8) -> Strategy:
+    fields = {}
+    for part in filter(None, (p.strip() for p in str(spec).lower().split(","))):
+      try:
+        if part == "full":
+          continue
+        if part.startswith("keep"):
+          fields["keep_ratio"] = float(part[4:])
+        elif part.startswith("count"):
+          fields["keep_count"] = int(part[5:])
+        elif part.startswith("patch"):
+          fields["patch_size"] = int(part[5:])
+        elif part.startswith("res"):
+          fields["resolution"] = int(part[3:])
+        else:
+          raise ValueError(part)
+      except ValueError:
+        raise UserError(f"cannot read compression strategy {spec!r} (part {part!r}); use e.g. "
+                        f"'full', 'keep0.25', 'count16', 'patch8', 'patch8,keep0.5', 'res16'")
+    return cls(bucket=bucket, **fields)
+
+  @property
+  def spec(self) -> str:
+    parts = []
+    if self.patch_size:
+      parts.append(f"patch{self.patch_size}")
+    if self.resolution:
+      parts.append(f"res{self.resolution}")
+    if self.keep_count:
+      parts.append(f"count{self.keep_count}")
+    elif self.keep_ratio < 1.0:
+      parts.append(f"keep{self.keep_ratio:g}")
+    return ",".join(parts) or "full"
+
+  # ----------------------------------------------------------------------------------- layout
+  def layout(self, image_size: int, base_patch: int) -> Layout:
+    """Token layout on an `image_size` image for a model with base patch `base_patch`; raises a
+    UserError for strategies that cannot apply to that model."""
+    patch = self.patch_size or base_patch
+    if patch > image_size:
+      raise UserError(f"compression strategy {self.spec}: patch {patch} is larger than the "
+                      f"{image_size}px image")
+    if self.resolution:
+      if self.resolution < base_patch:
+        raise UserError(f"compression strategy {self.spec}: resolution {self.resolution} is "
+                        f"smaller than one base patch ({base_patch})")
+      grid = max(1, round(self.resolution / base_patch))
+    else:
+      grid = max(1, round(image_size / patch))
+    n = grid * grid
+    wanted = self.keep_count if self.keep_count else self.keep_ratio * n
+    if self.keep_count > n:
+      raise UserError(f"compression strategy {self.spec}: keeps {self.keep_count} tokens of "
+                      f"only {n}")
+    kept = round_to_bucket(wanted, n, self.bucket)
+    return Layout(patch_size=patch, grid=grid, input_size=grid * patch, num_patches=n, kept=kept,
+                  seq_len=kept + 1)
+
+
+def round_to_bucket(wanted: float, num_patches: int, bucket: int) -> int:
+  """Nearest of {bucket, 2*bucket, ... <= num_patches} U {num_patches} to `wanted`; ties go to
+  the larger count. Never zero, never above the full length."""
+  choices = sorted({*range(bucket, num_patches + 1, bucket), num_patches})
+  return min(choices, key=lambda k: (abs(k - wanted), -k))
+
+
+FULL = Strategy()
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchStrategies:
+  """Strategies for the gradient branch (MoCo query / SimCLR views / DINO student) and the
+  no-gradient branch (MoCo key / DINO teacher)."""
+  query: Strategy = FULL
+  key: Strategy = FULL
+
+  @classmethod
+  def parse(cls, spec: str, bucket: int = 8) -> BranchStrategies:
+    """'Q' (key at full length) or 'Q|K'."""
+    parts = str(spec).split("|")
+    if len(parts) > 2:
+      raise UserError(f"cannot read branch strategies {spec!r}; use 'QUERY' or 'QUERY|KEY'")
+    query = Strategy.parse(parts[0], bucket)
+    key = Strategy.parse(parts[1], bucket) if len(parts) == 2 else FULL
+    return cls(query=query, key=key)
+
+  @property
+  def spec(self) -> str:
+    return self.query.spec if self.key == FULL else f"{self.query.spec}|{self.key.spec}"
+
+  def layouts(self, image_size: int, base_patch: int) -> tuple[Layout, Layout]:
+    """(query, key) layouts; raises a UserError when either cannot apply to the model."""
+    return (self.query.layout(image_size, base_patch), self.key.layout(image_size, base_patch))
+
+
+def parse_checked(spec: str, bucket: int, model_cfg, key: str) -> BranchStrategies:
+  """Config-time parse + check against the model; the error names the config key."""
+  try:
+    strategies = BranchStrategies.parse(spec, bucket)
+    strategies.layouts(model_cfg.image_size, model_cfg.patch_size)
+  except UserError as e:
+    raise UserError(f"{key}={spec!r}: {e}") from None
+  return strategies
+
+
+# ------------------------------------------------------------------------------------ PI-resize
+def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
+  """[dst, src] matrix of 1-D bilinear resizing with half-pixel centres and edge clamping (what
+  jax.image.resize 'linear' computes when upsampling)."""
+  m = np.zeros((dst, src), np.float64)
+  for i in range(dst):
+    c = (i + 0.5) * src / dst - 0.5
+    lo = math.floor(c)
+    frac = c - lo
+    for j, w in ((lo, 1.0 - frac), (lo + 1, frac)):
+      m[i, min(max(j, 0), src - 1)] += w
+  return m
+
+
+@functools.lru_cache(maxsize=None)
+def pi_resize_matrix(base: int, new: int) -> np.ndarray:
+  """[new*new, base*base] float64 matrix P with w_new = P @ w_base (per channel pair), chosen so that
+  <resize(x), w_new> = <x, w_base> for every base-size patch x when upsampling (FlexiViT's
+  pseudo-inverse resize): P = pinv(R^T), R the bilinear resize of flattened patches."""
+  r1 = _bilinear_matrix(base, new)
+  resize = np.kron(r1, r1)                      # [new^2, base^2], acts on row-major patches
+  return np.linalg.pinv(resize.T)
+
+
+def pi_resize_kernel(kernel, new: int):
+  """Patch-embedding kernel [b, b, C, D] -> [new, new, C, D], inside the graph (differentiable)."""
+  base = kernel.shape[0]
+  if new == base:
+    return kernel
+  p = jnp.asarray(pi_resize_matrix(base, new), kernel.dtype)
+  flat = kernel.reshape(base * base, -1)
+  return (p @ flat).reshape(new, new, *kernel.shape[2:])
+
+
+def resize_pos_embed(pos_embed, grid: int):
+  """[1, g*g, D] learned grid -> [1, grid*grid, D], bilinear (identity at the same grid)."""
+  g = math.isqrt(pos_embed.shape[1])
+  if g == grid:
+    return pos_embed
+  d = pos_embed.shape[-1]
+  img = pos_embed.reshape(1, g, g, d)
+  img = jax.image.resize(img, (1, grid, grid, d), method="linear", antialias=False)
+  return img.reshape(1, grid * grid, d)
+
+
+# ----------------------------------------------------------------------------------- token keep
+def keep_indices(rng, batch: int, num_patches: int, kept: int):
+  """[batch, kept] distinct patch indices per sample, uniform at random (noise -> argsort)."""
+  noise = jax.random.uniform(rng, (batch, num_patches))
+  return jnp.argsort(noise, axis=1)[:, :kept]
+
+
+def keep_tokens(tokens, rng, kept: int):
+  """Patch tokens [B, N, D] -> [B, kept, D], a random subset per sample (CLS is added later)."""
+  b, n, _ = tokens.shape
+  if kept >= n:
+    return tokens
+  idx = keep_indices(rng, b, n, kept)
+  return jnp.take_along_axis(tokens, idx[:, :, None], axis=1)
+
+
+# ----------------------------------------------------------------------------------- cost model
+def backbone_forward_flops(model_cfg, layout: Layout, channels: int = 3) -> float:
+  """FLOPs (2 per multiply-add) of one backbone forward on one sample with this layout: patch
+  embedding over all patches (dropping happens after it), then `depth` blocks at seq_len tokens
+  (QKV + output projections, the attention's quadratic term, the MLP)."""
+  w = model_cfg.width
+  mlp = int(w * model_cfg.mlp_ratio)
+  embed = 2.0 * layout.num_patches * layout.patch_size ** 2 * channels * w
+  n = layout.seq_len
+  per_block = 2.0 * n * (4 * w * w + 2 * w * mlp) + 2.0 * 2 * n * n * w
+  return embed + model_cfg.depth * per_block
+
+
+def mlp_flops(dims) -> float:
+  """FLOPs of a chain of dense layers through `dims` (e.g. [128, 1024, 1024, 256])."""
+  return float(sum(2.0 * a * b for a, b in zip(dims[:-1], dims[1:])))
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+  """One pass of one view through (part of) the network within a train step."""
+  layout: Layout
+  head_flops: float   # projector / predictor FLOPs per sample on this branch
+  with_grad: bool     # forward + backward (~3 forwards) vs forward only
+
+
+def base_forward_flops(model_cfg) -> float:
+  full = FULL.layout(model_cfg.image_size, model_cfg.patch_size)
+  return backbone_forward_flops(model_cfg, full)
+
+
+def step_cost_units(model_cfg, branches) -> float:
+  """Per-sample cost of a train step in base-forward units: the sum over its branches, each a
+  forward (no gradient) or forward + backward (~3x forward)."""
+  unit = base_forward_flops(model_cfg)
+  total = 0.0
+  for br in branches:
+    flops = backbone_forward_flops(model_cfg, br.layout) + br.head_flops
+    total += (3.0 if br.with_grad else 1.0) * flops
+  return total / unit

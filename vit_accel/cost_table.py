@@ -1,0 +1,123 @@
+"""`--mode=cost`: what each compression strategy really saves on this machine.
+
+For the full-length step and every candidate in `compression.cost_candidates`, compile the train step
+ahead of time, time it (median of `compression.cost_repeats` runs after two warm-up runs, synthetic
+uint8 batch, no input pipeline), and compare with the analytic cost model. Writes
+`WORKDIR/cost_table.json` and prints the same as a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from vit_accel import compression, train
+from vit_accel import sharding as sharding_lib
+from vit_accel.compression import BranchStrategies
+
+
+def candidate_strategies(config) -> list[BranchStrategies]:
+  full = BranchStrategies.parse("full|full", config.compression.bucket)
+  out = [full]
+  for spec in config.compression.cost_candidates:
+    s = compression.parse_checked(spec, config.compression.bucket, config.model,
+                                  "compression.cost_candidates")
+    if s not in out:
+      out.append(s)
+  return out
+
+
+def machine_description() -> str:
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", dev.platform)
+  return (f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.device_count()} x {kind} "
+          f"({dev.platform}), jax {jax.__version__}")
+
+
+def measure(config) -> list[dict]:
+  train.validate_config(config)
+  mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch(config.batch_size, mesh)
+  model = train.build_model(config)
+  total_steps = 1000  # only shapes the lr schedule, which does not affect step time
+  tx, lr_fn = train.make_optimizer(config, total_steps)
+  init_state = train.init_state_fn(config, model, tx)
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  size = config.model.image_size
+  rng = np.random.default_rng(0)
+  views = tuple(jax.device_put(rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8),
+                               batch_sharding) for _ in range(2))
+  batch = {"views": views}
+  repeats = max(5, int(config.compression.cost_repeats))
+
+  rows = []
+  for strategies in candidate_strategies(config):
+    step = jax.jit(train.make_train_step(config, model, tx, lr_fn, total_steps, strategies),
+                   in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                   donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(abstract_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
+    for _ in range(2):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    q, k = strategies.layouts(size, config.model.patch_size)
+    rows.append({"strategy": strategies.spec, "query": strategies.query.spec,
+                 "key": strategies.key.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
+                 "analytic_units": train.step_cost_units(config, strategies),
+                 "ms_per_step": 1000.0 * statistics.median(times),
+                 "compile_s": compile_s})
+    del state
+  full = rows[0]
+  for r in rows:
+    r["measured_speedup"] = full["ms_per_step"] / r["ms_per_step"]
+    r["analytic_speedup"] = full["analytic_units"] / r["analytic_units"]
+    r["efficiency"] = r["measured_speedup"] / r["analytic_speedup"]
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  head = (f"{'strategy (query|key)':<24} {'seq':>4} {'key':>4} {'units':>7} {'ms/step':>9} "
+          f"{'speed-up':>9} {'analytic':>9} {'ratio':>6} {'compile':>8}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    lines.append(f"{r['query'] + '|' + r['key']:<24} {r['seq_len']:>4} {r['key_seq_len']:>4} "
+                 f"{r['analytic_units']:>7.2f} {r['ms_per_step']:>9.1f} "
+                 f"{r['measured_speedup']:>8.2f}x {r['analytic_speedup']:>8.2f}x "
+                 f"{r['efficiency']:>6.2f} {r['compile_s']:>7.1f}s")
+  return "\n".join(lines)
+
+
+def run(config, workdir: str) -> list[dict]:
+  rows = measure(config)
+  os.makedirs(workdir, exist_ok=True)
+  m = config.model
+  report = {"machine": machine_description(), "batch_size": int(config.batch_size),
+            "model": m.to_dict(), "objective": config.objective,
+            "symmetric": bool(config.mocov3.symmetric), "rows": rows}
+  path = os.path.join(workdir, "cost_table.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(rows, f, indent=1)
+  os.replace(path + ".tmp", path)
+  with open(os.path.join(workdir, "cost_table_meta.json"), "w") as f:
+    json.dump({k: v for k, v in report.items() if k != "rows"}, f, indent=1)
+  print(f"{report['machine']}; batch {config.batch_size}, ViT width {m.width} depth {m.depth} "
+        f"patch {m.patch_size} on {m.image_size}px, {config.objective} "
+        f"({'symmetric' if config.mocov3.symmetric else 'asymmetric'})")
+  print(format_table(rows), flush=True)
+  return rows
