@@ -16,9 +16,11 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, tensorboard/.")
-flags.DEFINE_enum("mode", "train", ["train", "cost"],
+flags.DEFINE_enum("mode", "train", ["train", "cost", "report"],
                   "train: pretrain (or resume); cost: time the train step per compression strategy "
-                  "and write WORKDIR/cost_table.json.")
+                  "and write WORKDIR/cost_table.json; report: plots and a table of WORKDIR (and "
+                  "--compare runs) into WORKDIR/report/.")
+flags.DEFINE_list("compare", [], "--mode=report: more run directories to draw beside WORKDIR.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -41,6 +43,10 @@ def main(argv):
   try:
     # Data presence is checked before JAX/TF start, so a missing dataset fails in seconds.
     from input_pipeline import sources
+    if FLAGS.mode == "report":
+      from vit_accel import report  # reads metrics; needs no training set-up
+      report.run(config, os.path.abspath(FLAGS.workdir), [os.path.abspath(d) for d in FLAGS.compare])
+      return
     if FLAGS.mode == "train":
       sources.check_source(config)
     from vit_accel import train  # heavy imports (JAX, TF) from here on

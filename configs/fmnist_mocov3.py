@@ -16,15 +16,24 @@ def get_config(arg: str | None = None):
   c.objective = "mocov3"
   c.seed = 0
   c.batch_size = 128             # global
-  c.num_epochs = 3.0             # length of the run over the train split
-  c.total_steps = -1             # > 0 overrides num_epochs
+  # Compute budget in base-forward units (1 = one forward of the uncompressed backbone on one
+  # image); `budget` > 0 wins, else `budget_epochs` full-cost epochs (passes over the train split
+  # with the uncompressed step). Compressed stages take more, cheaper steps for their share.
+  c.budget = -1.0
+  c.budget_epochs = 0.85
+  # Compression schedule: a preset ('dynamic', 'none' = the uncompressed baseline, 'token_drop',
+  # 'patch_scale'; see vit_accel/schedule.py) or stages 'END:SPEC; ...', e.g.
+  # '0.5:keep0.25|keep0.25; 1:full'. END = budget fraction where the stage ends.
+  c.schedule = "dynamic"
+  c.allow_schedule_change = False   # True: resume a checkpoint under a different step plan
+  c.compile_cache_dir = "~/.cache/vit_accel/xla"   # JAX persistent compilation cache; "" = off
   c.stop_at_step = -1            # > 0: checkpoint and exit at this step (re-run to continue)
   c.log_every_steps = 20
   c.tensorboard = True
 
   c.model = ml_collections.ConfigDict()
   c.model.image_size = 32
-  c.model.patch_size = 8         # base patch size
+  c.model.patch_size = 4         # base patch size
   c.model.width = 128
   c.model.depth = 4
   c.model.num_heads = 4
@@ -42,12 +51,11 @@ def get_config(arg: str | None = None):
   # token keep), 'count16', 'patch8' (flexible patch size), 'patch8,keep0.5', 'res16' (resolution
   # scaling); 'QUERY|KEY' sets both branches, a single spec compresses the query only.
   c.compression = ml_collections.ConfigDict()
-  c.compression.strategy = "full"
   c.compression.bucket = 8       # kept-token counts round to a multiple of this
   # --mode=cost times the train step for each of these (full length is always measured first).
   c.compression.cost_candidates = (
-      "keep0.5", "keep0.25", "patch16", "keep0.5|keep0.5", "keep0.25|keep0.25",
-      "patch16|patch16", "res16|res16")
+      "keep0.5", "keep0.25", "patch8", "keep0.5|keep0.5", "keep0.25|keep0.25",
+      "patch8|patch8", "res16|res16")
   c.compression.cost_repeats = 7
 
   c.optim = ml_collections.ConfigDict()
@@ -94,18 +102,19 @@ def get_config(arg: str | None = None):
   # kNN: bank = train split, queries = test split. Periodic evaluations use fixed random subsets
   # (cheap); the initial network (the baseline) and the final one use the final sizes, -1 = the
   # whole split. Evaluation stays under ~10% of the run on 2 CPU cores.
-  c.eval.every_steps = 350
-  c.eval.bank_size = 5000
+  c.eval.every_steps = 500
+  c.eval.bank_size = 2000
   c.eval.query_size = 1000
   c.eval.at_start = True
-  c.eval.final_bank_size = -1
+  c.eval.final_bank_size = 10000
   c.eval.final_query_size = -1
   c.eval.batch_size = 1000
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07
 
   if arg == "smoke":
-    c.total_steps = 24
+    c.budget_epochs = 0.01
+    c.schedule = "0.6:keep0.25|keep0.25; 1:full"   # two stages: two compiled steps
     c.batch_size = 64
     c.log_every_steps = 4
     c.model.width = 64

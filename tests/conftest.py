@@ -9,12 +9,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def tiny_config(**overrides):
-  """The smoke recipe shrunk further: a few steps of a 2-layer ViT, kNN on small subsets."""
+def budget_for_steps(config, steps: int, spec: str = "full|full") -> float:
+  """Budget (units) that buys `steps` steps of one strategy (plus half a step: the plan floors)."""
+  from vit_accel import train
+  from vit_accel.compression import BranchStrategies
+  per_step = train.step_cost_units(config, BranchStrategies.parse(spec)) * config.batch_size
+  return (steps + 0.5) * per_step
+
+
+def tiny_config(steps: int = 6, schedule: str = "none", **overrides):
+  """The smoke recipe shrunk further: `steps` uncompressed steps of a 2-layer ViT (or `schedule`
+  with the same budget), kNN on small subsets."""
   from configs import fmnist_mocov3
   c = fmnist_mocov3.get_config("smoke")
   c.batch_size = 16
-  c.total_steps = 6
+  c.schedule = schedule
+  c.compile_cache_dir = ""
   c.log_every_steps = 2
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = True
@@ -30,6 +40,8 @@ def tiny_config(**overrides):
     for p in parents:
       node = node[p]
     node[leaf] = value
+  if c.budget <= 0:
+    c.budget = budget_for_steps(c, steps)
   return c
 
 

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.batch_size=16", "--config.total_steps=2", "--config.log_every_steps=1",
+# The smoke recipe's two stages (token keep 25% on both branches, then full length) at batch 16:
+# about 6 + 1 steps, so compression runs sharded too.
+TINY = ["--config.batch_size=16", "--config.budget=400", "--config.log_every_steps=1",
         "--config.tensorboard=False", "--config.eval.at_start=False", "--config.eval.bank_size=400",
         "--config.eval.query_size=200", "--config.eval.final_bank_size=400",
         "--config.eval.final_query_size=200", "--config.eval.batch_size=200"]
@@ -30,6 +32,7 @@ def test_eight_devices_match_one(tmp_path, needs_fashion_mnist):
   one = run(str(tmp_path / "one"), 1)
   eight = run(str(tmp_path / "eight"), 8)
   losses = lambda lines: [l["loss"] for l in lines if "loss" in l]
+  assert len({l["seq_len"] for l in one if "loss" in l}) == 2
   np.testing.assert_allclose(losses(eight), losses(one), rtol=2e-4)
   knn = lambda lines: [l["knn_top1"] for l in lines if "knn_top1" in l]
   np.testing.assert_allclose(knn(eight), knn(one), atol=0.011)

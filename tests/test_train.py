@@ -97,3 +97,60 @@ def test_resume_drops_metrics_logged_past_the_checkpoint(tmp_path, needs_fashion
   steps = [l["step"] for l in read_lines(workdir) if "loss" in l]
   assert steps == [2, 4, 6]
   assert all(l["loss"] != 123.0 for l in read_lines(workdir) if "loss" in l)
+
+
+MULTI = "0.4:keep0.25|keep0.25; 0.7:keep0.5; 1:full"
+
+
+def test_multistage_run_compiles_one_step_per_stage_and_logs_stages(tmp_path, needs_fashion_mnist):
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "one"))
+    single = len(compiles)
+    compiles.clear()
+    train.train_and_evaluate(tiny_config(schedule=MULTI), str(tmp_path / "multi"))
+    multi = len(compiles)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  # Same run structure, two more stage signatures: exactly two more compilations, none in the loop.
+  assert multi == single + 2
+  lines = [l for l in read_lines(str(tmp_path / "multi")) if "loss" in l]
+  assert [l["seq_len"] for l in lines][0] == 17 and lines[-1]["seq_len"] == 65
+  assert {l["stage"] for l in lines} == {0, 1, 2}
+  with open(tmp_path / "multi" / "plan.json") as f:
+    plan = json.load(f)
+  assert [s["seq_len"] for s in plan["stages"]] == [17, 33, 65]
+  assert plan["stages"][1]["key_seq_len"] == 65   # 'keep0.5' compresses the query only
+  units = [l["budget_units"] for l in lines]
+  assert units == sorted(units) and units[-1] <= plan["budget"]
+
+
+@pytest.mark.parametrize("where", ["boundary", "mid_stage"])
+def test_multistage_resume_gives_identical_parameters(tmp_path, where, needs_fashion_mnist):
+  config = tiny_config(schedule=MULTI)
+  plan = train.make_step_plan(config, 60000)
+  stop = plan.stages[1].start_step if where == "boundary" else plan.stages[1].start_step + 1
+  assert plan.stages[1].num_steps > 1
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  train.train_and_evaluate(config, straight)
+  train.train_and_evaluate(tiny_config(schedule=MULTI, stop_at_step=stop), stopped)
+  train.train_and_evaluate(config, stopped)
+  a = load_params(straight, plan.total_steps)
+  b = load_params(stopped, plan.total_steps)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_changing_the_schedule_of_a_run_is_refused_unless_allowed(tmp_path, needs_fashion_mnist):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(stop_at_step=2), workdir)
+  with pytest.raises(UserError, match="step plan .*allow_schedule_change"):
+    train.train_and_evaluate(tiny_config(schedule=MULTI), workdir)
+  result = train.train_and_evaluate(tiny_config(schedule=MULTI, allow_schedule_change=True),
+                                    workdir)
+  assert "knn_top1" in result

@@ -44,8 +44,7 @@ def measure(config) -> list[dict]:
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch(config.batch_size, mesh)
   model = train.build_model(config)
-  total_steps = 1000  # only shapes the lr schedule, which does not affect step time
-  tx, lr_fn = train.make_optimizer(config, total_steps)
+  tx = train.make_optimizer(config)
   init_state = train.init_state_fn(config, model, tx)
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
   state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
@@ -55,25 +54,26 @@ def measure(config) -> list[dict]:
   views = tuple(jax.device_put(rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8),
                                batch_sharding) for _ in range(2))
   batch = {"views": views}
+  progress = jax.device_put(np.float32(0.5), sharding_lib.replicated(mesh))
   repeats = max(5, int(config.compression.cost_repeats))
 
   rows = []
   for strategies in candidate_strategies(config):
-    step = jax.jit(train.make_train_step(config, model, tx, lr_fn, total_steps, strategies),
-                   in_shardings=(state_shardings, batch_sharding),
+    step = jax.jit(train.make_train_step(config, model, tx, strategies),
+                   in_shardings=(state_shardings, batch_sharding, sharding_lib.replicated(mesh)),
                    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                    donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = step.lower(abstract_state, batch).compile()
+    compiled = step.lower(abstract_state, batch, progress).compile()
     compile_s = time.perf_counter() - t0
     state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
     for _ in range(2):
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, progress)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, progress)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     q, k = strategies.layouts(size, config.model.patch_size)

@@ -1,23 +1,169 @@
-"""Schedules as functions of training progress (fraction of the run done, 0..1)."""
+"""Budget -> stages -> step plan, and the schedules that run on budget progress.
+
+Progress is measured in compute, not steps: the budget is in base-forward units (1 = one forward pass
+of the uncompressed backbone on one sample, see compression.py), each stage of the schedule ends at a
+fraction of it, and a compressed stage - cheaper per step - takes more steps for the same share.
+Learning rate and EMA momentum are functions of progress = units spent / budget.
+
+A schedule is a preset name or a stage list "END:SPEC; END:SPEC; ...", END the budget fraction where the
+stage ends (increasing, the last one 1) and SPEC the branch strategies ('QUERY' or 'QUERY|KEY').
+"""
 from __future__ import annotations
 
-import optax
+import dataclasses
+import json
+import math
+
+import jax.numpy as jnp
+
+from vit_accel import compression
+from vit_accel.compression import BranchStrategies
+from vit_accel.errors import UserError
 
 
-def learning_rate_schedule(config, total_steps: int):
-  """Linear warmup to the peak lr, then cosine decay to `lr_end_factor` x peak.
+def presets(base_patch: int) -> dict[str, str]:
+  """Named schedules; patch sizes are relative to the model's base patch."""
+  p2 = 2 * base_patch
+  return {
+      # The uncompressed baseline.
+      "none": "1:full|full",
+      # The paper's constant strategies: token dropout on the query only (75% dropped), and patch x2
+      # on both views.
+      "token_drop": "1:keep0.25",
+      "patch_scale": f"1:patch{p2}|patch{p2}",
+      # Accelerated default: cheap and coarse early, when gradients are far from converged and a
+      # compressed estimate is nearly as good per unit of compute; full length at the end, which is
+      # also what evaluation sees. Both branches are compressed early (the key's full-length pass
+      # would otherwise cap the saving at ~2x).
+      "dynamic": "0.55:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full|full",
+  }
 
-  Peak lr follows the linear scaling rule of MoCo-v3 / DINO: base_lr x batch_size / 256.
-  """
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  end: float                       # budget fraction at which the stage ends
+  strategies: BranchStrategies
+
+
+def parse_schedule(spec: str, bucket: int, model_cfg) -> list[Stage]:
+  """Preset name or "END:SPEC; ..." -> stages, checked against the model (errors name the key)."""
+  text = presets(model_cfg.patch_size).get(str(spec).strip(), str(spec))
+  stages = []
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    end, sep, strategy = part.partition(":")
+    try:
+      end = float(end)
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise UserError(f"schedule={spec!r}: cannot read stage {part!r}; use a preset "
+                      f"({', '.join(presets(model_cfg.patch_size))}) or 'END:SPEC; END:SPEC', "
+                      f"e.g. '0.5:keep0.25|keep0.25; 1:full'")
+    stages.append(Stage(end, compression.parse_checked(strategy, bucket, model_cfg, "schedule")))
+  ends = [s.end for s in stages]
+  if not stages or any(b <= a for a, b in zip([0.0] + ends, ends)) or abs(ends[-1] - 1) > 1e-9:
+    raise UserError(f"schedule={spec!r}: stage ends must increase within (0, 1] and the last "
+                    f"must be 1, got {ends}")
+  return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStage:
+  index: int
+  spec: str
+  strategies: BranchStrategies
+  start_step: int
+  num_steps: int
+  start_units: float        # budget units spent before the stage
+  units_per_step: float     # global batch x per-sample step cost
+  seq_len: int              # gradient-branch tokens per view (CLS included)
+  key_seq_len: int
+  end_fraction: float
+
+  @property
+  def end_step(self) -> int:
+    return self.start_step + self.num_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """The whole run, step by step; identical on every host (a pure function of config + data size)."""
+  stages: tuple[PlannedStage, ...]
+  budget: float
+  batch_size: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.stages[-1].end_step
+
+  def stage_at(self, step: int) -> PlannedStage:
+    """The stage that runs step `step` (0-based: the step taking the state from step to step+1)."""
+    for stage in self.stages:
+      if step < stage.end_step:
+        return stage
+    return self.stages[-1]
+
+  def units_at(self, step: int) -> float:
+    """Budget units spent by the first `step` steps."""
+    stage = self.stage_at(max(step - 1, 0))
+    done = min(max(step - stage.start_step, 0), stage.num_steps)
+    return stage.start_units + done * stage.units_per_step
+
+  def progress_at(self, step: int) -> float:
+    return self.units_at(step) / self.budget
+
+  def to_dict(self) -> dict:
+    return {"budget": self.budget, "batch_size": self.batch_size,
+            "total_steps": self.total_steps,
+            "stages": [{k: v for k, v in dataclasses.asdict(s).items() if k != "strategies"}
+                       for s in self.stages]}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  def describe(self) -> str:
+    lines = [f"step plan: budget {self.budget:.4g} units, batch {self.batch_size}, "
+             f"{self.total_steps} steps"]
+    for s in self.stages:
+      lines.append(f"  stage {s.index}: {s.spec:<28} seq {s.seq_len:>4}|{s.key_seq_len:<4} "
+                   f"{s.num_steps:>7} steps x {s.units_per_step:.4g} units, to "
+                   f"{100 * s.end_fraction:.0f}% of the budget")
+    return "\n".join(lines)
+
+
+def make_plan(stages: list[Stage], budget: float, batch_size: int, cost_per_sample,
+              model_cfg) -> StepPlan:
+  """Stage i runs floor(share_i x budget / (cost_i x batch)) steps; `cost_per_sample(strategies)`
+  is the step cost per sample in base-forward units."""
+  planned = []
+  step, units, prev_end = 0, 0.0, 0.0
+  for i, st in enumerate(stages):
+    per_step = cost_per_sample(st.strategies) * batch_size
+    n = math.floor((st.end - prev_end) * budget / per_step + 1e-9)
+    if n < 1:
+      raise UserError(f"budget={budget:.4g} units is too small for the plan: stage {i} "
+                      f"({st.strategies.spec}, {100 * (st.end - prev_end):.0f}% of the budget) "
+                      f"would get no step of {per_step:.4g} units; raise budget or budget_epochs")
+    q, k = st.strategies.layouts(model_cfg.image_size, model_cfg.patch_size)
+    planned.append(PlannedStage(index=i, spec=st.strategies.spec, strategies=st.strategies,
+                                start_step=step, num_steps=n, start_units=units,
+                                units_per_step=per_step, seq_len=q.seq_len,
+                                key_seq_len=k.seq_len, end_fraction=st.end))
+    step += n
+    units += n * per_step
+    prev_end = st.end
+  return StepPlan(tuple(planned), float(budget), int(batch_size))
+
+
+# --------------------------------------------------------------------- schedules on progress
+def learning_rate_at(config, progress):
+  """Linear warmup to the peak lr over `warmup_fraction` of the budget, then cosine decay to
+  `lr_end_factor` x peak. Peak follows MoCo-v3 / DINO's linear scaling: base_lr x batch / 256."""
   peak = config.optim.base_lr * config.batch_size / 256.0
-  warmup = int(round(config.optim.warmup_fraction * total_steps))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
-      decay_steps=max(total_steps, warmup + 1), end_value=peak * config.optim.lr_end_factor)
-
-
-def total_steps(config, num_train_examples: int) -> int:
-  """Steps of the run: `total_steps` when set (> 0), else num_epochs over the train split."""
-  if config.get("total_steps", 0) and config.total_steps > 0:
-    return int(config.total_steps)
-  return max(1, int(config.num_epochs * num_train_examples // config.batch_size))
+  warmup = config.optim.warmup_fraction
+  end = peak * config.optim.lr_end_factor
+  progress = jnp.clip(progress, 0.0, 1.0)
+  warm = peak * progress / max(warmup, 1e-12)
+  t = jnp.clip((progress - warmup) / max(1.0 - warmup, 1e-12), 0.0, 1.0)
+  decay = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * t))
+  return jnp.where(progress < warmup, warm, decay)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from typing import Any
 
@@ -44,7 +45,9 @@ def validate_config(config) -> None:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
   if config.batch_size <= 0:
     raise UserError(f"batch_size={config.batch_size} must be positive")
-  compression_strategies(config)
+  schedule_stages(config)
+  if config.get("budget", -1) <= 0 and config.get("budget_epochs", -1) <= 0:
+    raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
   for spec in config.compression.cost_candidates:
     compression.parse_checked(spec, config.compression.bucket, m, "compression.cost_candidates")
 
@@ -59,18 +62,19 @@ def build_model(config) -> mocov3.MoCoV3Model:
                             pred_hidden_dim=config.mocov3.pred_hidden_dim)
 
 
-def make_optimizer(config, total_steps: int):
-  """AdamW with warmup + cosine; no weight decay on biases, norms, CLS token and position embedding."""
+def make_optimizer(config):
+  """AdamW at unit learning rate; the step scales its updates by the lr of the current budget
+  progress (schedule.learning_rate_at), which is exactly AdamW with that lr. No weight decay on
+  biases, norms, CLS token and position embedding."""
   def decay_mask(params):
     flat = flax.traverse_util.flatten_dict(params)
     return flax.traverse_util.unflatten_dict(
         {k: (p.ndim > 1 and k[-1] not in ("pos_embed", "cls_token")) for k, p in flat.items()})
-  lr = schedule.learning_rate_schedule(config, total_steps)
-  tx = optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
+  tx = optax.adamw(1.0, b1=config.optim.b1, b2=config.optim.b2,
                    weight_decay=config.optim.weight_decay, mask=decay_mask)
   if config.optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), tx)
-  return tx, lr
+  return tx
 
 
 def normalize_images(images, config):
@@ -99,9 +103,23 @@ def step_cost_units(config, strategies: BranchStrategies) -> float:
   return compression.step_cost_units(config.model, mocov3.cost_branches(config, strategies))
 
 
-def compression_strategies(config) -> BranchStrategies:
-  return compression.parse_checked(config.compression.strategy, config.compression.bucket,
-                                   config.model, "compression.strategy")
+def schedule_stages(config) -> list[schedule.Stage]:
+  return schedule.parse_schedule(config.schedule, config.compression.bucket, config.model)
+
+
+def budget_units(config, num_train_examples: int) -> float:
+  """`budget` (base-forward units) when set, else `budget_epochs` full-cost epochs: that many passes
+  over the train split with the uncompressed step."""
+  if config.get("budget", -1) > 0:
+    return float(config.budget)
+  full = BranchStrategies.parse("full|full")
+  return float(config.budget_epochs) * num_train_examples * step_cost_units(config, full)
+
+
+def make_step_plan(config, num_train_examples: int) -> schedule.StepPlan:
+  return schedule.make_plan(schedule_stages(config), budget_units(config, num_train_examples),
+                            config.batch_size, lambda st: step_cost_units(config, st),
+                            config.model)
 
 
 def dropout_rng(config, step):
@@ -110,29 +128,36 @@ def dropout_rng(config, step):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), step)
 
 
-def run_metadata(config, total_steps: int) -> dict:
+def run_metadata(config, plan: schedule.StepPlan) -> dict:
   """What a checkpoint must agree with to be resumed by this config."""
   return {"objective": config.objective, "model": config.model.to_dict(),
-          "batch_size": int(config.batch_size), "total_steps": int(total_steps),
-          "seed": int(config.seed)}
+          "batch_size": int(config.batch_size), "seed": int(config.seed),
+          "plan": plan.to_dict()}
 
 
-def check_resumable(saved: dict, current: dict, directory: str) -> None:
-  for key in ("objective", "model", "batch_size", "total_steps", "seed"):
+def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_change: bool):
+  for key in ("objective", "model", "batch_size", "seed"):
     if key in saved and saved[key] != current[key]:
       raise UserError(f"{directory} holds a checkpoint of a run with {key}={saved[key]}, this "
                       f"config has {key}={current[key]}; use a new --workdir or restore the config")
+  if "plan" in saved and saved["plan"] != current["plan"] and not allow_schedule_change:
+    def short(plan):
+      return "; ".join(f"{s['spec']} x{s['num_steps']}" for s in plan["stages"])
+    raise UserError(f"{directory} holds a checkpoint of a run with step plan [{short(saved['plan'])}]"
+                    f", this config plans [{short(current['plan'])}]; restore schedule/budget, use a "
+                    f"new --workdir, or set --config.allow_schedule_change=True to continue with "
+                    f"the new plan")
 
 
 # -------------------------------------------------------------------------------------- the step
-def make_train_step(config, model, tx, lr_fn, total_steps: int,
-                    strategies: BranchStrategies = BranchStrategies()):
-  """The jitted step for one compression strategy pair (one static-shaped program)."""
+def make_train_step(config, model, tx, strategies: BranchStrategies = BranchStrategies()):
+  """The step for one compression strategy pair (one static-shaped program). `progress` (budget
+  units spent / budget, a float32 scalar from the step plan) drives lr and momentum."""
   temperature = float(config.mocov3.temperature)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, progress):
     views = tuple(normalize_images(v, config) for v in batch["views"])
-    progress = state.step.astype(jnp.float32) / total_steps
+    lr = schedule.learning_rate_at(config, progress)
     momentum = mocov3.momentum_at(progress, config.mocov3.base_momentum)
 
     def loss_of(params):
@@ -142,9 +167,10 @@ def make_train_step(config, model, tx, lr_fn, total_steps: int,
 
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: lr * u, updates)
     params = optax.apply_updates(state.params, updates)
     key_params = mocov3.ema_update(state.key_params, params, momentum)
-    metrics = {"loss": loss, "lr": lr_fn(state.step), "momentum": momentum,
+    metrics = {"loss": loss, "lr": lr, "momentum": momentum,
                "grad_norm": optax.global_norm(grads)}
     return TrainState(step=state.step + 1, params=params, key_params=key_params,
                       opt_state=opt_state), metrics
@@ -203,26 +229,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) pretraining in `workdir`. Returns the final evaluation metrics."""
   validate_config(config)
   sources.check_source(config)
+  if config.compile_cache_dir:
+    # Re-runs and resumes reuse compiled steps instead of compiling them again.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch(config.batch_size, mesh)
   logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform, jax.process_count())
 
-  # Input: the training split, this host's part of it.
+  # Input: the training split, this host's part of it. The plan: identical on every host.
   train_images, train_labels = sources.load(config, "train")
-  total_steps = schedule.total_steps(config, train_images.shape[0])
+  plan = make_step_plan(config, train_images.shape[0])
+  total_steps = plan.total_steps
   split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
+  logging.info("%s", plan.describe())
 
   # Model and optimiser; shapes first, then shardings, then state created directly in them.
   model = build_model(config)
-  tx, lr_fn = make_optimizer(config, total_steps)
+  tx = make_optimizer(config)
   size = config.model.image_size
   init_rng = jax.random.key(config.seed)
   init_state = init_state_fn(config, model, tx)
-
   abstract_state = jax.eval_shape(init_state, init_rng)
   state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
-  meta = run_metadata(config, total_steps)
+  meta = run_metadata(config, plan)
 
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps,
@@ -234,7 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = 0
   else:
     saved_meta = ckpt.restore_meta(latest)
-    check_resumable(saved_meta, meta, ckpt.directory)
+    check_resumable(saved_meta, meta, ckpt.directory, config.allow_schedule_change)
     wall_offset = float(saved_meta.get("wall_s", 0.0))
     finished = [m for m in read_metrics(workdir) if m["step"] >= total_steps and "knn_top1" in m]
     if latest >= total_steps and finished:
@@ -246,32 +277,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                                           state_shardings))
     start_step = int(state.step)
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "plan.json"), "w") as f:
+      f.write(plan.to_json())
 
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params["backbone"]))
   logging.info("backbone: %.2fM params; %d steps of global batch %d", n_params / 1e6, total_steps,
                config.batch_size)
 
-  # The step, compiled ahead of time so shape errors show before data flows.
+  # One step per distinct stage signature, compiled ahead of time so shape errors show before data
+  # flows and nothing compiles inside the loop.
   global_view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
                                      sharding=sharding_lib.batch_sharding(mesh))
   abstract_batch = {"views": (global_view, global_view)}
-  strategies = compression_strategies(config)
-  step_fn = jax.jit(make_train_step(config, model, tx, lr_fn, total_steps, strategies),
-                    in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-                    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                    donate_argnums=0)
-  t0 = time.time()
-  compiled_step = step_fn.lower(
-      checkpointing.abstract_with_shardings(abstract_state, state_shardings), abstract_batch
-  ).compile()
-  logging.info("compiled train step in %.1fs", time.time() - t0)
+  abstract_progress = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding_lib.replicated(mesh))
+  compiled_steps = {}
+  for stage in plan.stages:
+    if stage.strategies in compiled_steps or stage.end_step <= start_step:
+      continue
+    step_fn = jax.jit(make_train_step(config, model, tx, stage.strategies),
+                      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh),
+                                    sharding_lib.replicated(mesh)),
+                      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                      donate_argnums=0)
+    t0 = time.time()
+    compiled_steps[stage.strategies] = step_fn.lower(
+        checkpointing.abstract_with_shardings(abstract_state, state_shardings), abstract_batch,
+        abstract_progress).compile()
+    logging.info("compiled step for stage %d (%s, seq %d) in %.1fs", stage.index, stage.spec,
+                 stage.seq_len, time.time() - t0)
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.drop_after(start_step)
   evaluator = KnnEvaluator(config, model, mesh, state_shardings, (train_images, train_labels),
                            sources.load(config, "test"))
-  cost_per_step = step_cost_units(config, strategies) * config.batch_size
   stop_at = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
+  eta = EtaEstimator(plan)
 
   t_start = time.time()
   train_time = 0.0
@@ -286,7 +328,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     wall = elapsed()
     result = evaluator(state.params, final=final)
     eval_time += result["eval_s"]
-    writer.write(step, {**result, "wall_s": wall})
+    writer.write(step, {**result, "wall_s": wall, "budget_units": plan.units_at(step),
+                        "budget_progress": plan.progress_at(step)})
     logging.info("step %d: kNN top-1 %.4f (bank %d, queries %d, %.1fs)", step,
                  result["knn_top1"], result["knn_bank"], result["knn_queries"], result["eval_s"])
     return result
@@ -300,35 +343,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_since_log = 0
   result = {}
   step = start_step
+  replicated = sharding_lib.replicated(mesh)
   try:
     while step < stop_at:
+      stage = plan.stage_at(step)
       batch = sharding_lib.host_to_global(next(batches), mesh)
-      state, metrics = compiled_step(state, batch)
+      progress = jax.device_put(np.float32(plan.progress_at(step)), replicated)
+      state, metrics = compiled_steps[stage.strategies](state, batch, progress)
       step += 1
       steps_since_log += 1
-      log_now = step % config.log_every_steps == 0 or step == stop_at
+      # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
+      log_now = (step % config.log_every_steps == 0 or step == stop_at
+                 or step == stage.end_step)
       save_now = step % config.checkpoint.every_steps == 0
       if log_now or save_now:
         metrics = jax.device_get(metrics)  # the loop's only sync points
         if not math.isfinite(float(metrics["loss"])):  # checked before a save: no bad checkpoint
-          raise UserError(f"non-finite loss {float(metrics['loss'])} at step {step}; the last good "
-                          f"checkpoint is kept; lower optim.base_lr or enable optim.grad_clip")
+          raise UserError(f"non-finite loss {float(metrics['loss'])} at step {step} (stage "
+                          f"{stage.index}, {stage.spec}); the last good checkpoint is kept; lower "
+                          f"optim.base_lr or enable optim.grad_clip")
       if save_now:
         ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
       if log_now:
         dt = time.time() - t_log
         train_time += dt
-        per_step = dt / steps_since_log
+        eta.record(stage, dt, steps_since_log)
         line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
                 "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
-                "stage": 0, "seq_len": strategies.query.layout(size, config.model.patch_size).seq_len,
-                "budget_units": step * cost_per_step,
+                "stage": stage.index, "seq_len": stage.seq_len,
+                "key_seq_len": stage.key_seq_len,
+                "budget_units": plan.units_at(step), "budget_progress": plan.progress_at(step),
                 "wall_s": elapsed(),
-                "images_per_s": config.batch_size / per_step}
+                "images_per_s": config.batch_size * steps_since_log / dt}
         writer.write(step, line)
-        logging.info("step %d/%d (%.1f%%) loss %.4f lr %.2e %.0f img/s ETA %s", step, total_steps,
-                     100.0 * step / total_steps, line["loss"], line["lr"], line["images_per_s"],
-                     _format_duration(per_step * (stop_at - step)))
+        logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e "
+                     "%.0f img/s ETA %s", step, total_steps, 100.0 * line["budget_progress"],
+                     stage.index, stage.spec, stage.seq_len, line["loss"], line["lr"],
+                     line["images_per_s"], _format_duration(eta.remaining(step, stop_at)))
         t_log, steps_since_log = time.time(), 0
       # Periodic kNN, except within half an interval of the final one.
       if (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
@@ -355,3 +406,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
   return result
 
+
+class EtaEstimator:
+  """Time left from measured per-stage step times; a stage not yet run is estimated from a measured
+  one scaled by the cost model (a step's time ~ its units)."""
+
+  def __init__(self, plan: schedule.StepPlan):
+    self.plan = plan
+    self.seconds_per_step = {}
+
+  def record(self, stage, seconds: float, steps: int):
+    if steps > 0:
+      self.seconds_per_step[stage.index] = seconds / steps
+
+  def remaining(self, step: int, stop_at: int) -> float:
+    if not self.seconds_per_step:
+      return 0.0
+    ref = self.plan.stages[max(self.seconds_per_step)]
+    sec_per_unit = self.seconds_per_step[ref.index] / ref.units_per_step
+    total = 0.0
+    for s in self.plan.stages:
+      left = max(0, min(s.end_step, stop_at) - max(s.start_step, step))
+      per_step = self.seconds_per_step.get(s.index, sec_per_unit * s.units_per_step)
+      total += left * per_step
+    return total

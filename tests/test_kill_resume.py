@@ -1,0 +1,66 @@
+"""SIGKILL a multi-stage run at a random moment, re-run the same command: the final parameters equal
+an uninterrupted run's, bit for bit."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two stages (25% tokens on both branches, then full length), ~12 steps at batch 16, a checkpoint
+# every 2 steps, small evaluations.
+FLAGS = ["--config=configs/fmnist_mocov3.py:smoke", "--config.batch_size=16",
+         "--config.budget=900", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
+         "--config.tensorboard=False", "--config.compile_cache_dir=",
+         "--config.eval.final_bank_size=400", "--config.eval.final_query_size=200",
+         "--config.eval.batch_size=200"]
+
+
+def command(workdir):
+  return [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS]
+
+
+def env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def final_params(workdir):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  last = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  return last, ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(last), "state"))
+
+
+def test_sigkill_at_a_random_point_then_rerun_matches_uninterrupted(tmp_path, needs_fashion_mnist):
+  straight = str(tmp_path / "straight")
+  done = subprocess.run(command(straight), cwd=ROOT, env=env(), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  # Wait for training to be under way (a first checkpoint exists), then kill at a random moment.
+  deadline = time.time() + 240
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.05)
+  time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
+  was_running = proc.poll() is None
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert was_running, "the run finished before it could be killed; lengthen it"
+
+  again = subprocess.run(command(killed), cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  step_a, a = final_params(straight)
+  step_b, b = final_params(killed)
+  assert step_a == step_b
+  jax.tree.map(np.testing.assert_array_equal, a, b)
