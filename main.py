@@ -4,6 +4,7 @@
 
 Re-running the same command resumes from the latest checkpoint in DIR/checkpoints.
 Bad input (config, data, workdir) ends with one line naming the problem and the fix, exit code 2.
+SIGTERM / Ctrl-C: the current step finishes, a checkpoint is saved, exit code 3 (re-run to resume).
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ def main(argv):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+  except Exception as e:  # only the preemption exit is expected here; anything else re-raises
+    from vit_accel import preemption
+    if not isinstance(e, preemption.Preempted):
+      raise
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def get_config(arg: str | None = None):
   c.compile_cache_dir = "~/.cache/vit_accel/xla"   # JAX persistent compilation cache; "" = off
   c.stop_at_step = -1            # > 0: checkpoint and exit at this step (re-run to continue)
   c.log_every_steps = 20
+  c.preemption_check_every_steps = 10   # multi-host: how often hosts agree on a SIGTERM
   c.tensorboard = True
 
   c.model = ml_collections.ConfigDict()
@@ -102,12 +103,12 @@ def get_config(arg: str | None = None):
   # kNN: bank = train split, queries = test split. Periodic evaluations use fixed random subsets
   # (cheap); the initial network (the baseline) and the final one use the final sizes, -1 = the
   # whole split. Evaluation stays under ~10% of the run on 2 CPU cores.
-  c.eval.every_steps = 500
+  c.eval.every_steps = 600
   c.eval.bank_size = 2000
   c.eval.query_size = 1000
   c.eval.at_start = True
   c.eval.final_bank_size = 10000
-  c.eval.final_query_size = -1
+  c.eval.final_query_size = 5000
   c.eval.batch_size = 1000
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07

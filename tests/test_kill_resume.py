@@ -64,3 +64,25 @@ def test_sigkill_at_a_random_point_then_rerun_matches_uninterrupted(tmp_path, ne
   step_b, b = final_params(killed)
   assert step_a == step_b
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_the_current_step_and_exits_3(tmp_path, needs_fashion_mnist):
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 3, stderr[-2000:]
+  line = [l for l in stderr.splitlines() if l.startswith("preempted:")]
+  assert line, stderr[-2000:]
+  step = int(line[0].split("after step ")[1].split(";")[0])
+  saved = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert saved == step   # the step the signal interrupted is checkpointed, off the 2-step interval too
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert not any('"knn_top1"' in l for l in f)   # stopped early: no final evaluation

@@ -154,3 +154,18 @@ def test_changing_the_schedule_of_a_run_is_refused_unless_allowed(tmp_path, need
   result = train.train_and_evaluate(tiny_config(schedule=MULTI, allow_schedule_change=True),
                                     workdir)
   assert "knn_top1" in result
+
+
+def test_corrupt_latest_checkpoint_is_reported_moved_aside_and_the_previous_one_used(
+    tmp_path, capsys, needs_fashion_mnist):
+  straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+  train.train_and_evaluate(tiny_config(), straight)
+  train.train_and_evaluate(tiny_config(stop_at_step=4), damaged)
+  state_dir = os.path.join(damaged, "checkpoints", "4", "state")
+  for root, _, files in os.walk(state_dir):   # truncate every file of the latest checkpoint
+    for name in files:
+      open(os.path.join(root, name), "w").close()
+  train.train_and_evaluate(tiny_config(), damaged)
+  assert "checkpoint 4 is unreadable" in capsys.readouterr().out
+  assert os.path.isdir(os.path.join(damaged, "checkpoints.corrupt", "4"))   # kept, not deleted
+  jax.tree.map(np.testing.assert_array_equal, load_params(straight, 6), load_params(damaged, 6))

@@ -6,8 +6,10 @@ checkpoint written on one topology restores onto another.
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 
 
@@ -43,6 +45,40 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
+
+  def restore_latest_good(self, abstract_state, check_meta=lambda meta: None):
+    """(state, meta) of the newest checkpoint that restores, or None when there is none.
+
+    `check_meta(meta)` runs first and may raise (a checkpoint of another run: nothing is moved).
+    A checkpoint that fails to read (truncated or corrupted files) is reported in one line and
+    moved aside to `<directory>.corrupt/<step>` - kept, not deleted - and the previous one is tried.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # noqa: BLE001 - any read failure means "unusable", reported below
+        self._quarantine(step, e)
+        continue
+      check_meta(meta)
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001
+        self._quarantine(step, e)
+        continue
+      return state, meta
+    return None
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    target = os.path.join(self.directory + ".corrupt", str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    logging.warning("checkpoint %d in %s is unreadable (%s); moved it to %s and falling back to the "
+                    "previous one", step, self.directory, reason, target)
+    print(f"warning: checkpoint {step} is unreadable ({type(error).__name__}); moved to {target}; "
+          f"using the previous one", flush=True)
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -15,7 +15,7 @@ import optax
 from absl import logging
 
 from input_pipeline import pipeline, sources
-from vit_accel import checkpointing, compression, evaluation, schedule
+from vit_accel import checkpointing, compression, evaluation, preemption, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
@@ -258,24 +258,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps,
                                     async_save=config.checkpoint.async_save)
-  latest = ckpt.latest_step()
   wall_offset = 0.0  # wall-clock seconds spent by earlier invocations of this run
-  if latest is None:
+
+  def check_saved(saved_meta):
+    check_resumable(saved_meta, meta, ckpt.directory, config.allow_schedule_change)
+
+  restored = ckpt.restore_latest_good(
+      checkpointing.abstract_with_shardings(abstract_state, state_shardings), check_saved)
+  if restored is None:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
     start_step = 0
   else:
-    saved_meta = ckpt.restore_meta(latest)
-    check_resumable(saved_meta, meta, ckpt.directory, config.allow_schedule_change)
+    state, saved_meta = restored
+    start_step = int(state.step)
     wall_offset = float(saved_meta.get("wall_s", 0.0))
     finished = [m for m in read_metrics(workdir) if m["step"] >= total_steps and "knn_top1" in m]
-    if latest >= total_steps and finished:
+    if start_step >= total_steps and finished:
       ckpt.close()
-      print(f"run already complete at step {latest}; final kNN top-1: "
+      print(f"run already complete at step {start_step}; final kNN top-1: "
             f"{finished[-1]['knn_top1']:.4f}", flush=True)
       return finished[-1]
-    state, _ = ckpt.restore(latest, checkpointing.abstract_with_shardings(abstract_state,
-                                                                          state_shardings))
-    start_step = int(state.step)
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -344,7 +346,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   result = {}
   step = start_step
   replicated = sharding_lib.replicated(mesh)
+  stop_request = preemption.StopRequest(config.preemption_check_every_steps)
   try:
+    stop_request.__enter__()
     while step < stop_at:
       stage = plan.stage_at(step)
       batch = sharding_lib.host_to_global(next(batches), mesh)
@@ -355,15 +359,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
       log_now = (step % config.log_every_steps == 0 or step == stop_at
                  or step == stage.end_step)
-      save_now = step % config.checkpoint.every_steps == 0
+      stop_now = stop_request.should_stop(step)
+      save_now = step % config.checkpoint.every_steps == 0 or stop_now
       if log_now or save_now:
         metrics = jax.device_get(metrics)  # the loop's only sync points
-        if not math.isfinite(float(metrics["loss"])):  # checked before a save: no bad checkpoint
-          raise UserError(f"non-finite loss {float(metrics['loss'])} at step {step} (stage "
-                          f"{stage.index}, {stage.spec}); the last good checkpoint is kept; lower "
-                          f"optim.base_lr or enable optim.grad_clip")
+        for name in ("loss", "grad_norm"):  # checked before a save: no bad checkpoint
+          if not math.isfinite(float(metrics[name])):
+            raise UserError(f"non-finite {name} {float(metrics[name])} at step {step} (stage "
+                            f"{stage.index}, {stage.spec}); the last good checkpoint is kept; "
+                            f"lower optim.base_lr or enable optim.grad_clip")
       if save_now:
         ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+      if stop_now:
+        ckpt.wait()
+        raise preemption.Preempted(step, stop_request.signal_name, ckpt.directory)
       if log_now:
         dt = time.time() - t_log
         train_time += dt
@@ -401,7 +410,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         summary += f" (at initialisation {init[0]:.4f})"
       print(summary, flush=True)
   finally:
-    # Ctrl-C, a NaN or any crash: let a pending async save finish so the checkpoint is whole.
+    # A stop request, a NaN or any crash: let a pending async save finish so the checkpoint is whole.
+    stop_request.__exit__(None, None, None)
     writer.close()
     ckpt.close()
   return result
