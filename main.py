@@ -9,6 +9,7 @@ SIGTERM / Ctrl-C: the current step finishes, a checkpoint is saved, exit code 3 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -39,7 +40,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from vit_accel.errors import UserError
-  config = FLAGS.config
+  try:
+    config = FLAGS.config
+    config.get("objective")  # ml_collections reports a recipe that failed to load only on access
+  except OSError as e:
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    print(f"error: cannot load --config: {detail}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
   try:
     # Data presence is checked before JAX/TF start, so a missing dataset fails in seconds.
@@ -69,5 +76,22 @@ def main(argv):
     sys.exit(preemption.EXIT_PREEMPTED)
 
 
+def parse_flags(argv):
+  """absl's parser, with config mistakes (unknown key, bad recipe argument, unparsable value) as
+  one line and exit code 2 instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except AttributeError as e:  # ml_collections: an override names a key the recipe lacks
+    text = str(e).replace("\\", "")
+    key = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    hint = re.search(r"Did you mean .*\?", text)
+    message = (f"unknown config key {key[0] if key else text!r} in a --config.<key>=value override; "
+               + (hint.group(0) if hint else "check its spelling against the recipe file"))
+  except (flags.Error, ValueError, KeyError, TypeError) as e:
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,43 @@
+"""Bad command lines end with one `error:` line and exit code 2, before anything compiles, and leave
+an existing run directory untouched."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "--config=configs/fmnist_mocov3.py:smoke"
+
+CASES = {
+    "unknown key": ([SMOKE, "--config.foo=1"], "unknown config key 'foo'"),
+    "misspelt key": ([SMOKE, "--config.model.widht=3"], 'Did you mean "width"'),
+    "bad value": ([SMOKE, "--config.batch_size=abc"], "batch_size=abc"),
+    "unknown recipe arg": (["--config=configs/fmnist_mocov3.py:smok"], "available: smoke"),
+    "missing recipe": (["--config=configs/nope.py"], "No such file"),
+    "unknown objective": ([SMOKE, "--config.objective=byol"], "unknown objective='byol'"),
+    "unknown schedule": ([SMOKE, "--config.schedule=fast"], "schedule='fast'"),
+    "keep ratio": ([SMOKE, "--config.schedule=1:keep1.5"], "keep ratio 1.5 is outside (0, 1]"),
+    "patch tiles": ([SMOKE, "--config.model.patch_size=5"], "model.patch_size=5 does not tile"),
+    "batch vs mesh": ([SMOKE, "--config.mesh.data=2"], "mesh.data x mesh.fsdp = 2 x 1"),
+    "budget too small": ([SMOKE, "--config.budget=10"], "budget=10 units is too small"),
+    "missing data": ([SMOKE, "--config.data.dir=/nonexistent"], "dataset-fashion-mnist"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_the_run_directory_is_untouched(name, tmp_path):
+  args, expected = CASES[name]
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  (workdir / "checkpoints" / "7" / "marker").write_text("saved work")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *args, "--logtostderr",
+                         "--verbosity=-1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert expected in errors[0], errors[0]
+  assert sorted(os.listdir(workdir)) == ["checkpoints"]
+  assert (workdir / "checkpoints" / "7" / "marker").read_text() == "saved work"
