@@ -51,7 +51,7 @@ def main(_):
   lines = [
       "# Compression cost: measured vs analytic speed-up of the train step", "",
       f"Machine: {cost_table.machine_description()}.", "",
-      f"Command: `python bench/compression_cost.py {args}`".replace(" `", "`") + " (the same "
+      f"Command: `python bench/compression_cost.py{' ' + args if args else ''}` (the same "
       "measurement as `python main.py --config=configs/fmnist_mocov3.py --mode=cost`).", "",
       f"Model: ViT width {m.width}, depth {m.depth}, {m.num_heads} heads, base patch {m.patch_size} "
       f"on {m.image_size} px; MoCo-v3 "
