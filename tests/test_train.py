@@ -131,17 +131,25 @@ def test_multistage_run_compiles_one_step_per_stage_and_logs_stages(tmp_path, ne
   assert units == sorted(units) and units[-1] <= plan["budget"]
 
 
+@pytest.fixture(scope="module")
+def multistage_straight(tmp_path_factory):
+  """One uninterrupted 3-stage run, shared by the resume cases (each run compiles 3 programs)."""
+  workdir = str(tmp_path_factory.mktemp("multistage") / "straight")
+  train.train_and_evaluate(tiny_config(schedule=MULTI), workdir)
+  return workdir
+
+
 @pytest.mark.parametrize("where", ["boundary", "mid_stage"])
-def test_multistage_resume_gives_identical_parameters(tmp_path, where, needs_fashion_mnist):
+def test_multistage_resume_gives_identical_parameters(tmp_path, where, multistage_straight,
+                                                      needs_fashion_mnist):
   config = tiny_config(schedule=MULTI)
   plan = train.make_step_plan(config, 60000)
   stop = plan.stages[1].start_step if where == "boundary" else plan.stages[1].start_step + 1
   assert plan.stages[1].num_steps > 1
-  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-  train.train_and_evaluate(config, straight)
+  stopped = str(tmp_path / "stopped")
   train.train_and_evaluate(tiny_config(schedule=MULTI, stop_at_step=stop), stopped)
   train.train_and_evaluate(config, stopped)
-  a = load_params(straight, plan.total_steps)
+  a = load_params(multistage_straight, plan.total_steps)
   b = load_params(stopped, plan.total_steps)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
