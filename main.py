@@ -39,7 +39,7 @@ class _DropLibraryChatter:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vit_accel.errors import UserError
+  from vit_accel.errors import EXIT_PREEMPTED, Preempted, UserError
   try:
     config = FLAGS.config
     config.get("objective")  # ml_collections reports a recipe that failed to load only on access
@@ -68,12 +68,9 @@ def main(argv):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
-  except Exception as e:  # only the preemption exit is expected here; anything else re-raises
-    from vit_accel import preemption
-    if not isinstance(e, preemption.Preempted):
-      raise
+  except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr, flush=True)
-    sys.exit(preemption.EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def parse_flags(argv):

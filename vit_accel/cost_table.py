@@ -59,13 +59,8 @@ def measure(config) -> list[dict]:
 
   rows = []
   for strategies in candidate_strategies(config):
-    step = jax.jit(train.make_train_step(config, model, tx, strategies),
-                   in_shardings=(state_shardings, batch_sharding, sharding_lib.replicated(mesh)),
-                   out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                   donate_argnums=0)
-    t0 = time.perf_counter()
-    compiled = step.lower(abstract_state, batch, progress).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = train.compile_train_step(config, model, tx, strategies, mesh,
+                                                   abstract_state, state_shardings)
     state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
     for _ in range(2):
       state, metrics = compiled(state, batch, progress)
@@ -107,16 +102,16 @@ def run(config, workdir: str) -> list[dict]:
   rows = measure(config)
   os.makedirs(workdir, exist_ok=True)
   m = config.model
-  report = {"machine": machine_description(), "batch_size": int(config.batch_size),
-            "model": m.to_dict(), "objective": config.objective,
-            "symmetric": bool(config.mocov3.symmetric), "rows": rows}
+  meta = {"machine": machine_description(), "batch_size": int(config.batch_size),
+          "model": m.to_dict(), "objective": config.objective,
+          "symmetric": bool(config.mocov3.symmetric)}
   path = os.path.join(workdir, "cost_table.json")
   with open(path + ".tmp", "w") as f:
     json.dump(rows, f, indent=1)
   os.replace(path + ".tmp", path)
   with open(os.path.join(workdir, "cost_table_meta.json"), "w") as f:
-    json.dump({k: v for k, v in report.items() if k != "rows"}, f, indent=1)
-  print(f"{report['machine']}; batch {config.batch_size}, ViT width {m.width} depth {m.depth} "
+    json.dump(meta, f, indent=1)
+  print(f"{meta['machine']}; batch {config.batch_size}, ViT width {m.width} depth {m.depth} "
         f"patch {m.patch_size} on {m.image_size}px, {config.objective} "
         f"({'symmetric' if config.mocov3.symmetric else 'asymmetric'})")
   print(format_table(rows), flush=True)

@@ -3,3 +3,15 @@
 
 class UserError(Exception):
   """A problem the user can fix (config, data, workdir). The message names the problem and the fix."""
+
+
+EXIT_PREEMPTED = 3   # checkpoint saved; re-run the same command to resume
+
+
+class Preempted(Exception):
+  """Raised by the trainer after a SIGTERM / SIGINT stop saved its checkpoint (main.py exits 3)."""
+
+  def __init__(self, step: int, signal_name: str, directory: str):
+    super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {directory}; "
+                     f"re-run the same command to resume")
+    self.step = step

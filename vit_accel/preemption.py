@@ -1,6 +1,6 @@
 """Stop requests (SIGTERM from a preempting scheduler, SIGINT from Ctrl-C) turned into a clean stop:
 the loop finishes its step, every host agrees on the step, a checkpoint is saved and the process exits
-with EXIT_PREEMPTED. A second Ctrl-C interrupts at once (the last saved checkpoint still stands).
+with errors.EXIT_PREEMPTED (3). A second Ctrl-C interrupts at once (the last checkpoint still stands).
 """
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ import signal
 import jax
 import numpy as np
 from absl import logging
-
-EXIT_PREEMPTED = 3   # checkpoint saved; re-run the same command to resume
-
-
-class Preempted(Exception):
-  def __init__(self, step: int, signal_name: str, directory: str):
-    super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {directory}; "
-                     f"re-run the same command to resume")
-    self.step = step
-
 
 class StopRequest:
   """Installs SIGTERM / SIGINT handlers for the duration of a run (`with StopRequest(...)`)."""

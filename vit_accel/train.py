@@ -1,7 +1,6 @@
 """The trainer, top to bottom: setup, mesh, input, model, shardings, step, checkpoint, evals, loop."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -18,7 +17,7 @@ from input_pipeline import pipeline, sources
 from vit_accel import checkpointing, compression, evaluation, preemption, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
-from vit_accel.errors import UserError
+from vit_accel.errors import Preempted, UserError
 from vit_accel.metric_writer import MetricWriter, read_metrics
 from vit_accel.models.vit import VisionTransformer
 from vit_accel.objectives import mocov3
@@ -178,6 +177,25 @@ def make_train_step(config, model, tx, strategies: BranchStrategies = BranchStra
   return train_step
 
 
+def compile_train_step(config, model, tx, strategies: BranchStrategies, mesh, abstract_state,
+                       state_shardings):
+  """The step for `strategies`, jitted with explicit shardings (state donated) and compiled ahead of
+  time for a global uint8 batch; returns (compiled step, compile seconds)."""
+  replicated = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  size = config.model.image_size
+  view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                              sharding=batch_sharding)
+  step_fn = jax.jit(make_train_step(config, model, tx, strategies),
+                    in_shardings=(state_shardings, batch_sharding, replicated),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(checkpointing.abstract_with_shardings(abstract_state, state_shardings),
+                           {"views": (view, view)},
+                           jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)).compile()
+  return compiled, time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------------- evaluation
 class KnnEvaluator:
   """kNN top-1 of backbone CLS features: bank = train split, queries = test split."""
@@ -248,7 +266,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Model and optimiser; shapes first, then shardings, then state created directly in them.
   model = build_model(config)
   tx = make_optimizer(config)
-  size = config.model.image_size
   init_rng = jax.random.key(config.seed)
   init_state = init_state_fn(config, model, tx)
   abstract_state = jax.eval_shape(init_state, init_rng)
@@ -290,25 +307,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # One step per distinct stage signature, compiled ahead of time so shape errors show before data
   # flows and nothing compiles inside the loop.
-  global_view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
-                                     sharding=sharding_lib.batch_sharding(mesh))
-  abstract_batch = {"views": (global_view, global_view)}
-  abstract_progress = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding_lib.replicated(mesh))
   compiled_steps = {}
   for stage in plan.stages:
     if stage.strategies in compiled_steps or stage.end_step <= start_step:
       continue
-    step_fn = jax.jit(make_train_step(config, model, tx, stage.strategies),
-                      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh),
-                                    sharding_lib.replicated(mesh)),
-                      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                      donate_argnums=0)
-    t0 = time.time()
-    compiled_steps[stage.strategies] = step_fn.lower(
-        checkpointing.abstract_with_shardings(abstract_state, state_shardings), abstract_batch,
-        abstract_progress).compile()
+    compiled_steps[stage.strategies], seconds = compile_train_step(
+        config, model, tx, stage.strategies, mesh, abstract_state, state_shardings)
     logging.info("compiled step for stage %d (%s, seq %d) in %.1fs", stage.index, stage.spec,
-                 stage.seq_len, time.time() - t0)
+                 stage.seq_len, seconds)
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.drop_after(start_step)
@@ -346,74 +352,74 @@ def train_and_evaluate(config, workdir: str) -> dict:
   result = {}
   step = start_step
   replicated = sharding_lib.replicated(mesh)
-  stop_request = preemption.StopRequest(config.preemption_check_every_steps)
-  try:
-    stop_request.__enter__()
-    while step < stop_at:
-      stage = plan.stage_at(step)
-      batch = sharding_lib.host_to_global(next(batches), mesh)
-      progress = jax.device_put(np.float32(plan.progress_at(step)), replicated)
-      state, metrics = compiled_steps[stage.strategies](state, batch, progress)
-      step += 1
-      steps_since_log += 1
-      # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
-      log_now = (step % config.log_every_steps == 0 or step == stop_at
-                 or step == stage.end_step)
-      stop_now = stop_request.should_stop(step)
-      save_now = step % config.checkpoint.every_steps == 0 or stop_now
-      if log_now or save_now:
-        metrics = jax.device_get(metrics)  # the loop's only sync points
-        for name in ("loss", "grad_norm"):  # checked before a save: no bad checkpoint
-          if not math.isfinite(float(metrics[name])):
-            raise UserError(f"non-finite {name} {float(metrics[name])} at step {step} (stage "
-                            f"{stage.index}, {stage.spec}); the last good checkpoint is kept; "
-                            f"lower optim.base_lr or enable optim.grad_clip")
-      if save_now:
-        ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
-      if stop_now:
-        ckpt.wait()
-        raise preemption.Preempted(step, stop_request.signal_name, ckpt.directory)
-      if log_now:
-        dt = time.time() - t_log
-        train_time += dt
-        eta.record(stage, dt, steps_since_log)
-        line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-                "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
-                "stage": stage.index, "seq_len": stage.seq_len,
-                "key_seq_len": stage.key_seq_len,
-                "budget_units": plan.units_at(step), "budget_progress": plan.progress_at(step),
-                "wall_s": elapsed(),
-                "images_per_s": config.batch_size * steps_since_log / dt}
-        writer.write(step, line)
-        logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e "
-                     "%.0f img/s ETA %s", step, total_steps, 100.0 * line["budget_progress"],
-                     stage.index, stage.spec, stage.seq_len, line["loss"], line["lr"],
-                     line["images_per_s"], _format_duration(eta.remaining(step, stop_at)))
-        t_log, steps_since_log = time.time(), 0
-      # Periodic kNN, except within half an interval of the final one.
-      if (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-          and total_steps - step > config.eval.every_steps // 2):
-        t_eval = time.time()
-        result = evaluate(step, final=False)
-        t_log += time.time() - t_eval  # step-time measurements exclude evaluation
+  # SIGTERM / SIGINT: finish the step, checkpoint, raise Preempted (see preemption.py).
+  with preemption.StopRequest(config.preemption_check_every_steps) as stop_request:
+    try:
+      while step < stop_at:
+        stage = plan.stage_at(step)
+        batch = sharding_lib.host_to_global(next(batches), mesh)
+        progress = jax.device_put(np.float32(plan.progress_at(step)), replicated)
+        state, metrics = compiled_steps[stage.strategies](state, batch, progress)
+        step += 1
+        steps_since_log += 1
+        # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
+        log_now = (step % config.log_every_steps == 0 or step == stop_at
+                   or step == stage.end_step)
+        stop_now = stop_request.should_stop(step)
+        save_now = step % config.checkpoint.every_steps == 0 or stop_now
+        if log_now or save_now:
+          metrics = jax.device_get(metrics)  # the loop's only sync points
+          for name in ("loss", "grad_norm"):  # checked before a save: no bad checkpoint
+            if not math.isfinite(float(metrics[name])):
+              raise UserError(f"non-finite {name} {float(metrics[name])} at step {step} (stage "
+                              f"{stage.index}, {stage.spec}); the last good checkpoint is kept; "
+                              f"lower optim.base_lr or enable optim.grad_clip")
+        if save_now:
+          ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+        if stop_now:
+          ckpt.wait()
+          raise Preempted(step, stop_request.signal_name, ckpt.directory)
+        if log_now:
+          dt = time.time() - t_log
+          train_time += dt
+          eta.record(stage, dt, steps_since_log)
+          line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+                  "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
+                  "stage": stage.index, "seq_len": stage.seq_len,
+                  "key_seq_len": stage.key_seq_len,
+                  "budget_units": plan.units_at(step), "budget_progress": plan.progress_at(step),
+                  "wall_s": elapsed(),
+                  "images_per_s": config.batch_size * steps_since_log / dt}
+          writer.write(step, line)
+          logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e "
+                       "%.0f img/s ETA %s", step, total_steps, 100.0 * line["budget_progress"],
+                       stage.index, stage.spec, stage.seq_len, line["loss"], line["lr"],
+                       line["images_per_s"], _format_duration(eta.remaining(step, stop_at)))
+          t_log, steps_since_log = time.time(), 0
+        # Periodic kNN, except within half an interval of the final one.
+        if (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+            and total_steps - step > config.eval.every_steps // 2):
+          t_eval = time.time()
+          result = evaluate(step, final=False)
+          t_log += time.time() - t_eval  # step-time measurements exclude evaluation
 
-    if step == stop_at and step not in ckpt.all_steps():
-      ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
-    ckpt.wait()
-    if step >= total_steps:
-      result = evaluate(step, final=True)
-      init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
-      logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
-                   _format_duration(eval_time), 100 * eval_time / max(train_time + eval_time, 1e-9))
-      summary = f"final kNN top-1: {result['knn_top1']:.4f}"
-      if init:
-        summary += f" (at initialisation {init[0]:.4f})"
-      print(summary, flush=True)
-  finally:
-    # A stop request, a NaN or any crash: let a pending async save finish so the checkpoint is whole.
-    stop_request.__exit__(None, None, None)
-    writer.close()
-    ckpt.close()
+      if step == stop_at and step not in ckpt.all_steps():
+        ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+      ckpt.wait()
+      if step >= total_steps:
+        result = evaluate(step, final=True)
+        init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
+        logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
+                     _format_duration(eval_time),
+                     100 * eval_time / max(train_time + eval_time, 1e-9))
+        summary = f"final kNN top-1: {result['knn_top1']:.4f}"
+        if init:
+          summary += f" (at initialisation {init[0]:.4f})"
+        print(summary, flush=True)
+    finally:
+      # A stop request, a NaN or any crash: let a pending async save finish (whole checkpoint).
+      writer.close()
+      ckpt.close()
   return result
 
 
