@@ -25,12 +25,12 @@ FLAGS = flags.FLAGS
 
 def feature_rate(config, batches: int = 3) -> float:
   """Images/s of full-length backbone features at eval.batch_size (a kNN pass)."""
-  from vit_accel import train
+  from vit_accel import train_step
   from vit_accel.objectives import mocov3
-  model = train.build_model(config)
+  model = train_step.build_model(config)
   s = config.model.image_size
   params = model.init(jax.random.key(0), np.zeros((2, s, s, 3), np.float32))["params"]
-  fn = jax.jit(lambda p, im: model.apply({"params": p}, train.normalize_images(im, config),
+  fn = jax.jit(lambda p, im: model.apply({"params": p}, train_step.normalize_images(im, config),
                                          method=mocov3.MoCoV3Model.features))
   x = np.random.default_rng(0).integers(0, 256, (config.eval.batch_size, s, s, 3), np.uint8)
   jax.block_until_ready(fn(params, x))

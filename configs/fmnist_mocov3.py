@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
   c.model.depth = 4
   c.model.num_heads = 4
   c.model.mlp_ratio = 4.0
+  c.model.dtype = "float32"      # backbone compute; "bfloat16" on GPU/TPU (params stay float32)
 
   c.mocov3 = ml_collections.ConfigDict()
   c.mocov3.temperature = 0.2

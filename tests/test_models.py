@@ -48,3 +48,16 @@ def test_mlp_head_shape_and_param_tree_has_no_batch_stats():
   variables = head.init(jax.random.key(0), jnp.ones((4, 16)))
   assert set(variables) == {"params"}
   assert head.apply(variables, jnp.ones((4, 16)) * jnp.arange(4)[:, None]).shape == (4, 8)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_outputs():
+  vit32 = VisionTransformer(width=32, depth=2, num_heads=4, patch_size=4, image_size=16)
+  vit16 = vit32.clone(dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = vit32.init(jax.random.key(1), x)
+  assert {p.dtype for p in jax.tree.leaves(vit16.init(jax.random.key(1), x))} == {np.dtype("float32")}
+  cls32, _ = vit32.apply(params, x)
+  cls16, _ = vit16.apply(params, x)
+  assert cls16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(cls16, np.float32), np.asarray(cls32), atol=0.1)
+  assert not np.array_equal(np.asarray(cls16, np.float32), np.asarray(cls32))

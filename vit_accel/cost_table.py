@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from vit_accel import compression, train
+from vit_accel import compression, train_step
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 
@@ -39,13 +39,26 @@ def machine_description() -> str:
           f"({dev.platform}), jax {jax.__version__}")
 
 
-def measure(config) -> list[dict]:
-  train.validate_config(config)
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled program by XLA's cost analysis (None where not reported)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def measure(config, on_row=None) -> list[dict]:
+  """One row per candidate (full length first); `on_row(row)` sees each as soon as it is measured."""
+  train_step.validate_config(config)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch(config.batch_size, mesh)
-  model = train.build_model(config)
-  tx = train.make_optimizer(config)
-  init_state = train.init_state_fn(config, model, tx)
+  model = train_step.build_model(config)
+  tx = train_step.make_optimizer(config)
+  init_state = train_step.init_state_fn(config, model, tx)
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
   state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -59,8 +72,9 @@ def measure(config) -> list[dict]:
 
   rows = []
   for strategies in candidate_strategies(config):
-    compiled, compile_s = train.compile_train_step(config, model, tx, strategies, mesh,
-                                                   abstract_state, state_shardings)
+    compiled, compile_s = train_step.compile_train_step(config, model, tx, strategies, mesh,
+                                                        abstract_state, state_shardings)
+    flops = compiled_flops(compiled)
     state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
     for _ in range(2):
       state, metrics = compiled(state, batch, progress)
@@ -72,17 +86,22 @@ def measure(config) -> list[dict]:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     q, k = strategies.layouts(size, config.model.patch_size)
-    rows.append({"strategy": strategies.spec, "query": strategies.query.spec,
-                 "key": strategies.key.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
-                 "analytic_units": train.step_cost_units(config, strategies),
-                 "ms_per_step": 1000.0 * statistics.median(times),
-                 "compile_s": compile_s})
+    row = {"strategy": strategies.spec, "query": strategies.query.spec,
+           "key": strategies.key.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
+           "analytic_units": train_step.step_cost_units(config, strategies),
+           # Per step: units x FLOPs of one base forward x batch (the cost model, 2 per mul-add).
+           "analytic_flops": (train_step.step_cost_units(config, strategies)
+                              * compression.base_forward_flops(config.model) * config.batch_size),
+           "ms_per_step": 1000.0 * statistics.median(times),
+           "compile_s": compile_s, "xla_flops": flops}
+    full = rows[0] if rows else row
+    row["measured_speedup"] = full["ms_per_step"] / row["ms_per_step"]
+    row["analytic_speedup"] = full["analytic_units"] / row["analytic_units"]
+    row["efficiency"] = row["measured_speedup"] / row["analytic_speedup"]
+    rows.append(row)
+    if on_row is not None:
+      on_row(row)
     del state
-  full = rows[0]
-  for r in rows:
-    r["measured_speedup"] = full["ms_per_step"] / r["ms_per_step"]
-    r["analytic_speedup"] = full["analytic_units"] / r["analytic_units"]
-    r["efficiency"] = r["measured_speedup"] / r["analytic_speedup"]
   return rows
 
 

@@ -4,108 +4,24 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from input_pipeline import pipeline, sources
-from vit_accel import checkpointing, compression, evaluation, preemption, schedule
+from vit_accel import checkpointing, evaluation, preemption, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import Preempted, UserError
 from vit_accel.metric_writer import MetricWriter, read_metrics
-from vit_accel.models.vit import VisionTransformer
 from vit_accel.objectives import mocov3
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any       # query encoder: backbone + projector + predictor
-  key_params: Any   # momentum encoder: EMA of backbone + projector
-  opt_state: Any
+from vit_accel.train_step import (build_model, compile_train_step, init_state_fn, make_optimizer,
+                                  normalize_images, schedule_stages, step_cost_units,
+                                  validate_config)
 
 
 # ----------------------------------------------------------------------------------------- setup
-def validate_config(config) -> None:
-  """Cheap checks that fail before anything compiles, each naming the key and the fix."""
-  if config.objective != "mocov3":
-    raise UserError(f"unknown objective={config.objective!r}; available: mocov3")
-  m = config.model
-  if m.patch_size <= 0 or m.image_size % m.patch_size:
-    raise UserError(f"model.patch_size={m.patch_size} does not tile model.image_size="
-                    f"{m.image_size}; use a divisor of {m.image_size}")
-  if m.width % m.num_heads:
-    raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
-  if config.batch_size <= 0:
-    raise UserError(f"batch_size={config.batch_size} must be positive")
-  schedule_stages(config)
-  if config.get("budget", -1) <= 0 and config.get("budget_epochs", -1) <= 0:
-    raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
-  for spec in config.compression.cost_candidates:
-    compression.parse_checked(spec, config.compression.bucket, m, "compression.cost_candidates")
-
-
-def build_model(config) -> mocov3.MoCoV3Model:
-  m = config.model
-  backbone = VisionTransformer(width=m.width, depth=m.depth, num_heads=m.num_heads,
-                               mlp_ratio=m.mlp_ratio, patch_size=m.patch_size,
-                               image_size=m.image_size)
-  return mocov3.MoCoV3Model(backbone=backbone, proj_hidden_dim=config.mocov3.proj_hidden_dim,
-                            out_dim=config.mocov3.out_dim,
-                            pred_hidden_dim=config.mocov3.pred_hidden_dim)
-
-
-def make_optimizer(config):
-  """AdamW at unit learning rate; the step scales its updates by the lr of the current budget
-  progress (schedule.learning_rate_at), which is exactly AdamW with that lr. No weight decay on
-  biases, norms, CLS token and position embedding."""
-  def decay_mask(params):
-    flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict(
-        {k: (p.ndim > 1 and k[-1] not in ("pos_embed", "cls_token")) for k, p in flat.items()})
-  tx = optax.adamw(1.0, b1=config.optim.b1, b2=config.optim.b2,
-                   weight_decay=config.optim.weight_decay, mask=decay_mask)
-  if config.optim.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), tx)
-  return tx
-
-
-def normalize_images(images, config):
-  """uint8 [B, S, S, 3] -> float32, per-channel standardised (done on device, not in tf.data)."""
-  mean = jnp.asarray(config.data.mean, jnp.float32)
-  std = jnp.asarray(config.data.std, jnp.float32)
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def init_state_fn(config, model, tx):
-  """rng -> a fresh TrainState (jit it with out_shardings to create it directly in place)."""
-  size = config.model.image_size
-
-  def init_state(rng):
-    params = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      key_params=jax.tree.map(jnp.copy, mocov3.key_params_of(params)),
-                      opt_state=tx.init(params))
-
-  return init_state
-
-
-def step_cost_units(config, strategies: BranchStrategies) -> float:
-  """Per-image cost of one train step in base-forward units (1 = one uncompressed backbone forward
-  on one image), from the analytic cost model."""
-  return compression.step_cost_units(config.model, mocov3.cost_branches(config, strategies))
-
-
-def schedule_stages(config) -> list[schedule.Stage]:
-  return schedule.parse_schedule(config.schedule, config.compression.bucket, config.model)
-
-
 def budget_units(config, num_train_examples: int) -> float:
   """`budget` (base-forward units) when set, else `budget_epochs` full-cost epochs: that many passes
   over the train split with the uncompressed step."""
@@ -121,15 +37,11 @@ def make_step_plan(config, num_train_examples: int) -> schedule.StepPlan:
                             config.model)
 
 
-def dropout_rng(config, step):
-  """Token-keep randomness of a step: a pure function of (seed, step), so resumed runs and every
-  host draw the same tokens."""
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), step)
-
-
 def run_metadata(config, plan: schedule.StepPlan) -> dict:
-  """What a checkpoint must agree with to be resumed by this config."""
-  return {"objective": config.objective, "model": config.model.to_dict(),
+  """What a checkpoint must agree with to be resumed by this config. The compute dtype may change
+  between invocations (parameters are float32 either way)."""
+  model = {k: v for k, v in config.model.to_dict().items() if k != "dtype"}
+  return {"objective": config.objective, "model": model,
           "batch_size": int(config.batch_size), "seed": int(config.seed),
           "plan": plan.to_dict()}
 
@@ -146,54 +58,6 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     f", this config plans [{short(current['plan'])}]; restore schedule/budget, use a "
                     f"new --workdir, or set --config.allow_schedule_change=True to continue with "
                     f"the new plan")
-
-
-# -------------------------------------------------------------------------------------- the step
-def make_train_step(config, model, tx, strategies: BranchStrategies = BranchStrategies()):
-  """The step for one compression strategy pair (one static-shaped program). `progress` (budget
-  units spent / budget, a float32 scalar from the step plan) drives lr and momentum."""
-  temperature = float(config.mocov3.temperature)
-
-  def train_step(state: TrainState, batch, progress):
-    views = tuple(normalize_images(v, config) for v in batch["views"])
-    lr = schedule.learning_rate_at(config, progress)
-    momentum = mocov3.momentum_at(progress, config.mocov3.base_momentum)
-
-    def loss_of(params):
-      return mocov3.loss_fn(model, params, state.key_params, views, temperature,
-                            symmetric=config.mocov3.symmetric, strategies=strategies,
-                            rng=dropout_rng(config, state.step))
-
-    loss, grads = jax.value_and_grad(loss_of)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: lr * u, updates)
-    params = optax.apply_updates(state.params, updates)
-    key_params = mocov3.ema_update(state.key_params, params, momentum)
-    metrics = {"loss": loss, "lr": lr, "momentum": momentum,
-               "grad_norm": optax.global_norm(grads)}
-    return TrainState(step=state.step + 1, params=params, key_params=key_params,
-                      opt_state=opt_state), metrics
-
-  return train_step
-
-
-def compile_train_step(config, model, tx, strategies: BranchStrategies, mesh, abstract_state,
-                       state_shardings):
-  """The step for `strategies`, jitted with explicit shardings (state donated) and compiled ahead of
-  time for a global uint8 batch; returns (compiled step, compile seconds)."""
-  replicated = sharding_lib.replicated(mesh)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  size = config.model.image_size
-  view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
-                              sharding=batch_sharding)
-  step_fn = jax.jit(make_train_step(config, model, tx, strategies),
-                    in_shardings=(state_shardings, batch_sharding, replicated),
-                    out_shardings=(state_shardings, replicated), donate_argnums=0)
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-                           {"views": (view, view)},
-                           jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)).compile()
-  return compiled, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------- evaluation
