@@ -18,10 +18,11 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, tensorboard/.")
-flags.DEFINE_enum("mode", "train", ["train", "cost", "report"],
-                  "train: pretrain (or resume); cost: time the train step per compression strategy "
-                  "and write WORKDIR/cost_table.json; report: plots and a table of WORKDIR (and "
-                  "--compare runs) into WORKDIR/report/.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "cost", "report"],
+                  "train: pretrain (or resume); eval: kNN + linear probe of a checkpoint in WORKDIR, "
+                  "appended to WORKDIR/metrics.jsonl; cost: time the train step per compression "
+                  "strategy and write WORKDIR/cost_table.json; report: plots and a table of WORKDIR "
+                  "(and --compare runs) into WORKDIR/report/.")
 flags.DEFINE_list("compare", [], "--mode=report: more run directories to draw beside WORKDIR.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -55,7 +56,7 @@ def main(argv):
       from vit_accel import report  # reads metrics; needs no training set-up
       report.run(config, os.path.abspath(FLAGS.workdir), [os.path.abspath(d) for d in FLAGS.compare])
       return
-    if FLAGS.mode == "train":
+    if FLAGS.mode in ("train", "eval"):
       sources.check_source(config)
     from vit_accel import train  # heavy imports (JAX, TF) from here on
     logging.info("config:\n%s", config)
@@ -63,6 +64,9 @@ def main(argv):
     if FLAGS.mode == "cost":
       from vit_accel import cost_table
       cost_table.run(config, workdir)
+    elif FLAGS.mode == "eval":
+      from vit_accel import evaluator
+      evaluator.evaluate_checkpoint(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)
   except UserError as e:

@@ -101,10 +101,11 @@ def get_config(arg: str | None = None):
   c.checkpoint.async_save = True
 
   c.eval = ml_collections.ConfigDict()
-  # kNN: bank = train split, queries = test split. Periodic evaluations use fixed random subsets
+  # kNN and linear probe: bank / probe-train = train split, queries / probe-test = test split. Periodic evaluations use fixed random subsets
   # (cheap); the initial network (the baseline) and the final one use the final sizes, -1 = the
   # whole split. Evaluation stays under ~10% of the run on 2 CPU cores.
   c.eval.every_steps = 600
+  c.eval.at_progress = ()        # also evaluate at these budget fractions, e.g. (0.1, 0.2, 0.5)
   c.eval.bank_size = 2000
   c.eval.query_size = 1000
   c.eval.at_start = True
@@ -113,6 +114,8 @@ def get_config(arg: str | None = None):
   c.eval.batch_size = 1000
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07
+  # Linear probe: closed-form ridge on the same features (bank -> queries); see evaluation.py.
+  c.eval.checkpoint_step = -1    # --mode=eval: which checkpoint (-1 = the latest)
 
   if arg == "smoke":
     c.budget_epochs = 0.01

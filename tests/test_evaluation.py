@@ -37,3 +37,44 @@ def test_knn_separates_clusters_and_fails_on_noise():
   assert acc > 0.95
   noise = normed(rng.normal(size=(400, 16)))
   assert evaluation.knn_top1(noise[:300], labels[:300], noise[300:], labels[300:], k=10) < 0.5
+
+
+def separable_features(rng, n, dim=32, classes=6, margin=3.0):
+  """Class c lives around margin * e_c plus isotropic noise: linearly separable with high accuracy,
+  but not by nearest neighbours on raw norms (a nuisance dimension has large variance)."""
+  labels = rng.integers(0, classes, n)
+  x = rng.normal(size=(n, dim))
+  x[np.arange(n), labels] += margin
+  x[:, -1] *= 50.0  # large-variance nuisance feature; standardisation must handle it
+  return x.astype(np.float32), labels
+
+
+def test_linear_probe_separates_linearly_separable_features():
+  rng = np.random.default_rng(0)
+  x, y = separable_features(rng, 3000)
+  xt, yt = separable_features(rng, 1000)
+  out = evaluation.linear_probe(x, y, xt, yt)
+  assert out["top1"] > 0.9, out
+  assert out["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def test_linear_probe_is_at_chance_on_random_labels():
+  rng = np.random.default_rng(1)
+  x, _ = separable_features(rng, 2000)
+  xt, _ = separable_features(rng, 1000)
+  out = evaluation.linear_probe(x, rng.integers(0, 6, 2000), xt, rng.integers(0, 6, 1000))
+  assert out["top1"] < 0.25, out
+
+
+def test_linear_probe_recovers_ridge_solution():
+  """With one l2 value and no held-out split needed, predictions equal an explicit ridge fit."""
+  rng = np.random.default_rng(2)
+  x, y = separable_features(rng, 400, dim=8, classes=3, margin=1.0)
+  xt, yt = separable_features(rng, 200, dim=8, classes=3, margin=1.0)
+  out = evaluation.linear_probe(x, y, xt, yt, l2_grid=(0.1,))
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  a = np.c_[(x - mean) / std, np.ones(len(x))]
+  pen = 0.1 * len(x) * np.diag([1.0] * 8 + [0.0])
+  w = np.linalg.solve(a.T @ a + pen, a.T @ np.eye(3)[y])
+  expected = np.mean(np.argmax(np.c_[(xt - mean) / std, np.ones(len(xt))] @ w, 1) == yt)
+  assert abs(out["top1"] - expected) < 1e-9

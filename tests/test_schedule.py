@@ -64,6 +64,12 @@ def test_step_plan_arithmetic():
   assert plan.stage_at(s0.num_steps - 1).index == 0 and plan.stage_at(s0.num_steps).index == 1
   units = [plan.units_at(k) for k in range(plan.total_steps + 1)]
   assert np.all(np.diff(units) > 0)
+  # step_at_progress: the first step with at least that fraction spent (brute force agrees)
+  for f in (0.0, 0.1, 0.25, 0.5, 0.5 + 1e-9, 0.9, 1.0, 2.0):
+    expected = next((k for k in range(plan.total_steps + 1) if plan.progress_at(k) >= f - 1e-12),
+                    plan.total_steps)
+    assert plan.step_at_progress(f) == expected, f
+  assert plan.step_at_progress(0.5) == s0.num_steps + (plan.progress_at(s0.num_steps) < 0.5)
 
 
 def test_compressed_stage_takes_more_steps_for_the_same_budget():

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from vit_accel import train
+from vit_accel import evaluator, train
 from vit_accel.errors import UserError
 
 
@@ -24,22 +24,36 @@ def load_params(workdir, step):
 
 def test_smoke_run_writes_metrics_and_checkpoints(tmp_path, needs_fashion_mnist):
   workdir = str(tmp_path / "run")
-  config = tiny_config(**{"eval.at_start": True, "eval.every_steps": 2})
+  config = tiny_config(**{"eval.at_start": True, "eval.every_steps": 2, "eval.at_progress": (0.4,)})
   result = train.train_and_evaluate(config, workdir)
   assert 0.0 <= result["knn_top1"] <= 1.0
+  assert 0.0 <= result["linear_top1"] <= 1.0
   lines = read_lines(workdir)
   train_lines = [l for l in lines if "loss" in l]
   assert [l["step"] for l in train_lines] == [2, 4, 6]
   for l in train_lines:
-    for key in ("loss", "lr", "stage", "seq_len", "budget_units", "wall_s"):
+    for key in ("loss", "lr", "stage", "seq_len", "budget_units", "wall_s", "train_wall_s"):
       assert key in l, key
     assert np.isfinite(l["loss"])
+    assert 0 < l["train_wall_s"] < l["wall_s"]  # the evaluation at step 0 is not training time
   assert train_lines[-1]["budget_units"] > train_lines[0]["budget_units"]
   evals = [l for l in lines if "knn_top1" in l]
-  assert [l["step"] for l in evals] == [0, 2, 4, 6]  # start, periodic, final
-  assert [l["knn_bank"] for l in evals] == [400, 100, 100, 400]  # final-protocol sizes at 0 and end
+  # start, periodic, 40% of the budget (6.5 steps bought, 6 run: first at 40% is step 3), final
+  assert [l["step"] for l in evals] == [0, 2, 3, 4, 6]
+  assert [l["knn_bank"] for l in evals] == [400, 100, 100, 100, 400]  # final-protocol sizes at 0 and end
+  assert all("linear_top1" in l for l in evals)
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                 if d.isdigit())[-1] == 6
+
+  # --mode=eval on the saved checkpoints: the last one reproduces the run's final evaluation.
+  again = evaluator.evaluate_checkpoint(config, workdir)
+  assert (again["checkpoint_step"], again["evaluated_by"]) == (6, "mode=eval")
+  assert again["knn_top1"] == evals[-1]["knn_top1"]
+  assert again["linear_top1"] == evals[-1]["linear_top1"]
+  assert read_lines(workdir)[-1]["checkpoint_step"] == 6
+  config.eval.checkpoint_step = 5
+  with pytest.raises(UserError, match="saved steps: 2, 4, 6"):
+    evaluator.evaluate_checkpoint(config, workdir)
 
 
 def test_resume_gives_identical_parameters(tmp_path, needs_fashion_mnist):

@@ -58,9 +58,7 @@ def measure(config, on_row=None) -> list[dict]:
   sharding_lib.check_batch(config.batch_size, mesh)
   model = train_step.build_model(config)
   tx = train_step.make_optimizer(config)
-  init_state = train_step.init_state_fn(config, model, tx)
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  init_state, abstract_state, state_shardings = train_step.state_layout(config, model, tx, mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   size = config.model.image_size
   rng = np.random.default_rng(0)

@@ -62,3 +62,41 @@ def knn_predict(bank_feats, bank_labels, query_feats, *, k: int = 20, temperatur
 def knn_top1(bank_feats, bank_labels, query_feats, query_labels, **kwargs) -> float:
   preds = knn_predict(bank_feats, bank_labels, query_feats, **kwargs)
   return float(np.mean(preds == query_labels))
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels, *,
+                 l2_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0), val_fraction: float = 0.2,
+                 seed: int = 0, num_classes: int | None = None) -> dict:
+  """Linear probe on frozen features, closed-form: ridge regression onto one-hot labels (a linear
+  classifier by least squares, argmax to predict), on features standardised with the train
+  statistics, with a bias. The ridge strength (x number of train samples) is picked from `l2_grid`
+  on a held-out `val_fraction` of the train features, then refit on all of them. Deterministic, no
+  learning rate or epochs to tune, seconds on a CPU; typically a few points below a tuned logistic
+  regression. Returns {"top1", "l2", "val_top1"}."""
+  x = np.asarray(train_feats, np.float64)
+  y = np.asarray(train_labels)
+  num_classes = int(num_classes or max(y.max(), np.max(test_labels)) + 1)
+  mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+
+  def design(f):
+    f = (np.asarray(f, np.float64) - mean) / std
+    return np.concatenate([f, np.ones((f.shape[0], 1))], axis=1)
+
+  def fit(a, labels, l2):
+    targets = np.eye(num_classes)[labels]
+    gram = a.T @ a + l2 * a.shape[0] * np.eye(a.shape[1])
+    gram[-1, -1] -= l2 * a.shape[0]  # the bias is not penalised
+    return np.linalg.solve(gram, a.T @ targets)
+
+  a = design(x)
+  order = np.random.default_rng(seed).permutation(a.shape[0])
+  n_val = int(round(val_fraction * a.shape[0]))
+  val, tr = order[:n_val], order[n_val:]
+  scores = {}
+  for l2 in l2_grid:
+    w = fit(a[tr], y[tr], l2)
+    scores[l2] = float(np.mean(np.argmax(a[val] @ w, axis=1) == y[val])) if n_val else 0.0
+  best = max(l2_grid, key=lambda l2: (scores[l2], l2))  # ties -> stronger regularisation
+  w = fit(a, y, best)
+  top1 = float(np.mean(np.argmax(design(test_feats) @ w, axis=1) == np.asarray(test_labels)))
+  return {"top1": top1, "l2": float(best), "val_top1": scores[best]}

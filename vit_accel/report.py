@@ -36,7 +36,9 @@ def load_run(workdir: str) -> dict:
       plan = json.load(f)
   lines = read_metrics(workdir)
   return {"name": os.path.basename(os.path.normpath(workdir)), "dir": workdir, "plan": plan,
-          "train": [l for l in lines if "loss" in l], "evals": [l for l in lines if "knn_top1" in l]}
+          "train": [l for l in lines if "loss" in l],
+          # --mode=eval lines (evaluated_by) are extra measurements of saved checkpoints, not curve points
+          "evals": [l for l in lines if "knn_top1" in l and "evaluated_by" not in l]}
 
 
 def _plot(runs, x_key, y_key, which, xlabel, ylabel, title, path, step=False):

@@ -113,6 +113,17 @@ class StepPlan:
   def progress_at(self, step: int) -> float:
     return self.units_at(step) / self.budget
 
+  def step_at_progress(self, fraction: float) -> int:
+    """The first step at which at least `fraction` of the budget is spent (total_steps if never)."""
+    lo, hi = 0, self.total_steps
+    while lo < hi:  # progress_at is non-decreasing in step
+      mid = (lo + hi) // 2
+      if self.progress_at(mid) >= fraction - 1e-12:
+        hi = mid
+      else:
+        lo = mid + 1
+    return lo
+
   def to_dict(self) -> dict:
     return {"budget": self.budget, "batch_size": self.batch_size,
             "total_steps": self.total_steps,

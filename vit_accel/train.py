@@ -10,15 +10,14 @@ import numpy as np
 from absl import logging
 
 from input_pipeline import pipeline, sources
-from vit_accel import checkpointing, evaluation, preemption, schedule
+from vit_accel import checkpointing, preemption, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import Preempted, UserError
+from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
-from vit_accel.objectives import mocov3
-from vit_accel.train_step import (build_model, compile_train_step, init_state_fn, make_optimizer,
-                                  normalize_images, schedule_stages, step_cost_units,
-                                  validate_config)
+from vit_accel.train_step import (build_model, compile_train_step, make_optimizer, schedule_stages,
+                                  state_layout, step_cost_units, validate_config)
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -60,45 +59,6 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     f"the new plan")
 
 
-# ----------------------------------------------------------------------------------- evaluation
-class KnnEvaluator:
-  """kNN top-1 of backbone CLS features: bank = train split, queries = test split."""
-
-  def __init__(self, config, model, mesh, state_shardings, train_split, test_split):
-    self.config = config
-    self.mesh = mesh
-    ev = config.eval
-    size = config.model.image_size
-    (train_images, self.train_labels), (test_images, self.test_labels) = train_split, test_split
-    self.train_images = pipeline.eval_images(train_images, size)
-    self.test_images = pipeline.eval_images(test_images, size)
-    sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
-
-    def feature_fn(params, images):
-      return model.apply({"params": params}, normalize_images(images, config),
-                         method=mocov3.MoCoV3Model.features)
-
-    self.feature_fn = jax.jit(feature_fn, in_shardings=(state_shardings.params,
-                                                        sharding_lib.batch_sharding(mesh)),
-                              out_shardings=sharding_lib.batch_sharding(mesh))
-
-  def __call__(self, params, *, final: bool) -> dict:
-    """Periodic evaluations use small fixed subsets; `final` (also used for the initial network,
-    the baseline) uses eval.final_bank_size / final_query_size (-1 = the whole split)."""
-    ev = self.config.eval
-    t0 = time.time()
-    bank_limit, query_limit = ((ev.final_bank_size, ev.final_query_size) if final
-                               else (ev.bank_size, ev.query_size))
-    bank_x, bank_y = pipeline.subsample(self.train_images, self.train_labels, bank_limit, 1)
-    query_x, query_y = pipeline.subsample(self.test_images, self.test_labels, query_limit, 2)
-    bank = evaluation.extract_features(self.feature_fn, params, bank_x, ev.batch_size, self.mesh)
-    query = evaluation.extract_features(self.feature_fn, params, query_x, ev.batch_size, self.mesh)
-    top1 = evaluation.knn_top1(bank, bank_y, query, query_y, k=ev.knn_k,
-                               temperature=ev.knn_temperature)
-    return {"knn_top1": top1, "knn_bank": int(bank.shape[0]), "knn_queries": int(query.shape[0]),
-            "eval_s": time.time() - t0}
-
-
 # ---------------------------------------------------------------------------------------- driver
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -131,15 +91,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = build_model(config)
   tx = make_optimizer(config)
   init_rng = jax.random.key(config.seed)
-  init_state = init_state_fn(config, model, tx)
-  abstract_state = jax.eval_shape(init_state, init_rng)
-  state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  init_state, abstract_state, state_shardings = state_layout(config, model, tx, mesh)
   meta = run_metadata(config, plan)
 
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps,
                                     async_save=config.checkpoint.async_save)
   wall_offset = 0.0  # wall-clock seconds spent by earlier invocations of this run
+  eval_offset = 0.0  # ... of which in evaluations
 
   def check_saved(saved_meta):
     check_resumable(saved_meta, meta, ckpt.directory, config.allow_schedule_change)
@@ -153,6 +112,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, saved_meta = restored
     start_step = int(state.step)
     wall_offset = float(saved_meta.get("wall_s", 0.0))
+    eval_offset = float(saved_meta.get("eval_wall_s", 0.0))
     finished = [m for m in read_metrics(workdir) if m["step"] >= total_steps and "knn_top1" in m]
     if start_step >= total_steps and finished:
       ckpt.close()
@@ -182,7 +142,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.drop_after(start_step)
-  evaluator = KnnEvaluator(config, model, mesh, state_shardings, (train_images, train_labels),
+  evaluator = Evaluator(config, model, mesh, state_shardings, (train_images, train_labels),
                            sources.load(config, "test"))
   stop_at = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
   eta = EtaEstimator(plan)
@@ -195,15 +155,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Wall-clock seconds of this run's loop (training + evals), over all its invocations."""
     return wall_offset + time.time() - t_start
 
+  def wall_fields():
+    """wall_s, and train_wall_s = wall_s without evaluations (what time-to-accuracy counts)."""
+    wall = elapsed()
+    return {"wall_s": wall, "train_wall_s": wall - eval_offset - eval_time}
+
+  def checkpoint_meta():
+    return {**meta, "wall_s": elapsed(), "eval_wall_s": eval_offset + eval_time}
+
+  # Evaluations at fixed budget fractions (eval.at_progress) besides every eval.every_steps.
+  progress_eval_steps = {plan.step_at_progress(f) for f in config.eval.get("at_progress", ())}
+
   def evaluate(step, final):
     nonlocal eval_time
-    wall = elapsed()
+    walls = wall_fields()
+    t_eval = time.time()
     result = evaluator(state.params, final=final)
-    eval_time += result["eval_s"]
-    writer.write(step, {**result, "wall_s": wall, "budget_units": plan.units_at(step),
+    eval_time += time.time() - t_eval
+    writer.write(step, {**result, **walls, "budget_units": plan.units_at(step),
                         "budget_progress": plan.progress_at(step)})
-    logging.info("step %d: kNN top-1 %.4f (bank %d, queries %d, %.1fs)", step,
-                 result["knn_top1"], result["knn_bank"], result["knn_queries"], result["eval_s"])
+    logging.info("step %d: kNN top-1 %.4f, linear probe %.4f (bank %d, queries %d, %.1fs)", step,
+                 result["knn_top1"], result["linear_top1"], result["knn_bank"],
+                 result["knn_queries"], result["eval_s"])
     return result
 
   if start_step == 0 and config.eval.at_start:
@@ -239,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               f"{stage.index}, {stage.spec}); the last good checkpoint is kept; "
                               f"lower optim.base_lr or enable optim.grad_clip")
         if save_now:
-          ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+          ckpt.save(step, state, checkpoint_meta(), force=True)
         if stop_now:
           ckpt.wait()
           raise Preempted(step, stop_request.signal_name, ckpt.directory)
@@ -252,7 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   "stage": stage.index, "seq_len": stage.seq_len,
                   "key_seq_len": stage.key_seq_len,
                   "budget_units": plan.units_at(step), "budget_progress": plan.progress_at(step),
-                  "wall_s": elapsed(),
+                  **wall_fields(),
                   "images_per_s": config.batch_size * steps_since_log / dt}
           writer.write(step, line)
           logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e "
@@ -260,25 +233,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        stage.index, stage.spec, stage.seq_len, line["loss"], line["lr"],
                        line["images_per_s"], _format_duration(eta.remaining(step, stop_at)))
           t_log, steps_since_log = time.time(), 0
-        # Periodic kNN, except within half an interval of the final one.
-        if (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-            and total_steps - step > config.eval.every_steps // 2):
+        # Periodic kNN, except within half an interval of the final one; and at budget fractions.
+        periodic = (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+                    and total_steps - step > config.eval.every_steps // 2)
+        if (periodic or step in progress_eval_steps) and step < total_steps:
           t_eval = time.time()
           result = evaluate(step, final=False)
           t_log += time.time() - t_eval  # step-time measurements exclude evaluation
 
       if step == stop_at and step not in ckpt.all_steps():
-        ckpt.save(step, state, {**meta, "wall_s": elapsed()}, force=True)
+        ckpt.save(step, state, checkpoint_meta(), force=True)
       ckpt.wait()
       if step >= total_steps:
         result = evaluate(step, final=True)
-        init = [m["knn_top1"] for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
+        init = [m for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
         logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),
                      _format_duration(eval_time),
                      100 * eval_time / max(train_time + eval_time, 1e-9))
         summary = f"final kNN top-1: {result['knn_top1']:.4f}"
         if init:
-          summary += f" (at initialisation {init[0]:.4f})"
+          summary += f" (at initialisation {init[0]['knn_top1']:.4f})"
+        summary += f", linear probe top-1: {result['linear_top1']:.4f}"
+        if init and "linear_top1" in init[0]:
+          summary += f" (at initialisation {init[0]['linear_top1']:.4f})"
         print(summary, flush=True)
     finally:
       # A stop request, a NaN or any crash: let a pending async save finish (whole checkpoint).

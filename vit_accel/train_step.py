@@ -110,6 +110,15 @@ def init_state_fn(config, model, tx):
   return init_state
 
 
+def state_layout(config, model, tx, mesh):
+  """(init_state fn, abstract TrainState, its shardings): shapes first, so the state can be created
+  or restored directly into its shardings. Parameters are replicated in this version."""
+  init_state = init_state_fn(config, model, tx)
+  abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+  state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  return init_state, abstract_state, state_shardings
+
+
 def step_cost_units(config, strategies: BranchStrategies) -> float:
   """Per-image cost of one train step in base-forward units (1 = one uncompressed backbone forward
   on one image), from the analytic cost model."""

@@ -1,0 +1,105 @@
+"""Evaluating a backbone: kNN and a linear probe on frozen CLS features, during training and on any
+saved checkpoint (`--mode=eval`).
+
+Bank / probe-train set = the train split, queries / probe-test set = the test split, both at full
+sequence length (no compression at evaluation). Features are extracted once per evaluation and
+shared by the two protocols.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+from absl import logging
+
+from input_pipeline import pipeline, sources
+from vit_accel import checkpointing, evaluation
+from vit_accel import sharding as sharding_lib
+from vit_accel.errors import UserError
+from vit_accel.metric_writer import MetricWriter
+from vit_accel.objectives import mocov3
+from vit_accel.train_step import (build_model, make_optimizer, normalize_images, state_layout,
+                                  validate_config)
+
+
+class Evaluator:
+  """kNN top-1 (weighted, k / temperature from config) and linear-probe top-1 (closed-form ridge,
+  see evaluation.linear_probe) of backbone CLS features."""
+
+  def __init__(self, config, model, mesh, state_shardings, train_split, test_split):
+    self.config = config
+    self.mesh = mesh
+    ev = config.eval
+    size = config.model.image_size
+    (train_images, self.train_labels), (test_images, self.test_labels) = train_split, test_split
+    self.train_images = pipeline.eval_images(train_images, size)
+    self.test_images = pipeline.eval_images(test_images, size)
+    sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
+
+    def feature_fn(params, images):
+      return model.apply({"params": params}, normalize_images(images, config),
+                         method=mocov3.MoCoV3Model.features)
+
+    self.feature_fn = jax.jit(feature_fn, in_shardings=(state_shardings.params,
+                                                        sharding_lib.batch_sharding(mesh)),
+                              out_shardings=sharding_lib.batch_sharding(mesh))
+
+  def __call__(self, params, *, final: bool) -> dict:
+    """Periodic evaluations use small fixed subsets; `final` (also used for the initial network,
+    the baseline) uses eval.final_bank_size / final_query_size (-1 = the whole split)."""
+    ev = self.config.eval
+    t0 = time.time()
+    bank_limit, query_limit = ((ev.final_bank_size, ev.final_query_size) if final
+                               else (ev.bank_size, ev.query_size))
+    bank_x, bank_y = pipeline.subsample(self.train_images, self.train_labels, bank_limit, 1)
+    query_x, query_y = pipeline.subsample(self.test_images, self.test_labels, query_limit, 2)
+    bank = evaluation.extract_features(self.feature_fn, params, bank_x, ev.batch_size, self.mesh)
+    query = evaluation.extract_features(self.feature_fn, params, query_x, ev.batch_size, self.mesh)
+    top1 = evaluation.knn_top1(bank, bank_y, query, query_y, k=ev.knn_k,
+                               temperature=ev.knn_temperature)
+    probe = evaluation.linear_probe(bank, bank_y, query, query_y)
+    return {"knn_top1": top1, "linear_top1": probe["top1"], "linear_l2": probe["l2"],
+            "knn_bank": int(bank.shape[0]), "knn_queries": int(query.shape[0]),
+            "eval_s": time.time() - t0}
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`--mode=eval`: kNN + linear probe of the checkpoint `eval.checkpoint_step` (-1 = the latest) in
+  WORKDIR/checkpoints, at the final evaluation sizes; appended to WORKDIR/metrics.jsonl with
+  `evaluated_by: "mode=eval"` (the training curves in reports leave those lines out)."""
+  validate_config(config)
+  sources.check_source(config)
+  mesh = sharding_lib.make_mesh(config)
+  model = build_model(config)
+  _, abstract_state, state_shardings = state_layout(config, model, make_optimizer(config), mesh)
+  ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
+                                    every_steps=config.checkpoint.every_steps, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    wanted = int(config.eval.get("checkpoint_step", -1))
+    if not steps:
+      raise UserError(f"no checkpoint in {ckpt.directory}; train first (same --workdir), or point "
+                      f"--workdir at a run directory")
+    step = max(steps) if wanted < 0 else wanted
+    if step not in steps:
+      raise UserError(f"eval.checkpoint_step={wanted} is not in {ckpt.directory}; saved steps: "
+                      f"{', '.join(map(str, sorted(steps)))}")
+    state, meta = ckpt.restore(
+        step, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+  finally:
+    ckpt.close()
+  evaluator = Evaluator(config, model, mesh, state_shardings, sources.load(config, "train"),
+                        sources.load(config, "test"))
+  result = evaluator(state.params, final=True)
+  line = {**result, "evaluated_by": "mode=eval", "checkpoint_step": step}
+  if "wall_s" in meta:  # when the checkpoint was written, in the run's own clock
+    line["wall_s"] = meta["wall_s"]
+    line["train_wall_s"] = meta["wall_s"] - meta.get("eval_wall_s", 0.0)
+  writer = MetricWriter(workdir, tensorboard=False)
+  writer.write(step, line)
+  writer.close()
+  logging.info("checkpoint %d: %s", step, line)
+  print(f"checkpoint {step}: kNN top-1 {result['knn_top1']:.4f}, linear probe top-1 "
+        f"{result['linear_top1']:.4f} (bank/probe-train {result['knn_bank']}, queries "
+        f"{result['knn_queries']}, {result['eval_s']:.0f}s)", flush=True)
+  return line
