@@ -18,11 +18,15 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, tensorboard/.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "cost", "report"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "cost", "grad_error", "plan", "pilot",
+                                    "report"],
                   "train: pretrain (or resume); eval: kNN + linear probe of a checkpoint in WORKDIR, "
                   "appended to WORKDIR/metrics.jsonl; cost: time the train step per compression "
-                  "strategy and write WORKDIR/cost_table.json; report: plots and a table of WORKDIR "
-                  "(and --compare runs) into WORKDIR/report/.")
+                  "strategy and write WORKDIR/cost_table.json; grad_error: gradient bias/variance/"
+                  "CA-MSE per strategy at WORKDIR's checkpoints -> WORKDIR/grad_error.json; plan: "
+                  "a schedule from that -> WORKDIR/schedule.txt; pilot: short uncompressed run + "
+                  "grad_error + plan in one go; report: plots and a table of WORKDIR (and "
+                  "--compare runs) into WORKDIR/report/.")
 flags.DEFINE_list("compare", [], "--mode=report: more run directories to draw beside WORKDIR.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -56,7 +60,11 @@ def main(argv):
       from vit_accel import report  # reads metrics; needs no training set-up
       report.run(config, os.path.abspath(FLAGS.workdir), [os.path.abspath(d) for d in FLAGS.compare])
       return
-    if FLAGS.mode in ("train", "eval"):
+    if FLAGS.mode == "plan":
+      from vit_accel import planner  # reads grad_error.json; no JAX set-up
+      planner.run(config, os.path.abspath(FLAGS.workdir))
+      return
+    if FLAGS.mode in ("train", "eval", "grad_error", "pilot"):
       sources.check_source(config)
     from vit_accel import train  # heavy imports (JAX, TF) from here on
     logging.info("config:\n%s", config)
@@ -67,6 +75,12 @@ def main(argv):
     elif FLAGS.mode == "eval":
       from vit_accel import evaluator
       evaluator.evaluate_checkpoint(config, workdir)
+    elif FLAGS.mode == "grad_error":
+      from vit_accel import grad_error
+      grad_error.run(config, workdir)
+    elif FLAGS.mode == "pilot":
+      from vit_accel import planner
+      planner.pilot(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)
   except UserError as e:

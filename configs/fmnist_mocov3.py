@@ -22,9 +22,11 @@ def get_config(arg: str | None = None):
   c.budget = -1.0
   c.budget_epochs = 0.85
   # Compression schedule: a preset ('dynamic', 'none' = the uncompressed baseline, 'token_drop',
-  # 'patch_scale'; see vit_accel/schedule.py) or stages 'END:SPEC; ...', e.g.
-  # '0.5:keep0.25|keep0.25; 1:full'. END = budget fraction where the stage ends.
+  # 'patch_scale'; see vit_accel/schedule.py), 'online' (decided during training from measured
+  # CA-MSE, see `online` below), or stages 'END:SPEC; ...', e.g. '0.5:keep0.25|keep0.25; 1:full'.
+  # END = budget fraction where the stage ends.
   c.schedule = "dynamic"
+  c.schedule_file = ""           # a file holding a schedule (e.g. --mode=plan's); wins over schedule
   c.allow_schedule_change = False   # True: resume a checkpoint under a different step plan
   c.compile_cache_dir = "~/.cache/vit_accel/xla"   # JAX persistent compilation cache; "" = off
   c.stop_at_step = -1            # > 0: checkpoint and exit at this step (re-run to continue)
@@ -59,6 +61,32 @@ def get_config(arg: str | None = None):
       "keep0.5", "keep0.25", "patch8", "keep0.5|keep0.5", "keep0.25|keep0.25",
       "patch8|patch8", "res16|res16")
   c.compression.cost_repeats = 7
+
+  # --mode=grad_error (vit_accel/grad_error.py): gradient bias / variance / CA-MSE per strategy at
+  # saved checkpoints; R reference batches for g*, then M batches per strategy (global batch_size).
+  c.grad_error = ml_collections.ConfigDict()
+  c.grad_error.steps = ()        # checkpoint steps to analyse; () = every saved one (+ milestones)
+  c.grad_error.reference_batches = 8
+  c.grad_error.batches = 6
+  c.grad_error.candidates = ("keep0.5|keep0.5", "keep0.25|keep0.25", "patch8|patch8", "keep0.5",
+                             "keep0.25")
+  # --mode=plan (vit_accel/planner.py): lowest CA-MSE per budget interval -> WORKDIR/schedule.txt.
+  c.plan = ml_collections.ConfigDict()
+  c.plan.tie_tolerance = 0.05    # within 5% of the lowest CA-MSE counts as a tie -> the cheaper
+  c.plan.grad_error_file = ""    # "" = WORKDIR/grad_error.json
+  # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
+  # fractions of its own budget, then grad_error and plan on it, all in WORKDIR.
+  # schedule="online" (vit_accel/online.py): every `every` of the budget, measure CA-MSE of full
+  # length and these candidates at the current parameters (R + M batches, charged to the budget)
+  # and run the best until the next decision.
+  c.online = ml_collections.ConfigDict()
+  c.online.every = 0.2
+  c.online.reference_batches = 3
+  c.online.batches = 2
+  c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
+  c.pilot = ml_collections.ConfigDict()
+  c.pilot.budget_fraction = 0.15
+  c.pilot.at_progress = (0.1, 0.35, 0.6, 0.9)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 2e-3         # x batch_size / 256 (MoCo-v3 ViT: 1.5e-4 at batch 4096)
@@ -99,6 +127,9 @@ def get_config(arg: str | None = None):
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # Also keep checkpoints at these budget fractions in WORKDIR/milestones (never deleted): what
+  # --mode=grad_error measures, early to late.
+  c.checkpoint.at_progress = (0.1, 0.4, 0.7, 0.95)
 
   c.eval = ml_collections.ConfigDict()
   # kNN and linear probe: bank / probe-train = train split, queries / probe-test = test split. Periodic evaluations use fixed random subsets
@@ -129,6 +160,7 @@ def get_config(arg: str | None = None):
     c.mocov3.pred_hidden_dim = 256
     c.mocov3.out_dim = 64
     c.checkpoint.every_steps = 10
+    c.checkpoint.at_progress = ()
     c.eval.every_steps = 0
     c.eval.at_start = False
     c.eval.bank_size = 1000

@@ -13,9 +13,15 @@ from absl import logging
 import orbax.checkpoint as ocp
 
 
+# WORKDIR/<this>: checkpoints kept at chosen budget fractions (checkpoint.at_progress), for analysis.
+MILESTONES = "milestones"
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int, every_steps: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int | None, every_steps: int,
+               async_save: bool = True):
+    """keep: how many of the newest checkpoints to keep (None = all)."""
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every_steps),

@@ -144,14 +144,17 @@ class StepPlan:
 
 
 def make_plan(stages: list[Stage], budget: float, batch_size: int, cost_per_sample,
-              model_cfg) -> StepPlan:
+              model_cfg, overheads=None) -> StepPlan:
   """Stage i runs floor(share_i x budget / (cost_i x batch)) steps; `cost_per_sample(strategies)`
-  is the step cost per sample in base-forward units."""
+  is the step cost per sample in base-forward units. `overheads[i]` (online schedules) is charged
+  to the budget just before stage i: the stage starts that many units later and gets fewer steps."""
   planned = []
   step, units, prev_end = 0, 0.0, 0.0
   for i, st in enumerate(stages):
     per_step = cost_per_sample(st.strategies) * batch_size
-    n = math.floor((st.end - prev_end) * budget / per_step + 1e-9)
+    overhead = float(overheads[i]) if overheads else 0.0
+    units += overhead
+    n = math.floor(((st.end - prev_end) * budget - overhead) / per_step + 1e-9)
     if n < 1:
       raise UserError(f"budget={budget:.4g} units is too small for the plan: stage {i} "
                       f"({st.strategies.spec}, {100 * (st.end - prev_end):.0f}% of the budget) "
@@ -165,6 +168,35 @@ def make_plan(stages: list[Stage], budget: float, batch_size: int, cost_per_samp
     units += n * per_step
     prev_end = st.end
   return StepPlan(tuple(planned), float(budget), int(batch_size))
+
+
+# -------------------------------------------------------------------------- online schedules
+ONLINE = "online"
+
+
+def online_segments(every: float) -> list[float]:
+  """Segment ends of an online schedule: every `every` of the budget, the last at 1."""
+  if not 0 < every <= 1:
+    raise UserError(f"online.every={every} must be in (0, 1]")
+  n = max(1, round(1.0 / every))
+  return [min(1.0, (k + 1) / n) for k in range(n)]
+
+
+def online_stages(every: float, decisions: list[dict], bucket: int, model_cfg,
+                  overhead_units: float) -> tuple[list[Stage], list[float]]:
+  """Stages and overheads of an online schedule: decided segments run their chosen strategy; the
+  rest are projected with the last choice (full length before the first) and the same
+  measurement overhead, so the plan's step count is a forecast until the last decision."""
+  stages, overheads = [], []
+  current = "full|full"
+  for k, end in enumerate(online_segments(every)):
+    if k < len(decisions):
+      current = decisions[k]["strategy"]
+      overheads.append(decisions[k]["overhead_units"])
+    else:
+      overheads.append(overhead_units)
+    stages.append(Stage(end, compression.parse_checked(current, bucket, model_cfg, "online")))
+  return stages, overheads
 
 
 # --------------------------------------------------------------------- schedules on progress

@@ -1,6 +1,7 @@
 """The trainer, top to bottom: setup, mesh, input, model, shardings, step, checkpoint, evals, loop."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -10,14 +11,14 @@ import numpy as np
 from absl import logging
 
 from input_pipeline import pipeline, sources
-from vit_accel import checkpointing, preemption, schedule
+from vit_accel import checkpointing, online, preemption, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import Preempted, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
-from vit_accel.train_step import (build_model, compile_train_step, make_optimizer, schedule_stages,
-                                  state_layout, step_cost_units, validate_config)
+from vit_accel.train_step import (build_model, compile_train_step, is_online, make_optimizer,
+                                  schedule_stages, state_layout, step_cost_units, validate_config)
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -30,19 +31,28 @@ def budget_units(config, num_train_examples: int) -> float:
   return float(config.budget_epochs) * num_train_examples * step_cost_units(config, full)
 
 
-def make_step_plan(config, num_train_examples: int) -> schedule.StepPlan:
-  return schedule.make_plan(schedule_stages(config), budget_units(config, num_train_examples),
-                            config.batch_size, lambda st: step_cost_units(config, st),
-                            config.model)
+def make_step_plan(config, num_train_examples: int, decisions=()) -> schedule.StepPlan:
+  """The step plan; for an online schedule, from the decisions taken so far (the rest projected)."""
+  budget = budget_units(config, num_train_examples)
+  cost = lambda st: step_cost_units(config, st)  # noqa: E731
+  if is_online(config):
+    stages, overheads = schedule.online_stages(
+        config.online.every, list(decisions), config.compression.bucket, config.model,
+        online.overhead_units(config))
+    return schedule.make_plan(stages, budget, config.batch_size, cost, config.model, overheads)
+  return schedule.make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
 
 
 def run_metadata(config, plan: schedule.StepPlan) -> dict:
   """What a checkpoint must agree with to be resumed by this config. The compute dtype may change
   between invocations (parameters are float32 either way)."""
   model = {k: v for k, v in config.model.to_dict().items() if k != "dtype"}
-  return {"objective": config.objective, "model": model,
-          "batch_size": int(config.batch_size), "seed": int(config.seed),
-          "plan": plan.to_dict()}
+  # An online plan grows with its decisions (saved beside it); what must match is how it decides.
+  plan_key = ({"online": config.online.to_dict(), "budget": plan.budget}
+              if is_online(config) else plan.to_dict())
+  meta = {"objective": config.objective, "model": model,
+          "batch_size": int(config.batch_size), "seed": int(config.seed), "plan": plan_key}
+  return json.loads(json.dumps(meta))  # as it reads back from a checkpoint (tuples -> lists)
 
 
 def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_change: bool):
@@ -52,6 +62,8 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                       f"config has {key}={current[key]}; use a new --workdir or restore the config")
   if "plan" in saved and saved["plan"] != current["plan"] and not allow_schedule_change:
     def short(plan):
+      if "online" in plan:
+        return f"online {plan['online']}"
       return "; ".join(f"{s['spec']} x{s['num_steps']}" for s in plan["stages"])
     raise UserError(f"{directory} holds a checkpoint of a run with step plan [{short(saved['plan'])}]"
                     f", this config plans [{short(current['plan'])}]; restore schedule/budget, use a "
@@ -97,7 +109,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps,
                                     async_save=config.checkpoint.async_save)
+  # Milestones: checkpoints at chosen budget fractions, all kept (the gradient-error analysis reads
+  # them); beside the rolling checkpoints, never restored from.
+  milestones = (checkpointing.Checkpointer(f"{workdir}/{checkpointing.MILESTONES}", keep=None,
+                                           every_steps=1, async_save=config.checkpoint.async_save)
+                if config.checkpoint.get("at_progress", ()) else None)
   wall_offset = 0.0  # wall-clock seconds spent by earlier invocations of this run
+  decisions = []     # online schedule: one per budget segment decided so far
   eval_offset = 0.0  # ... of which in evaluations
 
   def check_saved(saved_meta):
@@ -113,9 +131,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = int(state.step)
     wall_offset = float(saved_meta.get("wall_s", 0.0))
     eval_offset = float(saved_meta.get("eval_wall_s", 0.0))
+    decisions = list(saved_meta.get("online_decisions", []))
+    if decisions:
+      plan = make_step_plan(config, train_images.shape[0], decisions)
+      total_steps = plan.total_steps
     finished = [m for m in read_metrics(workdir) if m["step"] >= total_steps and "knn_top1" in m]
     if start_step >= total_steps and finished:
       ckpt.close()
+      if milestones is not None:
+        milestones.close()
       print(f"run already complete at step {start_step}; final kNN top-1: "
             f"{finished[-1]['knn_top1']:.4f}", flush=True)
       return finished[-1]
@@ -131,14 +155,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # One step per distinct stage signature, compiled ahead of time so shape errors show before data
   # flows and nothing compiles inside the loop.
+  # Online: every candidate may be chosen, so all are compiled.
   compiled_steps = {}
-  for stage in plan.stages:
-    if stage.strategies in compiled_steps or stage.end_step <= start_step:
+  needed = [(s.index, s.strategies) for s in plan.stages if s.end_step > start_step]
+  scheduler = None
+  if is_online(config):
+    needed = list(enumerate(online.candidate_strategies(config)))
+    scheduler = online.OnlineScheduler(config, model, mesh, state_shardings, train_images, split)
+  for index, strategies in needed:
+    if strategies in compiled_steps:
       continue
-    compiled_steps[stage.strategies], seconds = compile_train_step(
-        config, model, tx, stage.strategies, mesh, abstract_state, state_shardings)
-    logging.info("compiled step for stage %d (%s, seq %d) in %.1fs", stage.index, stage.spec,
-                 stage.seq_len, seconds)
+    compiled_steps[strategies], seconds = compile_train_step(
+        config, model, tx, strategies, mesh, abstract_state, state_shardings)
+    logging.info("compiled step %d (%s) in %.1fs", index, strategies.spec, seconds)
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.drop_after(start_step)
@@ -161,13 +190,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {"wall_s": wall, "train_wall_s": wall - eval_offset - eval_time}
 
   def checkpoint_meta():
-    return {**meta, "wall_s": elapsed(), "eval_wall_s": eval_offset + eval_time}
+    return {**meta, "wall_s": elapsed(), "eval_wall_s": eval_offset + eval_time,
+            "online_decisions": decisions}
+
+  def steps_at(fractions):
+    return {plan.step_at_progress(f) for f in fractions}
 
   # Evaluations at fixed budget fractions (eval.at_progress) besides every eval.every_steps.
-  progress_eval_steps = {plan.step_at_progress(f) for f in config.eval.get("at_progress", ())}
+  progress_eval_steps = steps_at(config.eval.get("at_progress", ()))
+  milestone_steps = steps_at(config.checkpoint.get("at_progress", ()))
 
   def evaluate(step, final):
     nonlocal eval_time
+    # Steps are dispatched asynchronously: let the queued ones finish first, so their time counts as
+    # training, not as evaluation.
+    jax.block_until_ready(state)
     walls = wall_fields()
     t_eval = time.time()
     result = evaluator(state.params, final=final)
@@ -193,6 +230,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with preemption.StopRequest(config.preemption_check_every_steps) as stop_request:
     try:
       while step < stop_at:
+        if scheduler is not None and len(decisions) < len(plan.stages) \
+            and step == plan.stages[len(decisions)].start_step:
+          decision = scheduler.decide(state, step, len(decisions))
+          decisions.append(decision)
+          plan = make_step_plan(config, train_images.shape[0], decisions)
+          total_steps = plan.total_steps
+          stop_at = (total_steps if config.stop_at_step <= 0
+                     else min(total_steps, config.stop_at_step))
+          progress_eval_steps = steps_at(config.eval.get("at_progress", ()))
+          milestone_steps = steps_at(config.checkpoint.get("at_progress", ()))
+          eta.plan = plan
+          writer.write(step, {"online_segment": decision["segment"],
+                              "online_choice": decision["strategy"],
+                              "online_overhead_units": decision["overhead_units"],
+                              "online_measure_s": decision["seconds"],
+                              **{f"ca_mse/{k}": v for k, v in decision["ca_mse"].items()}})
+          if jax.process_index() == 0:
+            with open(os.path.join(workdir, "plan.json"), "w") as f:
+              f.write(plan.to_json())
+          if step >= stop_at:
+            break
         stage = plan.stage_at(step)
         batch = sharding_lib.host_to_global(next(batches), mesh)
         progress = jax.device_put(np.float32(plan.progress_at(step)), replicated)
@@ -213,6 +271,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               f"lower optim.base_lr or enable optim.grad_clip")
         if save_now:
           ckpt.save(step, state, checkpoint_meta(), force=True)
+        if milestones is not None and step in milestone_steps:
+          milestones.save(step, state, checkpoint_meta(), force=True)
         if stop_now:
           ckpt.wait()
           raise Preempted(step, stop_request.signal_name, ckpt.directory)
@@ -237,6 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         periodic = (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
                     and total_steps - step > config.eval.every_steps // 2)
         if (periodic or step in progress_eval_steps) and step < total_steps:
+          jax.block_until_ready(state)  # queued steps are training time
           t_eval = time.time()
           result = evaluate(step, final=False)
           t_log += time.time() - t_eval  # step-time measurements exclude evaluation
@@ -261,6 +322,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # A stop request, a NaN or any crash: let a pending async save finish (whole checkpoint).
       writer.close()
       ckpt.close()
+      if milestones is not None:
+        milestones.close()
   return result
 
 

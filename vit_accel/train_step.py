@@ -5,6 +5,7 @@ steps on synthetic batches.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -50,10 +51,40 @@ def validate_config(config) -> None:
     raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
   for spec in config.compression.cost_candidates:
     compression.parse_checked(spec, config.compression.bucket, m, "compression.cost_candidates")
+  for spec in config.get("grad_error", {}).get("candidates", ()):
+    compression.parse_checked(spec, config.compression.bucket, m, "grad_error.candidates")
+
+
+def schedule_text(config) -> str:
+  """The schedule: the contents of `schedule_file` when set (e.g. written by --mode=plan), else
+  `schedule` (a preset name or 'END:SPEC; ...')."""
+  path = config.get("schedule_file", "")
+  if not path:
+    return config.schedule
+  try:
+    with open(os.path.expanduser(path)) as f:
+      text = " ".join(l.split("#")[0].strip() for l in f)
+  except OSError as e:
+    raise UserError(f"schedule_file={path!r} cannot be read ({e.strerror}); write one with "
+                    f"--mode=plan or clear schedule_file") from None
+  if not text.strip():
+    raise UserError(f"schedule_file={path!r} holds no schedule")
+  return text
 
 
 def schedule_stages(config) -> list[schedule.Stage]:
-  return schedule.parse_schedule(config.schedule, config.compression.bucket, config.model)
+  """The stages of a fixed schedule; an online schedule's before any decision (all full length)."""
+  text = schedule_text(config)
+  if text.strip() == schedule.ONLINE:
+    for spec in config.online.candidates:
+      compression.parse_checked(spec, config.compression.bucket, config.model, "online.candidates")
+    return schedule.online_stages(config.online.every, [], config.compression.bucket,
+                                  config.model, 0.0)[0]
+  return schedule.parse_schedule(text, config.compression.bucket, config.model)
+
+
+def is_online(config) -> bool:
+  return schedule_text(config).strip() == schedule.ONLINE
 
 
 # ------------------------------------------------------------------------ model and optimiser
@@ -131,22 +162,29 @@ def dropout_rng(config, step):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), step)
 
 
+def make_loss_fn(config, model, strategies: BranchStrategies = BranchStrategies()):
+  """(params, key_params, batch of uint8 views, rng) -> the objective's loss under `strategies`;
+  `rng` picks the kept tokens. Shared by the train step and the gradient-error analysis."""
+  temperature = float(config.mocov3.temperature)
+
+  def loss_fn(params, key_params, batch, rng):
+    views = tuple(normalize_images(v, config) for v in batch["views"])
+    return mocov3.loss_fn(model, params, key_params, views, temperature,
+                          symmetric=config.mocov3.symmetric, strategies=strategies, rng=rng)
+
+  return loss_fn
+
+
 def make_train_step(config, model, tx, strategies: BranchStrategies = BranchStrategies()):
   """The step for one compression strategy pair (one static-shaped program). `progress` (budget
   units spent / budget, a float32 scalar from the step plan) drives lr and momentum."""
-  temperature = float(config.mocov3.temperature)
+  loss_fn = make_loss_fn(config, model, strategies)
 
   def train_step(state: TrainState, batch, progress):
-    views = tuple(normalize_images(v, config) for v in batch["views"])
     lr = schedule.learning_rate_at(config, progress)
     momentum = mocov3.momentum_at(progress, config.mocov3.base_momentum)
-
-    def loss_of(params):
-      return mocov3.loss_fn(model, params, state.key_params, views, temperature,
-                            symmetric=config.mocov3.symmetric, strategies=strategies,
-                            rng=dropout_rng(config, state.step))
-
-    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.key_params, batch,
+                                              dropout_rng(config, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,97 @@
+"""Online adaptive schedule: overhead accounting, switching on measured CA-MSE, exact resume."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from vit_accel import grad_error, schedule, train
+from vit_accel.compression import BranchStrategies
+
+KEEP = "keep0.25|keep0.25"
+
+
+def online_config(steps, **overrides):
+  config = tiny_config(steps=steps, schedule="online", **{
+      "online.every": 0.5, "online.reference_batches": 2, "online.batches": 2,
+      "online.candidates": (KEEP,), "plan.tie_tolerance": 0.0, **overrides})
+  return config
+
+
+def read_lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_decisions_charge_their_measurement_and_project_the_rest():
+  config = online_config(20)
+  n = 60000
+  undecided = train.make_step_plan(config, n)
+  assert [s.spec for s in undecided.stages] == ["full", "full"]
+  overhead = undecided.stages[0].start_units
+  per_sample = 2 * train.step_cost_units(config, BranchStrategies.parse("full|full")) + \
+      2 * train.step_cost_units(config, BranchStrategies.parse(KEEP))
+  assert overhead == pytest.approx(per_sample * config.batch_size)  # R full + M keep gradients
+  one = train.make_step_plan(config, n, [{"strategy": KEEP, "overhead_units": overhead}])
+  assert [s.spec for s in one.stages] == [KEEP, KEEP]  # the rest projected with the last choice
+  assert one.total_steps > undecided.total_steps
+  for plan in (undecided, one):
+    s0, s1 = plan.stages
+    assert s1.start_units == pytest.approx(s0.start_units + s0.num_steps * s0.units_per_step
+                                           + overhead)
+    assert plan.units_at(plan.total_steps) <= plan.budget + 1e-6
+
+
+def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
+                                                         needs_fashion_mnist):
+  """Constructed measurements: compressed wins (equal CA-MSE, cheaper) in the first half, full
+  length in the second."""
+  calls = []
+
+  def fake_measure(config, state, batches, reference_batches, grad_fns, costs, rng):
+    calls.append(int(state.step))
+    keep_error = 0.1 if len(calls) == 1 else 0.9
+    return [{"strategy": st.spec, "cost_units": costs[st], "bias2": 0.0,
+             "ca_mse": 0.1 if st.spec == "full" else keep_error} for st in grad_fns]
+
+  monkeypatch.setattr(grad_error, "measure", fake_measure)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(online_config(20), workdir)
+  lines = read_lines(workdir)
+  choices = [l for l in lines if "online_choice" in l]
+  assert [l["online_choice"] for l in choices] == [KEEP, "full"]
+  with open(os.path.join(workdir, "plan.json")) as f:
+    stages = json.load(f)["stages"]
+  assert [s["spec"] for s in stages] == [KEEP, "full"]
+  assert calls == [0, stages[1]["start_step"]]  # measured at the start of each segment
+  train_lines = [l for l in lines if "loss" in l]
+  assert {l["stage"] for l in train_lines} == {0, 1}
+  assert train_lines[-1]["budget_progress"] <= 1.0 + 1e-9
+
+
+def test_online_run_resumes_exactly(tmp_path, needs_fashion_mnist):
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  train.train_and_evaluate(online_config(10), straight)
+  decided = [l for l in read_lines(straight) if "online_choice" in l]
+  assert len(decided) == 2
+  second = decided[1]["step"]
+  train.train_and_evaluate(online_config(10, stop_at_step=second - 1), stopped)
+  train.train_and_evaluate(online_config(10), stopped)
+  assert [l["online_choice"] for l in read_lines(stopped) if "online_choice" in l] == \
+      [l["online_choice"] for l in decided]
+  with open(os.path.join(straight, "plan.json")) as a, open(os.path.join(stopped, "plan.json")) as b:
+    assert json.load(a) == json.load(b)
+  last = json.load(open(os.path.join(straight, "plan.json")))["total_steps"]
+  import orbax.checkpoint as ocp
+  pa = ocp.StandardCheckpointer().restore(os.path.join(straight, "checkpoints", str(last), "state"))
+  pb = ocp.StandardCheckpointer().restore(os.path.join(stopped, "checkpoints", str(last), "state"))
+  jax.tree.map(np.testing.assert_array_equal, pa["params"], pb["params"])
+
+
+def test_online_segments():
+  assert schedule.online_segments(0.25) == [0.25, 0.5, 0.75, 1.0]
+  assert schedule.online_segments(1.0) == [1.0]
+  with pytest.raises(Exception, match="online.every"):
+    schedule.online_segments(0.0)
