@@ -189,3 +189,19 @@ def test_grad_error_then_plan_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   config.grad_error.steps = (4,)
   with pytest.raises(UserError, match=r"grad_error.steps \[4\] not saved"):
     grad_error.run(config, workdir)
+
+
+def test_pilot_runs_measures_and_plans_in_one_call(tmp_path, needs_fashion_mnist):
+  from conftest import tiny_config
+  from vit_accel import train
+  config = tiny_config(**{"pilot.budget_fraction": 1.0, "pilot.at_progress": (0.3, 0.9),
+                          "grad_error.reference_batches": 2, "grad_error.batches": 2,
+                          "grad_error.candidates": ("keep0.25|keep0.25",)})
+  text = planner.pilot(config, str(tmp_path))
+  pilot_dir = tmp_path / "pilot"
+  assert sorted(os.listdir(pilot_dir / "milestones")) == ["2", "6"]  # 30% -> step 2, 90% -> 6
+  measured = json.loads((pilot_dir / "grad_error.json").read_text())
+  assert [t["step"] for t in measured["tables"]] == [2, 6]
+  assert (tmp_path / "schedule.txt").read_text().strip().endswith(text)
+  config.schedule_file = str(tmp_path / "schedule.txt")
+  train.make_step_plan(config, 60000)
