@@ -32,8 +32,9 @@ from vit_accel.metric_writer import read_metrics  # noqa: E402
 
 flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
 flags.DEFINE_bool("quick", False, "A quarter of the default budget and a smaller eval protocol.")
-flags.DEFINE_list("schedules", ["none", "dynamic"], "Schedules to compare; the first is the "
-                  "baseline whose final kNN is the target.")
+flags.DEFINE_list("schedules", ["none", "dynamic"], "Schedules to compare (presets, stage "
+                  "strings, or files such as --mode=plan's schedule.txt); the first is the baseline "
+                  "whose final kNN is the target.")
 flags.DEFINE_string("workdir_root", "/tmp/vit_accel_tta", "Run directories go below this.")
 flags.DEFINE_bool("reuse", False, "Keep existing run directories (a finished run is not re-run; "
                   "an interrupted one resumes). Default: start every run afresh.")
@@ -55,8 +56,11 @@ def run_once(schedule: str, workdir: str, variant: dict) -> float:
   recipe = os.path.join(ROOT, "configs", f"fmnist_{FLAGS.objective}.py")
   if not os.path.exists(recipe):
     raise app.UsageError(f"no recipe {recipe} for --objective={FLAGS.objective}")
+  # A schedule that names a file (e.g. --mode=plan's schedule.txt) is passed as schedule_file.
+  chosen = ({"schedule_file": os.path.abspath(schedule)} if os.path.isfile(schedule)
+            else {"schedule": schedule})
   overrides = {
-      "schedule": schedule, "budget_epochs": variant["budget_epochs"],
+      **chosen, "budget_epochs": variant["budget_epochs"],
       "eval.every_steps": 0, "eval.at_start": True,
       "eval.at_progress": str(tuple(variant["at_progress"])),
       "eval.bank_size": variant["bank"], "eval.final_bank_size": variant["bank"],
@@ -159,8 +163,10 @@ def main(argv):
   t0 = time.time()
   runs = []
   for i, schedule in enumerate(FLAGS.schedules):
-    name = "baseline" if i == 0 else ("accelerated" if schedule == "dynamic" else schedule)
-    workdir = os.path.join(root, f"{i}_{schedule.replace(':', '_').replace(';', '_')}")
+    name = ("baseline" if i == 0 else "accelerated" if schedule == "dynamic"
+            else "planned" if os.path.isfile(schedule) else schedule)
+    workdir = os.path.join(root, f"{i}_{name if os.path.isfile(schedule) else schedule}"
+                           .replace(":", "_").replace(";", "_").replace(" ", ""))
     if not FLAGS.reuse and os.path.exists(workdir):
       shutil.rmtree(workdir)
     run_once(schedule, workdir, variant)

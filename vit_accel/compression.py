@@ -166,6 +166,17 @@ def parse_checked(spec: str, bucket: int, model_cfg, key: str) -> BranchStrategi
   return strategies
 
 
+def full_then_candidates(specs, bucket: int, model_cfg, key: str) -> list[BranchStrategies]:
+  """Full length on both branches first (the reference every comparison needs), then each distinct
+  candidate of `specs` (config key `key`), checked against the model."""
+  out = [BranchStrategies.parse("full|full", bucket)]
+  for spec in specs:
+    s = parse_checked(spec, bucket, model_cfg, key)
+    if s not in out:
+      out.append(s)
+  return out
+
+
 # ------------------------------------------------------------------------------------ PI-resize
 def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
   """[dst, src] matrix of 1-D bilinear resizing with half-pixel centres and edge clamping (what

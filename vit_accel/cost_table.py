@@ -22,14 +22,9 @@ from vit_accel.compression import BranchStrategies
 
 
 def candidate_strategies(config) -> list[BranchStrategies]:
-  full = BranchStrategies.parse("full|full", config.compression.bucket)
-  out = [full]
-  for spec in config.compression.cost_candidates:
-    s = compression.parse_checked(spec, config.compression.bucket, config.model,
-                                  "compression.cost_candidates")
-    if s not in out:
-      out.append(s)
-  return out
+  return compression.full_then_candidates(config.compression.cost_candidates,
+                                          config.compression.bucket, config.model,
+                                          "compression.cost_candidates")
 
 
 def machine_description() -> str:

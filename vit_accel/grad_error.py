@@ -81,15 +81,9 @@ def error_terms(reference: GradientMoments, candidate: GradientMoments, cost_uni
 
 # ---------------------------------------------------------------------------- on a real model
 def candidate_strategies(config) -> list[BranchStrategies]:
-  """Full length first (the noise floor row), then grad_error.candidates."""
-  full = BranchStrategies.parse("full|full", config.compression.bucket)
-  out = [full]
-  for spec in config.grad_error.candidates:
-    s = compression.parse_checked(spec, config.compression.bucket, config.model,
-                                  "grad_error.candidates")
-    if s not in out:
-      out.append(s)
-  return out
+  """Full length first (the reference), then grad_error.candidates."""
+  return compression.full_then_candidates(config.grad_error.candidates, config.compression.bucket,
+                                          config.model, "grad_error.candidates")
 
 
 def saved_steps(workdir: str) -> dict[int, str]:

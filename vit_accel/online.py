@@ -29,13 +29,8 @@ MEASUREMENT_STREAM_OFFSET = 10**9
 
 
 def candidate_strategies(config) -> list[BranchStrategies]:
-  out = [BranchStrategies.parse("full|full", config.compression.bucket)]
-  for spec in config.online.candidates:
-    s = compression.parse_checked(spec, config.compression.bucket, config.model,
-                                  "online.candidates")
-    if s not in out:
-      out.append(s)
-  return out
+  return compression.full_then_candidates(config.online.candidates, config.compression.bucket,
+                                          config.model, "online.candidates")
 
 
 def overhead_units(config) -> float:
