@@ -126,6 +126,11 @@ def test_plan_intervals_merge_and_round_trip_through_the_schedule_config(tmp_pat
   assert [s.strategies.spec for s in parsed] == ["patch8|patch8", "full"]
   # 45% of the budget at a quarter of the cost: 0.45 * 4 + 0.55 = 2.35x the baseline's samples
   assert planner.samples_vs_baseline(stages, 8.0) == pytest.approx(2.35)
+  # final_full overrides only the last interval's winner.
+  late_patch = [dict(t, rows=[row("full", 0.5, 8.0), row("patch8|patch8", 0.2, 2.0)]) for t in tables]
+  assert planner.schedule_string(planner.plan_stages(late_patch, 0.0)) == "1:patch8|patch8"
+  assert planner.schedule_string(planner.plan_stages(late_patch, 0.0, final_full=True)) == \
+      "0.75:patch8|patch8; 1:full"
 
 
 def test_plan_mode_writes_a_schedule_file_training_reads(tmp_path):

@@ -23,8 +23,10 @@ def pick(rows: list[dict], tie_tolerance: float) -> dict:
   return min(tied, key=lambda r: (r["cost_units"], r["ca_mse"]))
 
 
-def plan_stages(tables: list[dict], tie_tolerance: float) -> list[dict]:
-  """[{end, strategy, cost_units, progress_points}] from tables sorted by progress."""
+def plan_stages(tables: list[dict], tie_tolerance: float, final_full: bool = False) -> list[dict]:
+  """[{end, strategy, cost_units, progress_points}] from tables sorted by progress. `final_full`:
+  the last interval runs at full length whatever it measured (CA-MSE scores gradients at the
+  compressed length and cannot see the train/eval length mismatch a final full stage removes)."""
   if not tables:
     raise UserError("no gradient-error tables to plan from; run --mode=grad_error first")
   tables = sorted(tables, key=lambda t: t["progress"])
@@ -32,6 +34,8 @@ def plan_stages(tables: list[dict], tie_tolerance: float) -> list[dict]:
   for i, table in enumerate(tables):
     end = 1.0 if i == len(tables) - 1 else (table["progress"] + tables[i + 1]["progress"]) / 2
     winner = pick(table["rows"], tie_tolerance)
+    if final_full and i == len(tables) - 1:
+      winner = next(r for r in table["rows"] if r["strategy"] == "full")
     if stages and stages[-1]["strategy"] == winner["strategy"]:
       stages[-1]["end"] = end
       stages[-1]["progress_points"].append(table["progress"])
@@ -67,7 +71,8 @@ def run(config, workdir: str) -> str:
   with open(path) as f:
     result = json.load(f)
   tables = result["tables"]
-  stages = plan_stages(tables, float(config.plan.tie_tolerance))
+  stages = plan_stages(tables, float(config.plan.tie_tolerance),
+                       bool(config.plan.get("final_full", False)))
   text = schedule_string(stages)
   full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
   out = os.path.join(workdir, "schedule.txt")
