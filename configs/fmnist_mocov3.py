@@ -74,8 +74,8 @@ def get_config(arg: str | None = None):
   c.plan = ml_collections.ConfigDict()
   c.plan.tie_tolerance = 0.05    # within 5% of the lowest CA-MSE counts as a tie -> the cheaper
   c.plan.grad_error_file = ""    # "" = WORKDIR/grad_error.json
-  # The last interval at full length whatever it measured: the plain argmin (False) ended the default
-  # run compressed and lost 4 kNN points to `dynamic` (README).
+  # The last interval at full length whatever it measured (evaluation is at full length; CA-MSE
+  # only scores gradients at the compressed length).
   c.plan.final_full = True
   # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
   # fractions of its own budget, then grad_error and plan on it, all in WORKDIR.
