@@ -26,12 +26,11 @@ FLAGS = flags.FLAGS
 def feature_rate(config, batches: int = 3) -> float:
   """Images/s of full-length backbone features at eval.batch_size (a kNN pass)."""
   from vit_accel import train_step
-  from vit_accel.objectives import mocov3
   model = train_step.build_model(config)
   s = config.model.image_size
   params = model.init(jax.random.key(0), np.zeros((2, s, s, 3), np.float32))["params"]
   fn = jax.jit(lambda p, im: model.apply({"params": p}, train_step.normalize_images(im, config),
-                                         method=mocov3.MoCoV3Model.features))
+                                         method="features"))
   x = np.random.default_rng(0).integers(0, 256, (config.eval.batch_size, s, s, 3), np.uint8)
   jax.block_until_ready(fn(params, x))
   times = []
@@ -54,8 +53,7 @@ def main(_):
       f"Command: `python bench/compression_cost.py{' ' + args if args else ''}` (the same "
       "measurement as `python main.py --config=configs/fmnist_mocov3.py --mode=cost`).", "",
       f"Model: ViT width {m.width}, depth {m.depth}, {m.num_heads} heads, base patch {m.patch_size} "
-      f"on {m.image_size} px; MoCo-v3 "
-      f"{'symmetric' if config.mocov3.symmetric else 'asymmetric'}, global batch "
+      f"on {m.image_size} px; {config.objective} {config[config.objective].to_dict()}, global batch "
       f"{config.batch_size}; train step compiled per strategy, median of "
       f"{max(5, config.compression.cost_repeats)} timed steps after 2 warm-up steps, synthetic "
       f"batch (no tf.data).", "",

@@ -4,7 +4,8 @@
   python bench/time_to_accuracy.py                   # the default budget, ~45 minutes on 2 CPU cores
 
 Both runs are the embedded default recipe (configs/fmnist_<objective>.py) with the same seed and the
-same compute budget; only `schedule` differs (`none` vs `dynamic`, or --schedules). They run one
+same compute budget; only `schedule` differs (`none` vs the recipe's own accelerated schedule, or
+--schedules). They run one
 after the other through main.py, exactly as a user would, and are evaluated (kNN and linear probe,
 one fixed protocol for every point) at the same budget fractions. Reported, side by side: each run's
 final kNN and linear-probe accuracy, training wall-clock (evaluations and compilation excluded) and
@@ -32,9 +33,9 @@ from vit_accel.metric_writer import read_metrics  # noqa: E402
 
 flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
 flags.DEFINE_bool("quick", False, "A quarter of the default budget and a smaller eval protocol.")
-flags.DEFINE_list("schedules", ["none", "dynamic"], "Schedules to compare (presets, stage "
-                  "strings, or files such as --mode=plan's schedule.txt); the first is the baseline "
-                  "whose final kNN is the target.")
+flags.DEFINE_list("schedules", ["none", "recipe"], "Schedules to compare (presets, stage "
+                  "strings, files such as --mode=plan's schedule.txt, or 'recipe' = the config's "
+                  "own schedule); the first is the baseline whose final kNN is the target.")
 flags.DEFINE_string("workdir_root", "/tmp/vit_accel_tta", "Run directories go below this.")
 flags.DEFINE_bool("reuse", False, "Keep existing run directories (a finished run is not re-run; "
                   "an interrupted one resumes). Default: start every run afresh.")
@@ -57,8 +58,12 @@ def run_once(schedule: str, workdir: str, variant: dict) -> float:
   if not os.path.exists(recipe):
     raise app.UsageError(f"no recipe {recipe} for --objective={FLAGS.objective}")
   # A schedule that names a file (e.g. --mode=plan's schedule.txt) is passed as schedule_file.
-  chosen = ({"schedule_file": os.path.abspath(schedule)} if os.path.isfile(schedule)
-            else {"schedule": schedule})
+  if schedule == "recipe":
+    chosen = {}
+  elif os.path.isfile(schedule):
+    chosen = {"schedule_file": os.path.abspath(schedule)}
+  else:
+    chosen = {"schedule": schedule}
   overrides = {
       **chosen, "budget_epochs": variant["budget_epochs"],
       "eval.every_steps": 0, "eval.at_start": True,
@@ -163,7 +168,7 @@ def main(argv):
   t0 = time.time()
   runs = []
   for i, schedule in enumerate(FLAGS.schedules):
-    name = ("baseline" if i == 0 else "accelerated" if schedule == "dynamic"
+    name = ("baseline" if i == 0 else "accelerated" if schedule in ("recipe", "dynamic")
             else "planned" if os.path.isfile(schedule) else schedule)
     workdir = os.path.join(root, f"{i}_{name if os.path.isfile(schedule) else schedule}"
                            .replace(":", "_").replace(";", "_").replace(" ", ""))

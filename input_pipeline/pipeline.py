@@ -42,7 +42,8 @@ def steps_per_epoch(num_examples: int, split: HostSplit) -> int:
 
 
 def train_dataset(images: np.ndarray, config, split: HostSplit, start_step: int = 0):
-  """A tf.data stream of {'views': (view0, view1)} local batches (uint8 [b, S, S, 3]) from `start_step`."""
+  """A tf.data stream of local batches from `start_step`: {"views": (view0, view1)} uint8 [b, S, S, 3],
+  plus "local_views" (uint8 [b, L, L, 3] each) for multi-crop recipes."""
   if split.global_batch % split.process_count:
     raise UserError(f"batch_size={split.global_batch} is not divisible by the "
                     f"{split.process_count} processes; pick a multiple of {split.process_count}")
@@ -71,7 +72,7 @@ def train_dataset(images: np.ndarray, config, split: HostSplit, start_step: int 
     image = tf.cast(tf.gather(host_images, index), tf.float32) / 255.0
     view_seed = tf.random.experimental.stateless_fold_in(
         tf.stack([tf.constant(seed, tf.int64), position]), host)
-    return {"views": views_lib.two_views(image, view_seed, size, aug)}
+    return views_lib.make_views(image, view_seed, size, aug)
 
   ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch_examples).skip(offset)
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -17,11 +17,11 @@ def budget_for_steps(config, steps: int, spec: str = "full|full") -> float:
   return (steps + 0.5) * per_step
 
 
-def tiny_config(steps: int = 6, schedule: str = "none", **overrides):
-  """The smoke recipe shrunk further: `steps` uncompressed steps of a 2-layer ViT (or `schedule`
-  with the same budget), kNN on small subsets."""
-  from configs import fmnist_mocov3
-  c = fmnist_mocov3.get_config("smoke")
+def tiny_config(steps: int = 6, schedule: str = "none", objective: str = "mocov3", **overrides):
+  """The smoke recipe of `objective` (configs/fmnist_<objective>.py) shrunk further: `steps`
+  uncompressed steps of a 2-layer ViT (or `schedule` with the same budget), kNN on small subsets."""
+  import importlib
+  c = importlib.import_module(f"configs.fmnist_{objective}").get_config("smoke")
   c.batch_size = 16
   c.schedule = schedule
   c.compile_cache_dir = ""

@@ -23,6 +23,8 @@ CASES = {
     "batch vs mesh": ([SMOKE, "--config.mesh.data=2"], "mesh.data x mesh.fsdp = 2 x 1"),
     "budget too small": ([SMOKE, "--config.budget=10"], "budget=10 units is too small"),
     "missing data": ([SMOKE, "--config.data.dir=/nonexistent"], "dataset-fashion-mnist"),
+    "local crop size": (["--config=configs/fmnist_dino.py:smoke", "--config.aug.local_size=10"],
+                        "aug.local_size=10 must be a positive multiple of model.patch_size=4"),
 }
 
 

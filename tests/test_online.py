@@ -50,7 +50,7 @@ def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
   length in the second."""
   calls = []
 
-  def fake_measure(config, state, batches, reference_batches, grad_fns, costs, rng):
+  def fake_measure(config, state, batches, reference_batches, grad_fns, costs, rng, progress):
     calls.append(int(state.step))
     keep_error = 0.1 if len(calls) == 1 else 0.9
     return [{"strategy": st.spec, "cost_units": costs[st], "bias2": 0.0,

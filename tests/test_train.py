@@ -191,3 +191,13 @@ def test_corrupt_latest_checkpoint_is_reported_moved_aside_and_the_previous_one_
   assert "checkpoint 4 is unreadable" in capsys.readouterr().out
   assert os.path.isdir(os.path.join(damaged, "checkpoints.corrupt", "4"))   # kept, not deleted
   jax.tree.map(np.testing.assert_array_equal, load_params(straight, 6), load_params(damaged, 6))
+
+
+def test_checkpoint_of_an_older_train_state_format_is_refused_before_restoring():
+  from vit_accel import train
+  cfg = tiny_config()
+  current = train.run_metadata(cfg, train.make_step_plan(cfg, 1000))
+  train.check_resumable(dict(current), current, "/run/checkpoints", False)
+  older = {k: v for k, v in current.items() if k != "state_format"}   # written before format 2
+  with pytest.raises(UserError, match="train-state format 1 .* use a new --workdir"):
+    train.check_resumable(older, current, "/run/checkpoints", False)

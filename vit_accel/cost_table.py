@@ -55,11 +55,10 @@ def measure(config, on_row=None) -> list[dict]:
   tx = train_step.make_optimizer(config)
   init_state, abstract_state, state_shardings = train_step.state_layout(config, model, tx, mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  size = config.model.image_size
   rng = np.random.default_rng(0)
-  views = tuple(jax.device_put(rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8),
-                               batch_sharding) for _ in range(2))
-  batch = {"views": views}
+  batch = {name: tuple(jax.device_put(rng.integers(0, 256, shape, np.uint8), batch_sharding)
+                       for shape in shapes)
+           for name, shapes in train_step.batch_shapes(config).items()}
   progress = jax.device_put(np.float32(0.5), sharding_lib.replicated(mesh))
   repeats = max(5, int(config.compression.cost_repeats))
 
@@ -78,7 +77,7 @@ def measure(config, on_row=None) -> list[dict]:
       state, metrics = compiled(state, batch, progress)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
-    q, k = strategies.layouts(size, config.model.patch_size)
+    q, k = strategies.layouts(config.model.image_size, config.model.patch_size)
     row = {"strategy": strategies.spec, "query": strategies.query.spec,
            "key": strategies.key.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
            "analytic_units": train_step.step_cost_units(config, strategies),
@@ -116,7 +115,7 @@ def run(config, workdir: str) -> list[dict]:
   m = config.model
   meta = {"machine": machine_description(), "batch_size": int(config.batch_size),
           "model": m.to_dict(), "objective": config.objective,
-          "symmetric": bool(config.mocov3.symmetric)}
+          "objective_config": config[config.objective].to_dict()}
   path = os.path.join(workdir, "cost_table.json")
   with open(path + ".tmp", "w") as f:
     json.dump(rows, f, indent=1)
@@ -124,7 +123,6 @@ def run(config, workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "cost_table_meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
   print(f"{meta['machine']}; batch {config.batch_size}, ViT width {m.width} depth {m.depth} "
-        f"patch {m.patch_size} on {m.image_size}px, {config.objective} "
-        f"({'symmetric' if config.mocov3.symmetric else 'asymmetric'})")
+        f"patch {m.patch_size} on {m.image_size}px, {config.objective} {meta['objective_config']}")
   print(format_table(rows), flush=True)
   return rows

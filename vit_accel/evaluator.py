@@ -17,14 +17,14 @@ from vit_accel import checkpointing, evaluation
 from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
 from vit_accel.metric_writer import MetricWriter
-from vit_accel.objectives import mocov3
-from vit_accel.train_step import (build_model, make_optimizer, normalize_images, state_layout,
-                                  validate_config)
+from vit_accel.train_step import (build_model, eval_params, make_optimizer, normalize_images,
+                                  state_layout, validate_config)
 
 
 class Evaluator:
   """kNN top-1 (weighted, k / temperature from config) and linear-probe top-1 (closed-form ridge,
-  see evaluation.linear_probe) of backbone CLS features."""
+  see evaluation.linear_probe) of backbone CLS features. Call it with `eval_params(config, state)`:
+  the trained network, or DINO's teacher."""
 
   def __init__(self, config, model, mesh, state_shardings, train_split, test_split):
     self.config = config
@@ -37,10 +37,9 @@ class Evaluator:
     sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
 
     def feature_fn(params, images):
-      return model.apply({"params": params}, normalize_images(images, config),
-                         method=mocov3.MoCoV3Model.features)
+      return model.apply({"params": params}, normalize_images(images, config), method="features")
 
-    self.feature_fn = jax.jit(feature_fn, in_shardings=(state_shardings.params,
+    self.feature_fn = jax.jit(feature_fn, in_shardings=(eval_params(config, state_shardings),
                                                         sharding_lib.batch_sharding(mesh)),
                               out_shardings=sharding_lib.batch_sharding(mesh))
 
@@ -90,7 +89,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     ckpt.close()
   evaluator = Evaluator(config, model, mesh, state_shardings, sources.load(config, "train"),
                         sources.load(config, "test"))
-  result = evaluator(state.params, final=True)
+  result = evaluator(eval_params(config, state), final=True)
   line = {**result, "evaluated_by": "mode=eval", "checkpoint_step": step}
   if "wall_s" in meta:  # when the checkpoint was written, in the run's own clock
     line["wall_s"] = meta["wall_s"]

@@ -99,7 +99,8 @@ def saved_steps(workdir: str) -> dict[int, str]:
 
 
 def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
-  """strategies -> jitted (params, key_params, batch, rng) -> flat float32 gradient (replicated)."""
+  """strategies -> jitted (state, batch, rng, progress) -> flat float32 gradient of the objective
+  w.r.t. the trained parameters (replicated)."""
   from vit_accel import train_step
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -107,19 +108,22 @@ def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
   for st in strategies:
     loss_fn = train_step.make_loss_fn(config, model, st)
 
-    def flat_grad(params, key_params, batch, rng, loss_fn=loss_fn):
-      return ravel_pytree(jax.grad(loss_fn)(params, key_params, batch, rng))[0]
+    def flat_grad(state, batch, rng, progress, loss_fn=loss_fn):
+      grads = jax.grad(loss_fn, has_aux=True)(state.params, state.ema_params, state.extra, batch,
+                                              rng, progress)[0]
+      return ravel_pytree(grads)[0]
 
-    grad_fns[st] = jax.jit(flat_grad, in_shardings=(state_shardings.params,
-                                                    state_shardings.key_params, batch_sharding,
+    grad_fns[st] = jax.jit(flat_grad, in_shardings=(state_shardings, batch_sharding, replicated,
                                                     replicated), out_shardings=replicated)
   return grad_fns
 
 
 def measure(config, state, global_batches, reference_batches: int, grad_fns: dict, costs: dict,
-            rng) -> list[dict]:
+            rng, progress: float) -> list[dict]:
   """One table: g* from the first `reference_batches` batches at full length, then every other
-  strategy of `grad_fns` (full length first) on the remaining batches. Identical on every host."""
+  strategy of `grad_fns` (full length first) on the remaining batches, at the objective's schedules
+  for budget `progress`. Identical on every host."""
+  progress = np.float32(progress)
   strategies = list(grad_fns)
   full = strategies[0]
 
@@ -127,7 +131,7 @@ def measure(config, state, global_batches, reference_batches: int, grad_fns: dic
     acc = GradientMoments()
     for i, batch in enumerate(chunk):
       r = jax.random.fold_in(rng, offset + i)  # token-keep draws differ per batch
-      acc.add(sharding_lib.to_host(grad_fns[st](state.params, state.key_params, batch, r)))
+      acc.add(sharding_lib.to_host(grad_fns[st](state, batch, r, progress)))
     return acc
 
   reference = moments(full, global_batches[:reference_batches], 0)
@@ -206,7 +210,8 @@ def run(config, workdir: str) -> dict:
     global_batches = [sharding_lib.host_to_global(next(batches), mesh)
                       for _ in range(ge.reference_batches + ge.batches)]
     rows = measure(config, state, global_batches, ge.reference_batches, grad_fns, costs,
-                   jax.random.fold_in(jax.random.key(config.seed), 7919 + step))
+                   jax.random.fold_in(jax.random.key(config.seed), 7919 + step),
+                   plan.progress_at(step))
     tables.append({"step": step, "progress": plan.progress_at(step), "rows": rows,
                    "seconds": time.time() - t0})
     logging.info("grad_error at step %d (%.0f%% of the budget) in %.0fs", step,

@@ -52,8 +52,9 @@ class OnlineScheduler:
     self.costs = {st: train_step.step_cost_units(config, st) for st in self.strategies}
     self.overhead = overhead_units(config)
 
-  def decide(self, state, step: int, segment: int) -> dict:
-    """The decision for `segment`, measured at `state` (the parameters after `step` steps)."""
+  def decide(self, state, step: int, segment: int, progress: float) -> dict:
+    """The decision for `segment`, measured at `state` (the parameters after `step` steps, at budget
+    `progress`)."""
     from input_pipeline import pipeline
     t0 = time.time()
     cfg = self.config.online
@@ -63,7 +64,8 @@ class OnlineScheduler:
                for _ in range(cfg.reference_batches + cfg.batches)]
     rows = grad_error.measure(self.config, state, batches, cfg.reference_batches, self.grad_fns,
                               self.costs,
-                              jax.random.fold_in(jax.random.key(self.config.seed), 104729 + step))
+                              jax.random.fold_in(jax.random.key(self.config.seed), 104729 + step),
+                              progress)
     winner = planner.pick(rows, float(self.config.plan.tie_tolerance))
     decision = {"segment": segment, "step": step, "strategy": winner["strategy"],
                 "overhead_units": self.overhead,

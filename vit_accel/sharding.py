@@ -2,9 +2,13 @@
 
 The mesh has axes ('data', 'fsdp'), both `AxisType.Auto` so ordinary model code runs under jit and the
 compiler inserts collectives (jax.make_mesh now defaults to Explicit axes). The batch is split over
-both axes; parameters are replicated in this version (FSDP rules come with the scale-out work).
+both axes. Train-state leaves (parameters, EMA copies, optimiser moments) follow a small rule table:
+with `mesh.fsdp` > 1 a large leaf is split over 'fsdp' on its largest divisible dimension (ZeRO-3 /
+FSDP: the compiler all-gathers it where a matmul needs it); everything else is replicated.
 """
 from __future__ import annotations
+
+import re
 
 import jax
 import numpy as np
@@ -29,6 +33,42 @@ def make_mesh(config) -> jax.sharding.Mesh:
     raise UserError(f"mesh.data x mesh.fsdp = {data} x {fsdp} does not match the {n} devices; "
                     f"set one of them to -1 to use the rest")
   return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+# (pattern on the leaf's path, rule), first match wins. Paths look like ".params['backbone']
+# ['block0']['mlp']['fc1']['kernel']" (jax.tree_util.keystr).
+FSDP_RULES = (
+    (r"cls_token|pos_embed|\['center'\]", "replicate"),   # small, read whole by every token
+    (r".*", "largest_divisible"),
+)
+# Leaves below this many elements stay replicated (biases, norms, counters): sharding them saves
+# nothing and costs a collective each.
+FSDP_MIN_SIZE = 2 ** 14
+
+
+def leaf_spec(path: str, shape, fsdp: int) -> P:
+  """The PartitionSpec of one state leaf under FSDP_RULES."""
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+    return P()
+  for pattern, rule in FSDP_RULES:
+    if re.search(pattern, path):
+      if rule == "replicate":
+        return P()
+      dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % fsdp == 0]
+      if not dims:
+        return P()
+      spec = [None] * len(shape)
+      spec[dims[0]] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state, mesh):
+  """NamedShardings for every leaf of a (abstract) train state, from the rule table."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, leaf_spec(jax.tree_util.keystr(path), x.shape, fsdp)),
+      abstract_state)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -1,6 +1,7 @@
 """The trainer, top to bottom: setup, mesh, input, model, shardings, step, checkpoint, evals, loop."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +18,9 @@ from vit_accel.compression import BranchStrategies
 from vit_accel.errors import Preempted, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
-from vit_accel.train_step import (build_model, compile_train_step, is_online, make_optimizer,
-                                  schedule_stages, state_layout, step_cost_units, validate_config)
+from vit_accel.train_step import (build_model, compile_train_step, eval_params, is_online,
+                                  make_optimizer, schedule_stages, state_layout, step_cost_units,
+                                  validate_config)
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -43,6 +45,12 @@ def make_step_plan(config, num_train_examples: int, decisions=()) -> schedule.St
   return schedule.make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
 
 
+# The TrainState's layout; bumped when its fields change, so an old checkpoint is refused with one
+# line instead of failing to restore (and being moved aside as unreadable). 2: ema_params + extra
+# (objective-generic) replaced MoCo's key_params.
+STATE_FORMAT = 2
+
+
 def run_metadata(config, plan: schedule.StepPlan) -> dict:
   """What a checkpoint must agree with to be resumed by this config. The compute dtype may change
   between invocations (parameters are float32 either way)."""
@@ -50,12 +58,16 @@ def run_metadata(config, plan: schedule.StepPlan) -> dict:
   # An online plan grows with its decisions (saved beside it); what must match is how it decides.
   plan_key = ({"online": config.online.to_dict(), "budget": plan.budget}
               if is_online(config) else plan.to_dict())
-  meta = {"objective": config.objective, "model": model,
+  meta = {"state_format": STATE_FORMAT, "objective": config.objective, "model": model,
           "batch_size": int(config.batch_size), "seed": int(config.seed), "plan": plan_key}
   return json.loads(json.dumps(meta))  # as it reads back from a checkpoint (tuples -> lists)
 
 
 def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_change: bool):
+  if saved.get("state_format", 1) != current["state_format"]:
+    raise UserError(f"{directory} holds a checkpoint in train-state format "
+                    f"{saved.get('state_format', 1)} (an older vit-accel); this version reads format "
+                    f"{current['state_format']}: use a new --workdir")
   for key in ("objective", "model", "batch_size", "seed"):
     if key in saved and saved[key] != current[key]:
       raise UserError(f"{directory} holds a checkpoint of a run with {key}={saved[key]}, this "
@@ -69,6 +81,26 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     f", this config plans [{short(current['plan'])}]; restore schedule/budget, use a "
                     f"new --workdir, or set --config.allow_schedule_change=True to continue with "
                     f"the new plan")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanMarks:
+  """The steps a plan fixes for the loop: its end, where this invocation stops (stop_at_step), and
+  where the extra evaluations (eval.at_progress) and milestone checkpoints fall. Derived again
+  whenever the plan changes (an online schedule's decisions)."""
+  total_steps: int
+  stop_at: int
+  eval_steps: frozenset
+  milestone_steps: frozenset
+
+
+def plan_marks(config, plan: schedule.StepPlan) -> PlanMarks:
+  total = plan.total_steps
+  at = lambda fractions: frozenset(plan.step_at_progress(f) for f in fractions)  # noqa: E731
+  return PlanMarks(total_steps=total,
+                   stop_at=total if config.stop_at_step <= 0 else min(total, config.stop_at_step),
+                   eval_steps=at(config.eval.get("at_progress", ())),
+                   milestone_steps=at(config.checkpoint.get("at_progress", ())))
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -95,7 +127,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Input: the training split, this host's part of it. The plan: identical on every host.
   train_images, train_labels = sources.load(config, "train")
   plan = make_step_plan(config, train_images.shape[0])
-  total_steps = plan.total_steps
   split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
   logging.info("%s", plan.describe())
 
@@ -134,9 +165,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     decisions = list(saved_meta.get("online_decisions", []))
     if decisions:
       plan = make_step_plan(config, train_images.shape[0], decisions)
-      total_steps = plan.total_steps
-    finished = [m for m in read_metrics(workdir) if m["step"] >= total_steps and "knn_top1" in m]
-    if start_step >= total_steps and finished:
+    finished = [m for m in read_metrics(workdir)
+                if m["step"] >= plan.total_steps and "knn_top1" in m]
+    if start_step >= plan.total_steps and finished:
       ckpt.close()
       if milestones is not None:
         milestones.close()
@@ -150,8 +181,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f.write(plan.to_json())
 
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params["backbone"]))
-  logging.info("backbone: %.2fM params; %d steps of global batch %d", n_params / 1e6, total_steps,
-               config.batch_size)
+  logging.info("backbone: %.2fM params; %d steps of global batch %d", n_params / 1e6,
+               plan.total_steps, config.batch_size)
 
   # One step per distinct stage signature, compiled ahead of time so shape errors show before data
   # flows and nothing compiles inside the loop.
@@ -173,7 +204,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.drop_after(start_step)
   evaluator = Evaluator(config, model, mesh, state_shardings, (train_images, train_labels),
                            sources.load(config, "test"))
-  stop_at = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
+  marks = plan_marks(config, plan)
   eta = EtaEstimator(plan)
 
   t_start = time.time()
@@ -193,13 +224,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {**meta, "wall_s": elapsed(), "eval_wall_s": eval_offset + eval_time,
             "online_decisions": decisions}
 
-  def steps_at(fractions):
-    return {plan.step_at_progress(f) for f in fractions}
-
-  # Evaluations at fixed budget fractions (eval.at_progress) besides every eval.every_steps.
-  progress_eval_steps = steps_at(config.eval.get("at_progress", ()))
-  milestone_steps = steps_at(config.checkpoint.get("at_progress", ()))
-
   def evaluate(step, final):
     nonlocal eval_time
     # Steps are dispatched asynchronously: let the queued ones finish first, so their time counts as
@@ -207,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     jax.block_until_ready(state)
     walls = wall_fields()
     t_eval = time.time()
-    result = evaluator(state.params, final=final)
+    result = evaluator(eval_params(config, state), final=final)
     eval_time += time.time() - t_eval
     writer.write(step, {**result, **walls, "budget_units": plan.units_at(step),
                         "budget_progress": plan.progress_at(step)})
@@ -229,17 +253,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # SIGTERM / SIGINT: finish the step, checkpoint, raise Preempted (see preemption.py).
   with preemption.StopRequest(config.preemption_check_every_steps) as stop_request:
     try:
-      while step < stop_at:
+      while step < marks.stop_at:
         if scheduler is not None and len(decisions) < len(plan.stages) \
             and step == plan.stages[len(decisions)].start_step:
-          decision = scheduler.decide(state, step, len(decisions))
+          decision = scheduler.decide(state, step, len(decisions), plan.progress_at(step))
           decisions.append(decision)
           plan = make_step_plan(config, train_images.shape[0], decisions)
-          total_steps = plan.total_steps
-          stop_at = (total_steps if config.stop_at_step <= 0
-                     else min(total_steps, config.stop_at_step))
-          progress_eval_steps = steps_at(config.eval.get("at_progress", ()))
-          milestone_steps = steps_at(config.checkpoint.get("at_progress", ()))
+          marks = plan_marks(config, plan)
           eta.plan = plan
           writer.write(step, {"online_segment": decision["segment"],
                               "online_choice": decision["strategy"],
@@ -249,7 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           if jax.process_index() == 0:
             with open(os.path.join(workdir, "plan.json"), "w") as f:
               f.write(plan.to_json())
-          if step >= stop_at:
+          if step >= marks.stop_at:
             break
         stage = plan.stage_at(step)
         batch = sharding_lib.host_to_global(next(batches), mesh)
@@ -258,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step += 1
         steps_since_log += 1
         # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
-        log_now = (step % config.log_every_steps == 0 or step == stop_at
+        log_now = (step % config.log_every_steps == 0 or step == marks.stop_at
                    or step == stage.end_step)
         stop_now = stop_request.should_stop(step)
         save_now = step % config.checkpoint.every_steps == 0 or stop_now
@@ -271,7 +291,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               f"lower optim.base_lr or enable optim.grad_clip")
         if save_now:
           ckpt.save(step, state, checkpoint_meta(), force=True)
-        if milestones is not None and step in milestone_steps:
+        if milestones is not None and step in marks.milestone_steps:
           milestones.save(step, state, checkpoint_meta(), force=True)
         if stop_now:
           ckpt.wait()
@@ -280,8 +300,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           dt = time.time() - t_log
           train_time += dt
           eta.record(stage, dt, steps_since_log)
-          line = {"loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-                  "momentum": float(metrics["momentum"]), "grad_norm": float(metrics["grad_norm"]),
+          # The step's scalars: loss, lr, momentum, grad_norm and the objective's own (DINO's
+          # teacher temperature and entropy).
+          line = {**{name: float(value) for name, value in metrics.items()},
                   "stage": stage.index, "seq_len": stage.seq_len,
                   "key_seq_len": stage.key_seq_len,
                   "budget_units": plan.units_at(step), "budget_progress": plan.progress_at(step),
@@ -289,23 +310,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   "images_per_s": config.batch_size * steps_since_log / dt}
           writer.write(step, line)
           logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e "
-                       "%.0f img/s ETA %s", step, total_steps, 100.0 * line["budget_progress"],
+                       "%.0f img/s ETA %s", step, marks.total_steps, 100.0 * line["budget_progress"],
                        stage.index, stage.spec, stage.seq_len, line["loss"], line["lr"],
-                       line["images_per_s"], _format_duration(eta.remaining(step, stop_at)))
+                       line["images_per_s"], _format_duration(eta.remaining(step, marks.stop_at)))
           t_log, steps_since_log = time.time(), 0
         # Periodic kNN, except within half an interval of the final one; and at budget fractions.
         periodic = (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-                    and total_steps - step > config.eval.every_steps // 2)
-        if (periodic or step in progress_eval_steps) and step < total_steps:
+                    and marks.total_steps - step > config.eval.every_steps // 2)
+        if (periodic or step in marks.eval_steps) and step < marks.total_steps:
           jax.block_until_ready(state)  # queued steps are training time
           t_eval = time.time()
           result = evaluate(step, final=False)
           t_log += time.time() - t_eval  # step-time measurements exclude evaluation
 
-      if step == stop_at and step not in ckpt.all_steps():
+      if step == marks.stop_at and step not in ckpt.all_steps():
         ckpt.save(step, state, checkpoint_meta(), force=True)
       ckpt.wait()
-      if step >= total_steps:
+      if step >= marks.total_steps:
         result = evaluate(step, final=True)
         init = [m for m in read_metrics(workdir) if m["step"] == 0 and "knn_top1" in m]
         logging.info("train %s, eval %s (%.1f%% of the run)", _format_duration(train_time),

@@ -19,23 +19,33 @@ from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.models.vit import VisionTransformer
-from vit_accel.objectives import mocov3
+from vit_accel import objectives
+from vit_accel.objectives import ema
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any       # query encoder: backbone + projector + predictor
-  key_params: Any   # momentum encoder: EMA of backbone + projector
+  params: Any       # the trained network: backbone + the objective's heads
+  ema_params: Any   # EMA of the objective's EMA_PARTS (MoCo key encoder, DINO teacher; {} = none)
+  extra: Any        # the objective's other state carried between steps (DINO's centre; {} = none)
   opt_state: Any
+
+
+def eval_params(config, state):
+  """The weights evaluation reads: the trained network, or its EMA copy where the objective says so
+  (DINO evaluates the teacher). Works on a TrainState of shardings too."""
+  return getattr(state, objectives.get(config.objective).EVAL_ON)
 
 
 
 # ----------------------------------------------------------------------------- config checks
 def validate_config(config) -> None:
   """Cheap checks that fail before anything compiles, each naming the key and the fix."""
-  if config.objective != "mocov3":
-    raise UserError(f"unknown objective={config.objective!r}; available: mocov3")
+  objectives.get(config.objective)
+  if config.objective not in config:
+    raise UserError(f"objective={config.objective!r} needs a config section "
+                    f"'{config.objective}'; start from configs/fmnist_{config.objective}.py")
   m = config.model
   if m.patch_size <= 0 or m.image_size % m.patch_size:
     raise UserError(f"model.patch_size={m.patch_size} does not tile model.image_size="
@@ -44,6 +54,11 @@ def validate_config(config) -> None:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
   if m.get("dtype", "float32") not in COMPUTE_DTYPES:
     raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+  if num_local_crops(config):
+    local = config.aug.local_size
+    if local <= 0 or local % m.patch_size or local > m.image_size:
+      raise UserError(f"aug.local_size={local} must be a positive multiple of model.patch_size="
+                      f"{m.patch_size} and at most model.image_size={m.image_size}")
   if config.batch_size <= 0:
     raise UserError(f"batch_size={config.batch_size} must be positive")
   schedule_stages(config)
@@ -96,14 +111,29 @@ def compute_dtype(config):
   return jnp.dtype(config.model.get("dtype", "float32"))
 
 
-def build_model(config) -> mocov3.MoCoV3Model:
+def build_model(config):
+  """The objective's network (backbone + heads); every one has `features(images)` for evaluation."""
   m = config.model
   backbone = VisionTransformer(width=m.width, depth=m.depth, num_heads=m.num_heads,
                                mlp_ratio=m.mlp_ratio, patch_size=m.patch_size,
                                image_size=m.image_size, dtype=compute_dtype(config))
-  return mocov3.MoCoV3Model(backbone=backbone, proj_hidden_dim=config.mocov3.proj_hidden_dim,
-                            out_dim=config.mocov3.out_dim,
-                            pred_hidden_dim=config.mocov3.pred_hidden_dim)
+  return objectives.get(config.objective).build(config, backbone)
+
+
+def num_local_crops(config) -> int:
+  """Multi-crop: local crops per image besides the two global views (0 = two views only)."""
+  return int(config.aug.get("local_crops", 0))
+
+
+def batch_shapes(config) -> dict:
+  """The train batch's structure, global uint8 shapes: two global views, and the local crops when
+  the recipe has them (their own, smaller side)."""
+  size, b = config.model.image_size, config.batch_size
+  shapes = {"views": ((b, size, size, 3),) * 2}
+  if num_local_crops(config):
+    local = config.aug.local_size
+    shapes["local_views"] = ((b, local, local, 3),) * num_local_crops(config)
+  return shapes
 
 
 def make_optimizer(config):
@@ -132,28 +162,32 @@ def init_state_fn(config, model, tx):
   """rng -> a fresh TrainState (jit it with out_shardings to create it directly in place)."""
   size = config.model.image_size
 
+  objective = objectives.get(config.objective)
+
   def init_state(rng):
     params = model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      key_params=jax.tree.map(jnp.copy, mocov3.key_params_of(params)),
-                      opt_state=tx.init(params))
+                      ema_params=ema.init(params, objective.EMA_PARTS),
+                      extra=objective.init_extra(config), opt_state=tx.init(params))
 
   return init_state
 
 
 def state_layout(config, model, tx, mesh):
   """(init_state fn, abstract TrainState, its shardings): shapes first, so the state can be created
-  or restored directly into its shardings. Parameters are replicated in this version."""
+  or restored directly into its shardings: replicated, or FSDP-sharded when mesh.fsdp > 1
+  (sharding.FSDP_RULES)."""
   init_state = init_state_fn(config, model, tx)
   abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
-  state_shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  state_shardings = sharding_lib.state_shardings(abstract_state, mesh)
   return init_state, abstract_state, state_shardings
 
 
 def step_cost_units(config, strategies: BranchStrategies) -> float:
   """Per-image cost of one train step in base-forward units (1 = one uncompressed backbone forward
   on one image), from the analytic cost model."""
-  return compression.step_cost_units(config.model, mocov3.cost_branches(config, strategies))
+  branches = objectives.get(config.objective).cost_branches(config, strategies)
+  return compression.step_cost_units(config.model, branches)
 
 
 def dropout_rng(config, step):
@@ -163,14 +197,16 @@ def dropout_rng(config, step):
 
 
 def make_loss_fn(config, model, strategies: BranchStrategies = BranchStrategies()):
-  """(params, key_params, batch of uint8 views, rng) -> the objective's loss under `strategies`;
-  `rng` picks the kept tokens. Shared by the train step and the gradient-error analysis."""
-  temperature = float(config.mocov3.temperature)
+  """(params, ema_params, extra, batch of uint8 views, rng, progress) -> (loss, (new extra,
+  metrics)): the objective's loss under `strategies`; `rng` picks the kept tokens, `progress` drives
+  the objective's schedules (DINO's teacher temperature). Shared by the train step and the
+  gradient-error analysis."""
+  objective = objectives.get(config.objective)
 
-  def loss_fn(params, key_params, batch, rng):
-    views = tuple(normalize_images(v, config) for v in batch["views"])
-    return mocov3.loss_fn(model, params, key_params, views, temperature,
-                          symmetric=config.mocov3.symmetric, strategies=strategies, rng=rng)
+  def loss_fn(params, ema_params, extra, batch, rng, progress):
+    views = jax.tree.map(lambda v: normalize_images(v, config), batch)
+    return objective.loss(model, params, ema_params, extra, views, config, strategies, rng,
+                          progress)
 
   return loss_fn
 
@@ -179,19 +215,21 @@ def make_train_step(config, model, tx, strategies: BranchStrategies = BranchStra
   """The step for one compression strategy pair (one static-shaped program). `progress` (budget
   units spent / budget, a float32 scalar from the step plan) drives lr and momentum."""
   loss_fn = make_loss_fn(config, model, strategies)
+  objective = objectives.get(config.objective)
 
   def train_step(state: TrainState, batch, progress):
     lr = schedule.learning_rate_at(config, progress)
-    momentum = mocov3.momentum_at(progress, config.mocov3.base_momentum)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.key_params, batch,
-                                              dropout_rng(config, state.step))
+    momentum = objective.momentum(config, progress)
+    (loss, (extra, objective_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.ema_params, state.extra, batch, dropout_rng(config, state.step),
+        progress)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: lr * u, updates)
     params = optax.apply_updates(state.params, updates)
-    key_params = mocov3.ema_update(state.key_params, params, momentum)
     metrics = {"loss": loss, "lr": lr, "momentum": momentum,
-               "grad_norm": optax.global_norm(grads)}
-    return TrainState(step=state.step + 1, params=params, key_params=key_params,
+               "grad_norm": optax.global_norm(grads), **objective_metrics}
+    return TrainState(step=state.step + 1, params=params,
+                      ema_params=ema.update(state.ema_params, params, momentum), extra=extra,
                       opt_state=opt_state), metrics
 
   return train_step
@@ -203,15 +241,14 @@ def compile_train_step(config, model, tx, strategies: BranchStrategies, mesh, ab
   time for a global uint8 batch; returns (compiled step, compile seconds)."""
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  size = config.model.image_size
-  view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
-                              sharding=batch_sharding)
+  batch = {name: tuple(jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=batch_sharding)
+                      for shape in shapes) for name, shapes in batch_shapes(config).items()}
   step_fn = jax.jit(make_train_step(config, model, tx, strategies),
                     in_shardings=(state_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step_fn.lower(checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-                           {"views": (view, view)},
+                           batch,
                            jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)).compile()
   return compiled, time.perf_counter() - t0
 

@@ -106,17 +106,17 @@ class VisionTransformer(nn.Module):
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
-  def layout(self, strategy: Strategy) -> compression.Layout:
-    return strategy.layout(self.image_size, self.patch_size)
+  def layout(self, strategy: Strategy, image_size: int | None = None) -> compression.Layout:
+    return strategy.layout(image_size or self.image_size, self.patch_size)
 
   def embed(self, images, strategy: Strategy = FULL):
     """Images [B, S, S, C] -> patch tokens with position embeddings [B, n*n, width] (no CLS, nothing
-    dropped yet) for the strategy's patch size / resolution."""
-    if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
-      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
-                       f"model.image_size={self.image_size}")
-    lay = self.layout(strategy)
-    if lay.input_size != self.image_size:
+    dropped yet) for the strategy's patch size / resolution. S is usually model.image_size; other
+    sides (DINO's local crops) get the position-embedding grid resized to their own token grid."""
+    if images.shape[1] != images.shape[2]:
+      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}; views must be square")
+    lay = self.layout(strategy, images.shape[1])
+    if lay.input_size != images.shape[1]:
       b, _, _, c = images.shape
       images = jax.image.resize(images, (b, lay.input_size, lay.input_size, c), method="linear")
     x = self.patch_embed(images, lay.patch_size)
@@ -126,7 +126,7 @@ class VisionTransformer(nn.Module):
   def tokens(self, images, strategy: Strategy = FULL, rng=None):
     """The sequence the blocks see: [CLS, kept patch tokens] -> [B, 1 + K, width]."""
     x = self.embed(images, strategy)
-    kept = self.layout(strategy).kept
+    kept = self.layout(strategy, images.shape[1]).kept
     if kept < x.shape[1]:
       if rng is None:
         raise ValueError(f"strategy {strategy.spec} drops tokens and needs an rng")

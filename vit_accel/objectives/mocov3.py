@@ -5,8 +5,6 @@ Pure functions plus one linen module; the trainer owns the state and the EMA upd
 """
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,9 +14,13 @@ from vit_accel import compression
 from vit_accel.compression import FULL, BranchStrategies, Strategy
 from vit_accel.models.heads import MLPHead
 from vit_accel.models.vit import VisionTransformer
+from vit_accel.objectives import ema
+from vit_accel.objectives.ema import momentum_at  # noqa: F401  (re-exported: MoCo's momentum)
 
 # Parameter subtrees the momentum (key) encoder tracks; the predictor exists only on the query side.
 KEY_ENCODER_PARTS = ("backbone", "projector")
+EMA_PARTS = KEY_ENCODER_PARTS
+EVAL_ON = "params"   # the query (base) encoder, as in MoCo-v3's linear evaluation
 
 
 class MoCoV3Model(nn.Module):
@@ -57,18 +59,12 @@ def infonce(q, k, temperature: float):
 
 
 def key_params_of(params):
-  return {name: params[name] for name in KEY_ENCODER_PARTS}
-
-
-def momentum_at(progress, base_momentum: float):
-  """Key-encoder momentum: cosine from `base_momentum` at progress 0 to 1 at progress 1."""
-  progress = jnp.clip(progress, 0.0, 1.0)
-  return 1.0 - (1.0 - base_momentum) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
+  return ema.parts_of(params, KEY_ENCODER_PARTS)
 
 
 def ema_update(key_params, params, momentum):
   """key <- momentum * key + (1 - momentum) * query (for the key-encoder parts)."""
-  return optax.incremental_update(key_params_of(params), key_params, step_size=1.0 - momentum)
+  return ema.update(key_params, params, momentum)
 
 
 def loss_fn(model: MoCoV3Model, params, key_params, views, temperature: float,
@@ -92,6 +88,28 @@ def loss_fn(model: MoCoV3Model, params, key_params, views, temperature: float,
   if symmetric:
     loss = loss + infonce(q(v2, rngs[2]), k(v1, rngs[3]), temperature)
   return loss
+
+
+# --------------------------------------------------------------- the interface the trainer calls
+def build(config, backbone: VisionTransformer) -> MoCoV3Model:
+  h = config.mocov3
+  return MoCoV3Model(backbone=backbone, proj_hidden_dim=h.proj_hidden_dim, out_dim=h.out_dim,
+                     pred_hidden_dim=h.pred_hidden_dim)
+
+
+def init_extra(config) -> dict:
+  return {}
+
+
+def momentum(config, progress):
+  return momentum_at(progress, config.mocov3.base_momentum)
+
+
+def loss(model, params, ema_params, extra, views, config, strategies: BranchStrategies, rng,
+         progress):
+  value = loss_fn(model, params, ema_params, views["views"], float(config.mocov3.temperature),
+                  symmetric=config.mocov3.symmetric, strategies=strategies, rng=rng)
+  return value, (extra, {})
 
 
 def cost_branches(config, strategies: BranchStrategies):

@@ -1,0 +1,205 @@
+"""SimCLR and DINO: losses against NumPy references, centring and temperature schedules, which
+parameters get gradients, the cost model's branches, config checks, and a short run of each."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from vit_accel import objectives, train_step
+from vit_accel.compression import BranchStrategies
+from vit_accel.errors import UserError
+from vit_accel.models.vit import VisionTransformer
+from vit_accel.objectives import dino, ema, simclr
+
+
+def numpy_nt_xent(z1, z2, t):
+  z = np.concatenate([z1, z2]).astype(np.float64)
+  z /= np.linalg.norm(z, axis=1, keepdims=True)
+  n2 = z.shape[0]
+  n = n2 // 2
+  losses = []
+  for i in range(n2):
+    pos = (i + n) % n2
+    sims = np.array([z[i] @ z[j] / t for j in range(n2) if j != i])    # 2N - 1 terms
+    losses.append(-(z[i] @ z[pos] / t) + np.log(np.exp(sims).sum()))
+  return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_nt_xent_matches_numpy(t):
+  rng = np.random.default_rng(0)
+  z1, z2 = rng.normal(size=(2, 6, 5))
+  got = float(simclr.nt_xent(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), t))
+  assert got == pytest.approx(numpy_nt_xent(z1, z2, t), rel=1e-5)
+  # Matched pairs score far better than shuffled ones.
+  assert float(simclr.nt_xent(z1, z1 + 0.01, 0.2)) < float(simclr.nt_xent(z1, z2, 0.2))
+
+
+def numpy_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_dino_loss_and_center_update_match_numpy():
+  rng = np.random.default_rng(1)
+  n, k = 4, 7
+  student = [rng.normal(size=(n, k)) for _ in range(5)]     # 2 global + 3 local
+  teacher = [rng.normal(size=(n, k)) for _ in range(2)]
+  center = rng.normal(size=(k,)) * 0.1
+  ts, tt = 0.1, 0.05
+  total, pairs = 0.0, 0
+  for i, t in enumerate(teacher):
+    p = numpy_softmax((t - center) / tt)
+    for v, s in enumerate(student):
+      if v == i:
+        continue
+      logq = np.log(numpy_softmax(s / ts))
+      total += np.mean(np.sum(-p * logq, axis=-1))
+      pairs += 1
+  assert pairs == 2 * 5 - 2
+  as32 = lambda xs: [jnp.asarray(x, jnp.float32) for x in xs]  # noqa: E731
+  got, _ = dino.dino_loss(as32(student), as32(teacher), jnp.asarray(center, jnp.float32), ts, tt)
+  assert float(got) == pytest.approx(total / pairs, rel=1e-5)
+  new = dino.update_center(jnp.asarray(center, jnp.float32), as32(teacher), 0.9)
+  expected = 0.9 * center + 0.1 * np.concatenate(teacher).mean(0)
+  np.testing.assert_allclose(np.asarray(new), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dino_teacher_temperature_warms_up_then_holds():
+  at = lambda p: float(dino.teacher_temp_at(p, 0.04, 0.07, 0.3))  # noqa: E731
+  assert at(0.0) == pytest.approx(0.04)
+  assert at(0.15) == pytest.approx(0.055)
+  assert at(0.3) == pytest.approx(0.07) and at(0.9) == pytest.approx(0.07)
+  assert float(dino.teacher_temp_at(0.0, 0.04, 0.07, 0.0)) == pytest.approx(0.07)
+  assert float(ema.momentum_at(0.0, 0.996)) == pytest.approx(0.996)
+  assert float(ema.momentum_at(1.0, 0.996)) == pytest.approx(1.0)
+
+
+def tiny_backbone():
+  return VisionTransformer(width=16, depth=1, num_heads=2, patch_size=4, image_size=8)
+
+
+def grad_mass(tree):
+  return float(jax.tree.reduce(lambda a, b: a + jnp.abs(b).sum(), tree, 0.0))
+
+
+def test_dino_gradients_reach_the_student_only_and_local_crops_have_their_own_length():
+  model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
+                                                        bottleneck_dim=8))
+  g = [jax.random.normal(jax.random.key(i), (4, 8, 8, 3)) for i in range(2)]
+  local = [jax.random.normal(jax.random.key(5), (4, 4, 4, 3))]   # 1 patch per side
+  params = model.init(jax.random.key(1), g[0])["params"]
+  teacher = ema.init(params, dino.EMA_PARTS)
+  center = jnp.zeros((32,))
+
+  def loss(p, t, freeze=False):
+    return dino.loss_fn(model, p, t, center, g, local, student_temp=0.1, teacher_temp=0.04,
+                        center_momentum=0.9, freeze_last=freeze)[0]
+
+  assert grad_mass(jax.jit(jax.grad(loss))(params, teacher)) > 0
+  assert grad_mass(jax.jit(jax.grad(lambda t: loss(params, t)))(teacher)) == 0
+  # Frozen last layer: no gradient into it, the rest still learns.
+  frozen = jax.jit(jax.grad(lambda p: loss(p, teacher, True)))(params)
+  assert grad_mass(frozen["head"]["last_v"]) == 0 and grad_mass(frozen["backbone"]) > 0
+  # Weight-normalised last layer: rescaling an output unit's weight vector changes nothing.
+  out = model.apply({"params": params}, g[0])
+  scaled = jax.tree.map(lambda x: x, params)
+  scaled["head"]["last_v"] = params["head"]["last_v"] * jnp.linspace(0.5, 3.0, 32)
+  assert out.shape == (4, 32)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": scaled}, g[0])), np.asarray(out),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_simclr_gradients_flow_through_both_views():
+  model = simclr.SimCLRModel(tiny_backbone(), proj_hidden_dim=16, out_dim=8)
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+  y = jax.random.normal(jax.random.key(3), (6, 8, 8, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  # Each view on its own path: the loss depends on both, with gradients through each.
+  gx = jax.jit(jax.grad(lambda v: simclr.loss_fn(model, params, (v, y), 0.2)))(x)
+  gy = jax.jit(jax.grad(lambda v: simclr.loss_fn(model, params, (x, v), 0.2)))(y)
+  assert float(jnp.abs(gx).sum()) > 0 and float(jnp.abs(gy).sum()) > 0
+
+
+def test_cost_branches_count_views_and_local_crops():
+  s = tiny_config(objective="simclr")
+  d = tiny_config(objective="dino")
+  full = BranchStrategies.parse("full")
+  # SimCLR: two views with gradient (3 forwards each) + projector.
+  assert train_step.step_cost_units(s, full) == pytest.approx(6.0, rel=0.1)
+  assert len(simclr.cost_branches(s, full)) == 2
+  branches = dino.cost_branches(d, full)
+  assert len(branches) == 2 + d.aug.local_crops + 2
+  assert [b.with_grad for b in branches].count(False) == 2
+  local = [b for b in branches if b.layout.seq_len < branches[0].layout.seq_len]
+  assert len(local) == d.aug.local_crops
+  # Compressing the student lowers the cost; the teacher stays at full length.
+  cheap = dino.cost_branches(d, BranchStrategies.parse("keep0.5"))
+  assert all(b.layout.seq_len == branches[-1].layout.seq_len for b in cheap if not b.with_grad)
+  assert train_step.step_cost_units(d, BranchStrategies.parse("keep0.5")) < \
+      train_step.step_cost_units(d, full)
+
+
+def test_objective_config_errors_are_one_line():
+  c = tiny_config(objective="simclr")
+  c.objective = "byol"
+  with pytest.raises(UserError, match="unknown objective='byol'; available: mocov3, simclr, dino"):
+    train_step.validate_config(c)
+  c.objective = "dino"     # no dino section in a SimCLR config
+  with pytest.raises(UserError, match="needs a config section 'dino'"):
+    train_step.validate_config(c)
+  d = tiny_config(objective="dino")
+  d.aug.local_size = 10    # not a multiple of the patch size 4
+  with pytest.raises(UserError, match="aug.local_size=10"):
+    train_step.validate_config(d)
+  assert set(objectives.OBJECTIVES) == {"mocov3", "simclr", "dino"}
+
+
+@pytest.mark.parametrize("objective", ["simclr", "dino"])
+def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective, tmp_path,
+                                                                      needs_fashion_mnist):
+  from vit_accel import checkpointing, train
+  cfg = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", objective=objective)
+  result = train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+  assert 0.0 <= result["knn_top1"] <= 1.0
+  lines = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")]
+  train_lines = [l for l in lines if "loss" in l]
+  assert train_lines and all(np.isfinite(l["loss"]) for l in train_lines)
+  assert {l["stage"] for l in train_lines} == {0, 1}
+  if objective == "dino":
+    assert all(0.0399 <= l["teacher_temp"] <= 0.0701 and l["teacher_entropy"] > 0
+               for l in train_lines)
+  # Stopped half-way and resumed: the same parameters, EMA and objective state as straight through.
+  cfg_stop = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", objective=objective)
+  cfg_stop.stop_at_step = 2
+  train.train_and_evaluate(cfg_stop, str(tmp_path / "resumed"))
+  cfg_rest = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", objective=objective)
+  train.train_and_evaluate(cfg_rest, str(tmp_path / "resumed"))
+
+  def final_state(workdir):
+    model = train_step.build_model(cfg)
+    tx = train_step.make_optimizer(cfg)
+    mesh = train_step.sharding_lib.make_mesh(cfg)
+    _, abstract, shardings = train_step.state_layout(cfg, model, tx, mesh)
+    ck = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=3, every_steps=1,
+                                    async_save=False)
+    try:
+      state, _ = ck.restore(max(ck.all_steps()),
+                            checkpointing.abstract_with_shardings(abstract, shardings))
+    finally:
+      ck.close()
+    return state
+
+  a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+  assert int(a.step) == int(b.step) > 2     # the same plan, finished in both
+  for x, y in zip(jax.tree.leaves((a.params, a.ema_params, a.extra)),
+                  jax.tree.leaves((b.params, b.ema_params, b.extra))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  if objective == "dino":
+    assert float(jnp.abs(a.extra["center"]).sum()) > 0       # the centre moved
+    assert set(a.ema_params) == {"backbone", "head"}
+  else:
+    assert not jax.tree.leaves(a.ema_params) and not jax.tree.leaves(a.extra)   # nothing to carry

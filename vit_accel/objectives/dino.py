@@ -1,0 +1,161 @@
+"""DINO (Caron et al. 2021): a student (backbone + DINO head) trained to match an EMA teacher's
+centred, sharpened output distribution across views.
+
+- Teacher: EMA of the student's backbone + head, momentum cosine from `dino.base_momentum` (0.996)
+  to 1; it sees the 2 global views only, uncompressed unless the stage spec says 'QUERY|KEY'.
+- Student: all views, the 2 global crops and `aug.local_crops` local crops (their own, smaller side,
+  hence their own sequence length), under the stage's gradient-branch strategy.
+- Loss: cross-entropy H(teacher_i, student_v) averaged over every pair with v != i; teacher softmax at
+  a temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp`, after subtracting a
+  centre (EMA of the teacher's batch-mean output, momentum `center_momentum`); student at
+  `student_temp`.
+- Head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised linear to `out_dim` (no bias,
+  norm fixed to 1 when `norm_last_layer`); the last layer is frozen for the first
+  `freeze_last_layer_fraction` of the budget, as DINO freezes it for its first epoch.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_accel import compression
+from vit_accel.compression import FULL, BranchStrategies, Strategy
+from vit_accel.models.heads import BatchStatNorm
+from vit_accel.models.vit import VisionTransformer
+from vit_accel.objectives import ema
+
+EMA_PARTS = ("backbone", "head")
+EVAL_ON = "ema_params"   # DINO evaluates the teacher
+
+
+class DINOHead(nn.Module):
+  out_dim: int = 65536
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  norm_last_layer: bool = True
+  use_bn: bool = False       # BatchNorm after each hidden layer (DINO's option, used for ResNets)
+
+  @nn.compact
+  def __call__(self, x, freeze_last=False):
+    init = nn.initializers.truncated_normal(0.02)
+    for i in range(self.num_layers - 1):
+      x = nn.Dense(self.hidden_dim, kernel_init=init, name=f"fc{i}")(x)
+      if self.use_bn:
+        x = BatchStatNorm(name=f"bn{i}")(x)
+      x = nn.gelu(x, approximate=False)
+    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"fc{self.num_layers - 1}")(x)
+    x = x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+    # Weight normalisation: direction v per output unit, norm g (fixed at 1 when norm_last_layer).
+    v = self.param("last_v", init, (self.bottleneck_dim, self.out_dim))
+    v = jnp.where(freeze_last, jax.lax.stop_gradient(v), v)
+    w = v / jnp.linalg.norm(v, axis=0, keepdims=True).clip(1e-12)
+    if not self.norm_last_layer:
+      g = self.param("last_g", nn.initializers.ones, (self.out_dim,))
+      w = w * jnp.where(freeze_last, jax.lax.stop_gradient(g), g)
+    return x @ w
+
+
+class DINOModel(nn.Module):
+  backbone: VisionTransformer
+  head: DINOHead
+
+  def features(self, images, strategy: Strategy = FULL, rng=None):
+    """Backbone CLS feature (what evaluation uses, at full length)."""
+    return self.backbone(images, strategy, rng)[0]
+
+  def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False):
+    return self.head(self.features(images, strategy, rng), freeze_last)
+
+
+def teacher_temp_at(progress, warmup_temp: float, temp: float, warmup_fraction: float):
+  """Linear warm-up from `warmup_temp` to `temp` over the first `warmup_fraction` of the budget."""
+  if warmup_fraction <= 0:
+    return jnp.asarray(temp, jnp.float32)
+  frac = jnp.clip(progress / warmup_fraction, 0.0, 1.0)
+  return warmup_temp + (temp - warmup_temp) * frac
+
+
+def dino_loss(student_out, teacher_out, center, student_temp: float, teacher_temp):
+  """student_out: V_s arrays [N, K] (global views first); teacher_out: V_t arrays [N, K] (the global
+  views, in the same order). Mean over pairs (teacher i, student v), v != i, of the batch-mean
+  cross-entropy. Returns (loss, teacher probabilities)."""
+  teacher_probs = [jax.nn.softmax((jax.lax.stop_gradient(t) - center) / teacher_temp, axis=-1)
+                   for t in teacher_out]
+  student_logp = [jax.nn.log_softmax(s / student_temp, axis=-1) for s in student_out]
+  total, pairs = 0.0, 0
+  for i, p in enumerate(teacher_probs):
+    for v, logq in enumerate(student_logp):
+      if v == i:
+        continue
+      total = total + jnp.mean(jnp.sum(-p * logq, axis=-1))
+      pairs += 1
+  return total / pairs, teacher_probs
+
+
+def update_center(center, teacher_out, momentum: float):
+  """center <- m * center + (1 - m) * mean over the (global) batch and teacher views."""
+  batch_mean = jnp.mean(jnp.concatenate(teacher_out, axis=0), axis=0)
+  return momentum * center + (1.0 - momentum) * jax.lax.stop_gradient(batch_mean)
+
+
+def loss_fn(model: DINOModel, params, teacher_params, center, global_views, local_views, *,
+            student_temp: float, teacher_temp, center_momentum: float, freeze_last=False,
+            strategies: BranchStrategies = BranchStrategies(), rng=None):
+  """(loss, new centre, teacher probabilities) for one batch of global and local views."""
+  views = tuple(global_views) + tuple(local_views)
+  rngs = (jax.random.split(rng, len(views) + len(global_views)) if rng is not None
+          else [None] * (len(views) + len(global_views)))
+  student_out = [model.apply({"params": params}, v, strategies.query, rngs[i], freeze_last)
+                 for i, v in enumerate(views)]
+  teacher_out = [jax.lax.stop_gradient(
+      model.apply({"params": teacher_params}, v, strategies.key, rngs[len(views) + i]))
+      for i, v in enumerate(global_views)]
+  value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp)
+  return value, update_center(center, teacher_out, center_momentum), probs
+
+
+# --------------------------------------------------------------- the interface the trainer calls
+def build(config, backbone: VisionTransformer) -> DINOModel:
+  h = config.dino
+  return DINOModel(backbone=backbone, head=DINOHead(
+      out_dim=h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
+      num_layers=h.head_layers, norm_last_layer=h.norm_last_layer, use_bn=h.get("head_bn", False)))
+
+
+def init_extra(config) -> dict:
+  return {"center": jnp.zeros((config.dino.out_dim,), jnp.float32)}
+
+
+def momentum(config, progress):
+  return ema.momentum_at(progress, config.dino.base_momentum)
+
+
+def loss(model, params, ema_params, extra, views, config, strategies: BranchStrategies, rng,
+         progress):
+  h = config.dino
+  teacher_temp = teacher_temp_at(progress, h.warmup_teacher_temp, h.teacher_temp,
+                                 h.warmup_teacher_temp_fraction)
+  value, center, probs = loss_fn(
+      model, params, ema_params, extra["center"], views["views"], views.get("local_views", ()),
+      student_temp=h.student_temp, teacher_temp=teacher_temp, center_momentum=h.center_momentum,
+      freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng)
+  # Collapse diagnostics: a collapsed teacher has per-sample entropy ~0 (one dimension dominates)
+  # or ~log(out_dim) (uniform).
+  p = jnp.concatenate(probs, axis=0)
+  entropy = jnp.mean(-jnp.sum(p * jnp.log(p.clip(1e-12)), axis=-1))
+  return value, ({"center": center}, {"teacher_temp": teacher_temp, "teacher_entropy": entropy})
+
+
+def cost_branches(config, strategies: BranchStrategies):
+  """Student: 2 global + local crops with gradient; teacher: 2 global views without."""
+  m, h = config.model, config.dino
+  head = (compression.mlp_flops([m.width] + [h.hidden_dim] * (h.head_layers - 1)
+                                + [h.bottleneck_dim]) + 2.0 * h.bottleneck_dim * h.out_dim)
+  q_global = strategies.query.layout(m.image_size, m.patch_size)
+  q_local = strategies.query.layout(config.aug.local_size, m.patch_size)
+  k_global = strategies.key.layout(m.image_size, m.patch_size)
+  return (2 * [compression.Branch(q_global, head, with_grad=True)]
+          + config.aug.local_crops * [compression.Branch(q_local, head, with_grad=True)]
+          + 2 * [compression.Branch(k_global, head, with_grad=False)])
