@@ -17,11 +17,11 @@ def budget_for_steps(config, steps: int, spec: str = "full|full") -> float:
   return (steps + 0.5) * per_step
 
 
-def tiny_config(steps: int = 6, schedule: str = "none", objective: str = "mocov3", **overrides):
-  """The smoke recipe of `objective` (configs/fmnist_<objective>.py) shrunk further: `steps`
+def tiny_config(steps: int = 6, schedule: str = "none", recipe: str = "mocov3", **overrides):
+  """The smoke recipe `recipe` (configs/fmnist_<recipe>.py) shrunk further: `steps`
   uncompressed steps of a 2-layer ViT (or `schedule` with the same budget), kNN on small subsets."""
   import importlib
-  c = importlib.import_module(f"configs.fmnist_{objective}").get_config("smoke")
+  c = importlib.import_module(f"configs.fmnist_{recipe}").get_config("smoke")
   c.batch_size = 16
   c.schedule = schedule
   c.compile_cache_dir = ""

@@ -125,8 +125,8 @@ def test_simclr_gradients_flow_through_both_views():
 
 
 def test_cost_branches_count_views_and_local_crops():
-  s = tiny_config(objective="simclr")
-  d = tiny_config(objective="dino")
+  s = tiny_config(recipe="simclr")
+  d = tiny_config(recipe="dino")
   full = BranchStrategies.parse("full")
   # SimCLR: two views with gradient (3 forwards each) + projector.
   assert train_step.step_cost_units(s, full) == pytest.approx(6.0, rel=0.1)
@@ -144,14 +144,14 @@ def test_cost_branches_count_views_and_local_crops():
 
 
 def test_objective_config_errors_are_one_line():
-  c = tiny_config(objective="simclr")
+  c = tiny_config(recipe="simclr")
   c.objective = "byol"
   with pytest.raises(UserError, match="unknown objective='byol'; available: mocov3, simclr, dino"):
     train_step.validate_config(c)
   c.objective = "dino"     # no dino section in a SimCLR config
   with pytest.raises(UserError, match="needs a config section 'dino'"):
     train_step.validate_config(c)
-  d = tiny_config(objective="dino")
+  d = tiny_config(recipe="dino")
   d.aug.local_size = 10    # not a multiple of the patch size 4
   with pytest.raises(UserError, match="aug.local_size=10"):
     train_step.validate_config(d)
@@ -162,7 +162,7 @@ def test_objective_config_errors_are_one_line():
 def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective, tmp_path,
                                                                       needs_fashion_mnist):
   from vit_accel import checkpointing, train
-  cfg = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", objective=objective)
+  cfg = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", recipe=objective)
   result = train.train_and_evaluate(cfg, str(tmp_path / "straight"))
   assert 0.0 <= result["knn_top1"] <= 1.0
   lines = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")]
@@ -173,10 +173,10 @@ def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective,
     assert all(0.0399 <= l["teacher_temp"] <= 0.0701 and l["teacher_entropy"] > 0
                for l in train_lines)
   # Stopped half-way and resumed: the same parameters, EMA and objective state as straight through.
-  cfg_stop = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", objective=objective)
+  cfg_stop = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", recipe=objective)
   cfg_stop.stop_at_step = 2
   train.train_and_evaluate(cfg_stop, str(tmp_path / "resumed"))
-  cfg_rest = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", objective=objective)
+  cfg_rest = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", recipe=objective)
   train.train_and_evaluate(cfg_rest, str(tmp_path / "resumed"))
 
   def final_state(workdir):

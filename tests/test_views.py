@@ -69,7 +69,7 @@ def test_local_crops_leave_the_global_views_unchanged():
 
 
 def test_multicrop_batches_have_local_views_of_their_own_size():
-  cfg = tiny_config(objective="dino")
+  cfg = tiny_config(recipe="dino")
   cfg.aug.local_crops = 3
   cfg.aug.local_size = 12
   images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)
