@@ -101,8 +101,17 @@ def get_config(arg: str | None = None):
   c.optim.grad_clip = 0.0
 
   c.data = ml_collections.ConfigDict()
+  # Sources (input_pipeline/sources.py): 'fashion_mnist' (embedded), 'image_folder' (data.dir =
+  # ROOT holding train/<class>/* and test/<class>/*, any common format, grey or colour) or 'tfds'
+  # (data.tfds_name prepared in data.dir; nothing is ever downloaded).
   c.data.source = "fashion_mnist"
   c.data.dir = ""                # "" = the Debian package's /usr/share/datasets/fashion-mnist
+  c.data.tfds_name = ""          # e.g. "imagenet2012", "cifar10"
+  c.data.tfds_splits = ml_collections.ConfigDict({"train": "train", "test": "test"})
+  c.data.num_examples = ml_collections.ConfigDict({"train": -1, "test": -1})  # -1: from metadata
+  c.data.shuffle_buffer = 10_000  # TFDS streams only (indexable sources shuffle exactly)
+  c.data.verify_images = True    # image_folder: decode every file once at start
+  c.data.bad_images = "skip"     # ... unreadable ones: 'skip' (left out and counted) or 'fail'
   c.data.mean = (0.286, 0.286, 0.286)   # Fashion-MNIST pixel statistics after padding
   c.data.std = (0.353, 0.353, 0.353)
   c.data.prefetch = 4

@@ -1,20 +1,27 @@
 """Batching: the per-host, deterministic, resumable training stream and the evaluation arrays.
 
-Training stream, per host:
+Training stream, per host, for indexable sources (in-memory arrays, image files):
   host shard (contiguous 1/P of the train split)
   -> epoch e: a permutation drawn from (seed, e, host)          stateless, so any epoch can be rebuilt
   -> skip to the resume position (cheap: skips indices, not decoded images)
   -> gather + augment (seeded by (seed, global position, host), so a resumed run sees the same views)
   -> batch(local_batch, drop_remainder) -> prefetch
 The global batch is the concatenation of the hosts' local batches (sharding.host_to_global).
+
+A TFDS source is streamed instead (ImageNet does not fit in memory, and its files cannot seek): each
+host reads its `tfds.even_splits` part, with file order and shuffle buffer seeded by (seed, start
+step). A resumed TFDS run therefore draws a fresh order from where it stopped rather than replaying
+the same views; in-memory and image-folder runs replay exactly.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 from input_pipeline.tf_runtime import tf
 
+from input_pipeline import sources
 from input_pipeline import views as views_lib
 from vit_accel.errors import UserError
 
@@ -41,19 +48,75 @@ def steps_per_epoch(num_examples: int, split: HostSplit) -> int:
   return (end - start) // split.local_batch
 
 
-def train_dataset(images: np.ndarray, config, split: HostSplit, start_step: int = 0):
+def decode_image_file(path):
+  """Any common image file -> uint8 [H, W, 3] (grey replicated, alpha dropped, first GIF frame)."""
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def verify_image_files(files: sources.ImageFiles, policy: str) -> sources.ImageFiles:
+  """Decode every file once; unreadable ones (corrupt, truncated, not an image) are dropped and
+  counted (`policy` 'skip') or stop the run naming the first (`policy` 'fail')."""
+  if policy not in ("skip", "fail"):
+    raise UserError(f"data.bad_images={policy!r}; use 'skip' (leave out and count) or 'fail'")
+  n = files.num_examples
+  ds = tf.data.Dataset.from_tensor_slices((tf.range(n), files.paths))
+  ds = ds.map(lambda i, p: (i, tf.shape(decode_image_file(p))[0]),
+              num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
+  good = np.zeros(n, bool)
+  for i, _ in ds.as_numpy_iterator():
+    good[i] = True
+  if good.all():
+    return files
+  bad = files.paths[~good]
+  if policy == "fail":
+    raise UserError(f"{bad[0]} is not a readable image ({len(bad)} such file(s)); fix or remove "
+                    f"it, or set --config.data.bad_images=skip")
+  from absl import logging
+  logging.warning("skipped %d of %d files that are not readable images (first: %s)", len(bad), n,
+                  bad[0])
+  if not good.any():
+    raise UserError(f"none of the {n} files under {os.path.dirname(os.path.dirname(bad[0]))} is a "
+                    f"readable image")
+  return sources.ImageFiles(files.paths[good], files.labels[good], files.class_names)
+
+
+def load_source(config, split: str):
+  """sources.load, plus the image-folder check that every file decodes (data.bad_images)."""
+  source = sources.load(config, split)
+  if isinstance(source, sources.ImageFiles) and config.data.get("verify_images", True):
+    source = verify_image_files(source, config.data.get("bad_images", "skip"))
+  return source
+
+
+def _indexed_images(source, start: int, end: int):
+  """(this host's rows as a TF table, index -> float image [H, W, C] in [0, 1])."""
+  if isinstance(source, sources.ImageFiles):
+    table = tf.constant(source.paths[start:end])
+    return lambda index: tf.cast(decode_image_file(tf.gather(table, index)), tf.float32) / 255.0
+  table = tf.constant(source.images[start:end])
+  return lambda index: tf.cast(tf.gather(table, index), tf.float32) / 255.0
+
+
+def train_dataset(source, config, split: HostSplit, start_step: int = 0):
   """A tf.data stream of local batches from `start_step`: {"views": (view0, view1)} uint8 [b, S, S, 3],
-  plus "local_views" (uint8 [b, L, L, 3] each) for multi-crop recipes."""
+  plus "local_views" (uint8 [b, L, L, 3] each) for multi-crop recipes. `source`: from load_source
+  (or a bare uint8 image array)."""
+  source = sources.as_source(source)
   if split.global_batch % split.process_count:
     raise UserError(f"batch_size={split.global_batch} is not divisible by the "
                     f"{split.process_count} processes; pick a multiple of {split.process_count}")
-  start, end = split.shard_bounds(images.shape[0])
-  host_images = tf.constant(images[start:end])
-  shard_size = end - start
-  per_epoch = steps_per_epoch(images.shape[0], split) * split.local_batch
+  num_examples = source.num_examples
+  per_epoch = steps_per_epoch(num_examples, split) * split.local_batch
   if per_epoch == 0:
-    raise UserError(f"batch_size={split.global_batch} is larger than the {images.shape[0]} "
+    raise UserError(f"batch_size={split.global_batch} is larger than the {num_examples} "
                     f"training images; lower batch_size")
+  if isinstance(source, sources.TfdsSplit):
+    return _tfds_train_dataset(source, config, split, start_step)
+  start, end = split.shard_bounds(num_examples)
+  load_image = _indexed_images(source, start, end)
+  shard_size = end - start
   first = start_step * split.local_batch
   first_epoch, offset = divmod(first, per_epoch)
   seed = int(config.seed)
@@ -65,23 +128,87 @@ def train_dataset(images: np.ndarray, config, split: HostSplit, start_step: int 
     positions = epoch * per_epoch + tf.range(per_epoch, dtype=tf.int64)
     return tf.data.Dataset.from_tensor_slices((positions, perm[:per_epoch]))
 
+  ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch_examples).skip(offset)
+  ds = ds.map(lambda position, index: (position, load_image(index)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return _views_and_batches(ds, config, split)
+
+
+def _view_seed(config, position, host: int):
+  return tf.random.experimental.stateless_fold_in(
+      tf.stack([tf.constant(int(config.seed), tf.int64), position]), host)
+
+
+def _views_and_batches(ds, config, split: HostSplit):
+  """(global position, float image) elements -> augmented views, batched and prefetched."""
   size = int(config.model.image_size)
   aug = config.aug
-
-  def make_views(position, index):
-    image = tf.cast(tf.gather(host_images, index), tf.float32) / 255.0
-    view_seed = tf.random.experimental.stateless_fold_in(
-        tf.stack([tf.constant(seed, tf.int64), position]), host)
-    return views_lib.make_views(image, view_seed, size, aug)
-
-  ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch_examples).skip(offset)
-  ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  host = split.process_index
+  ds = ds.map(lambda position, image: views_lib.make_views(image, _view_seed(config, position,
+                                                                              host), size, aug),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(split.local_batch, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
   ds = ds.with_options(options)
   return ds.prefetch(int(config.data.prefetch))
+
+
+def _tfds_builder(source: sources.TfdsSplit):
+  import tensorflow_datasets as tfds
+  return tfds, tfds.builder(source.name, data_dir=source.data_dir)
+
+
+def _tfds_train_dataset(source: sources.TfdsSplit, config, split: HostSplit, start_step: int):
+  tfds, builder = _tfds_builder(source)
+  host_split = tfds.even_splits(source.split, n=split.process_count,
+                                drop_remainder=True)[split.process_index]
+  shuffle_seed = int(config.seed) * 1_000_003 + start_step
+  ds = builder.as_dataset(split=host_split, shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+  ds = ds.map(lambda example: tf.cast(example["image"], tf.float32) / 255.0,
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.repeat().shuffle(int(config.data.get("shuffle_buffer", 10_000)), seed=shuffle_seed)
+  ds = ds.enumerate(start=start_step * split.local_batch)
+  return _views_and_batches(ds, config, split)
+
+
+def eval_view(image, size: int):
+  """Deterministic evaluation input: shorter side resized to `size`, centre crop (a square image
+  is just resized), 3 channels, uint8."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = float(size) / tf.reduce_min(shape)
+  new = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+  image = tf.image.resize(image, new, method="bilinear", antialias=True)
+  image = tf.image.resize_with_crop_or_pad(image, size, size)
+  return views_lib.to_rgb_uint8(tf.clip_by_value(image, 0.0, 1.0))
+
+
+def eval_arrays(source, size: int, limit: int, seed: int):
+  """A fixed subset of at most `limit` examples (<= 0: all) as (uint8 [n, size, size, 3], labels).
+  Indexable sources: a seeded random subset; TFDS: the first `limit` in file order."""
+  source = sources.as_source(source)
+  if isinstance(source, sources.InMemory):
+    images, labels = subsample(source.images, source.labels, limit, seed)
+    return eval_images(images, size), labels
+  if isinstance(source, sources.ImageFiles):
+    n = source.num_examples
+    idx = (np.arange(n) if limit <= 0 or limit >= n
+           else np.sort(np.random.default_rng(seed).permutation(n)[:limit]))
+    ds = tf.data.Dataset.from_tensor_slices(source.paths[idx])
+    ds = ds.map(lambda p: eval_view(tf.cast(decode_image_file(p), tf.float32) / 255.0, size),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return np.concatenate(list(ds.batch(256).as_numpy_iterator())), source.labels[idx]
+  tfds, builder = _tfds_builder(source)
+  ds = builder.as_dataset(split=source.split, shuffle_files=False, as_supervised=True)
+  if limit > 0:
+    ds = ds.take(limit)
+  ds = ds.map(lambda image, label: (eval_view(tf.cast(image, tf.float32) / 255.0, size), label),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batches = list(ds.batch(256).as_numpy_iterator())
+  return (np.concatenate([b[0] for b in batches]),
+          np.concatenate([b[1] for b in batches]).astype(np.int32))
 
 
 def eval_images(images: np.ndarray, size: int) -> np.ndarray:

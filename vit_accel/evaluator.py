@@ -27,13 +27,14 @@ class Evaluator:
   the trained network, or DINO's teacher."""
 
   def __init__(self, config, model, mesh, state_shardings, train_split, test_split):
+    """train_split / test_split: sources (pipeline.load_source) or bare uint8 image arrays."""
     self.config = config
     self.mesh = mesh
     ev = config.eval
     size = config.model.image_size
-    (train_images, self.train_labels), (test_images, self.test_labels) = train_split, test_split
-    self.train_images = pipeline.eval_images(train_images, size)
-    self.test_images = pipeline.eval_images(test_images, size)
+    self.size = size
+    self.train_split, self.test_split = train_split, test_split
+    self._arrays = {}  # (split, limit) -> (uint8 images, labels): decoded once, reused
     sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
 
     def feature_fn(params, images):
@@ -43,6 +44,13 @@ class Evaluator:
                                                         sharding_lib.batch_sharding(mesh)),
                               out_shardings=sharding_lib.batch_sharding(mesh))
 
+  def arrays(self, split: str, limit: int):
+    """The fixed evaluation subset of `split` (train: the kNN bank, test: the queries)."""
+    if (split, limit) not in self._arrays:
+      source, seed = ((self.train_split, 1) if split == "train" else (self.test_split, 2))
+      self._arrays[split, limit] = pipeline.eval_arrays(source, self.size, limit, seed)
+    return self._arrays[split, limit]
+
   def __call__(self, params, *, final: bool) -> dict:
     """Periodic evaluations use small fixed subsets; `final` (also used for the initial network,
     the baseline) uses eval.final_bank_size / final_query_size (-1 = the whole split)."""
@@ -50,8 +58,8 @@ class Evaluator:
     t0 = time.time()
     bank_limit, query_limit = ((ev.final_bank_size, ev.final_query_size) if final
                                else (ev.bank_size, ev.query_size))
-    bank_x, bank_y = pipeline.subsample(self.train_images, self.train_labels, bank_limit, 1)
-    query_x, query_y = pipeline.subsample(self.test_images, self.test_labels, query_limit, 2)
+    bank_x, bank_y = self.arrays("train", bank_limit)
+    query_x, query_y = self.arrays("test", query_limit)
     bank = evaluation.extract_features(self.feature_fn, params, bank_x, ev.batch_size, self.mesh)
     query = evaluation.extract_features(self.feature_fn, params, query_x, ev.batch_size, self.mesh)
     top1 = evaluation.knn_top1(bank, bank_y, query, query_y, k=ev.knn_k,
@@ -87,8 +95,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         step, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
   finally:
     ckpt.close()
-  evaluator = Evaluator(config, model, mesh, state_shardings, sources.load(config, "train"),
-                        sources.load(config, "test"))
+  evaluator = Evaluator(config, model, mesh, state_shardings,
+                        pipeline.load_source(config, "train"), pipeline.load_source(config, "test"))
   result = evaluator(eval_params(config, state), final=True)
   line = {**result, "evaluated_by": "mode=eval", "checkpoint_step": step}
   if "wall_s" in meta:  # when the checkpoint was written, in the run's own clock

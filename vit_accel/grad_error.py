@@ -184,8 +184,8 @@ def run(config, workdir: str) -> dict:
 
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch(config.batch_size, mesh)
-  train_images, _ = sources.load(config, "train")
-  plan = train.make_step_plan(config, train_images.shape[0])
+  train_source = pipeline.load_source(config, "train")
+  plan = train.make_step_plan(config, train_source.num_examples)
   model = train_step.build_model(config)
   tx = train_step.make_optimizer(config)
   _, abstract_state, state_shardings = train_step.state_layout(config, model, tx, mesh)
@@ -205,7 +205,7 @@ def run(config, workdir: str) -> dict:
     finally:
       ckpt.close()
     # The batches this run would have seen next: R for g*, then the same M for every strategy.
-    stream = pipeline.train_dataset(train_images, config, split, start_step=step)
+    stream = pipeline.train_dataset(train_source, config, split, start_step=step)
     batches = stream.as_numpy_iterator()
     global_batches = [sharding_lib.host_to_global(next(batches), mesh)
                       for _ in range(ge.reference_batches + ge.batches)]

@@ -41,11 +41,11 @@ def overhead_units(config) -> float:
 
 class OnlineScheduler:
 
-  def __init__(self, config, model, mesh, state_shardings, train_images, split):
+  def __init__(self, config, model, mesh, state_shardings, train_source, split):
     from vit_accel import train_step
     self.config = config
     self.mesh = mesh
-    self.train_images = train_images
+    self.train_source = train_source
     self.split = split
     self.strategies = candidate_strategies(config)
     self.grad_fns = grad_error.make_grad_fns(config, model, self.strategies, state_shardings, mesh)
@@ -58,7 +58,7 @@ class OnlineScheduler:
     from input_pipeline import pipeline
     t0 = time.time()
     cfg = self.config.online
-    stream = pipeline.train_dataset(self.train_images, self.config, self.split,
+    stream = pipeline.train_dataset(self.train_source, self.config, self.split,
                                     start_step=MEASUREMENT_STREAM_OFFSET + step).as_numpy_iterator()
     batches = [sharding_lib.host_to_global(next(stream), self.mesh)
                for _ in range(cfg.reference_batches + cfg.batches)]

@@ -100,11 +100,11 @@ def pilot(config, workdir: str) -> str:
   fraction p of the pilot stands for progress p of the full run (the pilot's lr and momentum
   schedules are the full run's, compressed in time)."""
   from vit_accel import grad_error, train
-  from input_pipeline import sources
+  from input_pipeline import pipeline
 
   pilot_config = config.copy_and_resolve_references()
   with pilot_config.unlocked():
-    num_train = sources.load(config, "train")[0].shape[0]
+    num_train = pipeline.load_source(config, "train").num_examples
     pilot_config.budget = float(config.pilot.budget_fraction) * train.budget_units(config, num_train)
     pilot_config.schedule = "none"
     pilot_config.schedule_file = ""

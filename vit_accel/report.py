@@ -65,11 +65,11 @@ def _plot(runs, x_key, y_key, which, xlabel, ylabel, title, path, step=False):
 def plot_stages(run: dict, config, path: str, num_images: int = 3) -> None:
   """Sample test images with each stage's patch grid; dropped tokens greyed out."""
   import jax
-  from input_pipeline import sources
+  from input_pipeline import pipeline
   from vit_accel import compression
 
-  images, _ = sources.load(config, "test")
-  images = images[:num_images]
+  images, _ = pipeline.eval_arrays(pipeline.load_source(config, "test"), config.model.image_size,
+                                   num_images, seed=0)
   stages = run["plan"]["stages"]
   m = config.model
   fig, axes = plt.subplots(num_images, len(stages), figsize=(2.2 * len(stages), 2.2 * num_images),

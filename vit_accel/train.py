@@ -125,8 +125,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                jax.devices()[0].platform, jax.process_count())
 
   # Input: the training split, this host's part of it. The plan: identical on every host.
-  train_images, train_labels = sources.load(config, "train")
-  plan = make_step_plan(config, train_images.shape[0])
+  train_source = pipeline.load_source(config, "train")
+  num_train = train_source.num_examples
+  plan = make_step_plan(config, num_train)
   split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
   logging.info("%s", plan.describe())
 
@@ -164,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_offset = float(saved_meta.get("eval_wall_s", 0.0))
     decisions = list(saved_meta.get("online_decisions", []))
     if decisions:
-      plan = make_step_plan(config, train_images.shape[0], decisions)
+      plan = make_step_plan(config, num_train, decisions)
     finished = [m for m in read_metrics(workdir)
                 if m["step"] >= plan.total_steps and "knn_top1" in m]
     if start_step >= plan.total_steps and finished:
@@ -192,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   scheduler = None
   if is_online(config):
     needed = list(enumerate(online.candidate_strategies(config)))
-    scheduler = online.OnlineScheduler(config, model, mesh, state_shardings, train_images, split)
+    scheduler = online.OnlineScheduler(config, model, mesh, state_shardings, train_source, split)
   for index, strategies in needed:
     if strategies in compiled_steps:
       continue
@@ -202,8 +203,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.drop_after(start_step)
-  evaluator = Evaluator(config, model, mesh, state_shardings, (train_images, train_labels),
-                           sources.load(config, "test"))
+  evaluator = Evaluator(config, model, mesh, state_shardings, train_source,
+                           pipeline.load_source(config, "test"))
   marks = plan_marks(config, plan)
   eta = EtaEstimator(plan)
 
@@ -243,7 +244,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if start_step == 0 and config.eval.at_start:
     evaluate(0, final=True)
 
-  dataset = pipeline.train_dataset(train_images, config, split, start_step)
+  dataset = pipeline.train_dataset(train_source, config, split, start_step)
   batches = dataset.as_numpy_iterator()
   t_log = time.time()
   steps_since_log = 0
@@ -258,7 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             and step == plan.stages[len(decisions)].start_step:
           decision = scheduler.decide(state, step, len(decisions), plan.progress_at(step))
           decisions.append(decision)
-          plan = make_step_plan(config, train_images.shape[0], decisions)
+          plan = make_step_plan(config, num_train, decisions)
           marks = plan_marks(config, plan)
           eta.plan = plan
           writer.write(step, {"online_segment": decision["segment"],
