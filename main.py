@@ -66,6 +66,8 @@ def main(argv):
       return
     if FLAGS.mode in ("train", "eval", "grad_error", "pilot"):
       sources.check_source(config)
+    from vit_accel import distributed
+    distributed.initialize(config)  # multi-host: before anything touches a device
     from vit_accel import train  # heavy imports (JAX, TF) from here on
     logging.info("config:\n%s", config)
     workdir = os.path.abspath(FLAGS.workdir)

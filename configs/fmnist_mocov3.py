@@ -131,6 +131,14 @@ def get_config(arg: str | None = None):
   c.aug.blur_p = (0.0, 0.0)      # per view
   c.aug.solarize_p = (0.0, 0.0)  # per view
 
+  # Multi-process runs (vit_accel/distributed.py): one process per host, same command on each.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"      # 'auto' | 'always' (TPU pods, Slurm, Open MPI) | 'never'
+  c.distributed.coordinator_address = ""  # "host:port" of process 0 (else $JAX_COORDINATOR_ADDRESS)
+  c.distributed.num_processes = -1       # (else $JAX_NUM_PROCESSES)
+  c.distributed.process_id = -1          # (else $JAX_PROCESS_ID)
+  c.distributed.timeout_s = 300
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # -1 = all remaining devices
   c.mesh.fsdp = 1

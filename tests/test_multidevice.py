@@ -1,6 +1,6 @@
 """The same run on 1 and on 8 (simulated) devices computes the same thing: the batch is sharded over
 the mesh, and BatchNorm / InfoNCE statistics stay global-batch statistics; with mesh.fsdp the state
-really is sharded, and a checkpoint written on 8 devices continues on 1."""
+really is sharded, and a checkpoint written on 8 devices continues on 4 and then on 1."""
 import json
 import os
 import subprocess
@@ -56,7 +56,7 @@ print(dict(mesh.shape), fc1['kernel'].spec, fc1['bias'].spec, mu.spec,
 """
 
 
-def test_fsdp_shards_large_leaves_and_a_checkpoint_from_8_devices_continues_on_1(
+def test_fsdp_shards_large_leaves_and_a_checkpoint_from_8_devices_continues_on_4_then_1(
     tmp_path, needs_fashion_mnist):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   probe = subprocess.run([sys.executable, "-c", SHARDING_PROBE], cwd=ROOT, env=env,
@@ -68,10 +68,13 @@ def test_fsdp_shards_large_leaves_and_a_checkpoint_from_8_devices_continues_on_1
                                   "'fsdp')", "P()", "P(None,", "'fsdp')",
                                   "P()", "P(None,", "'fsdp')"], probe.stdout
   one = run(str(tmp_path / "one"), 1)
-  # FSDP on 8 devices, stopped after 3 steps, then continued on 1 device from that checkpoint.
+  # FSDP on 8 devices, stopped after 3 steps, continued on 4 devices to step 5, then on 1 device
+  # from that checkpoint: each restore lays the state out for the mesh at hand.
   workdir = str(tmp_path / "fsdp")
   first = run(workdir, 8, "--config.mesh.fsdp=2", "--config.stop_at_step=3")
+  middle = run(workdir, 4, "--config.stop_at_step=5")
   rest = run(workdir, 1)
   losses = lambda lines: [l["loss"] for l in lines if "loss" in l]  # noqa: E731
   assert [l["step"] for l in first if "loss" in l] == [1, 2, 3]
+  assert [l["step"] for l in middle if "loss" in l] == [1, 2, 3, 4, 5]
   np.testing.assert_allclose(losses(rest), losses(one), rtol=2e-4)   # the whole run, same numbers
