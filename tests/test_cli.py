@@ -25,6 +25,13 @@ CASES = {
     "missing data": ([SMOKE, "--config.data.dir=/nonexistent"], "dataset-fashion-mnist"),
     "local crop size": (["--config=configs/fmnist_dino.py:smoke", "--config.aug.local_size=10"],
                         "aug.local_size=10 must be a positive multiple of model.patch_size=4"),
+    "unknown data source": ([SMOKE, "--config.data.source=lmdb"], "unknown data.source='lmdb'"),
+    "image folder missing": ([SMOKE, "--config.data.source=image_folder",
+                              "--config.data.dir=/nonexistent"], "/nonexistent/train does not exist"),
+    "tfds not prepared": ([SMOKE, "--config.data.source=tfds", "--config.data.tfds_name=cifar10",
+                           "--config.data.dir=/nonexistent"], "'cifar10' is not prepared"),
+    "cluster half-specified": ([SMOKE, "--config.distributed.coordinator_address=127.0.0.1:1"],
+                               "needs distributed.num_processes > 0"),
 }
 
 
@@ -43,4 +50,27 @@ def test_bad_input_is_one_line_exit_2_and_the_run_directory_is_untouched(name, t
   assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert expected in errors[0], errors[0]
   assert sorted(os.listdir(workdir)) == ["checkpoints"]
+  assert (workdir / "checkpoints" / "7" / "marker").read_text() == "saved work"
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_counted(policy, tmp_path):
+  from test_sources import make_image_folder
+  data = make_image_folder(str(tmp_path / "data"), per_class=(12, 4))
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  (workdir / "checkpoints" / "7" / "marker").write_text("saved work")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  # --mode=eval reads the data, then finds no checkpoint it can use: the run directory is only read.
+  proc = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", SMOKE, "--mode=eval",
+                         "--config.data.source=image_folder", f"--config.data.dir={data}",
+                         f"--config.data.bad_images={policy}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  if policy == "fail":
+    assert len(errors) == 1 and "broken.png is not a readable image" in errors[0], errors
+  else:
+    assert "skipped 1 of 37 files that are not readable images" in proc.stderr
+    assert "1 non-image file(s)" in proc.stderr and "notes.txt" in proc.stderr
   assert (workdir / "checkpoints" / "7" / "marker").read_text() == "saved work"

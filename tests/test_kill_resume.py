@@ -1,5 +1,5 @@
-"""SIGKILL a multi-stage run at a random moment, re-run the same command: the final parameters equal
-an uninterrupted run's, bit for bit."""
+"""SIGKILL a multi-stage run five times at random moments, re-run the same command: the final
+parameters equal an uninterrupted run's, bit for bit. SIGTERM saves the current step and exits 3."""
 import os
 import random
 import signal
@@ -12,10 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Two stages (25% tokens on both branches, then full length), ~12 steps at batch 16, a checkpoint
+# Two stages (25% tokens on both branches, then full length), ~24 steps at batch 16, a checkpoint
 # every 2 steps, small evaluations.
 FLAGS = ["--config=configs/fmnist_mocov3.py:smoke", "--config.batch_size=16",
-         "--config.budget=900", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
+         "--config.budget=1800", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
          "--config.tensorboard=False", "--config.compile_cache_dir=",
          "--config.eval.final_bank_size=400", "--config.eval.final_query_size=200",
          "--config.eval.batch_size=200"]
@@ -35,27 +35,39 @@ def final_params(workdir):
   return last, ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(last), "state"))
 
 
-def test_sigkill_at_a_random_point_then_rerun_matches_uninterrupted(tmp_path, needs_fashion_mnist):
+def saved_steps(workdir):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return {int(d) for d in os.listdir(ckpt_dir) if d.isdigit()} if os.path.isdir(ckpt_dir) else set()
+
+
+KILLS = 5
+
+
+def test_five_sigkills_at_random_points_then_rerun_matches_uninterrupted(tmp_path,
+                                                                         needs_fashion_mnist):
   straight = str(tmp_path / "straight")
   done = subprocess.run(command(straight), cwd=ROOT, env=env(), capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
 
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  # Wait for training to be under way (a first checkpoint exists), then kill at a random moment.
-  deadline = time.time() + 240
-  ckpt_dir = os.path.join(killed, "checkpoints")
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-      break
-    time.sleep(0.05)
-  time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
-  was_running = proc.poll() is None
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert was_running, "the run finished before it could be killed; lengthen it"
+  rng = random.Random(os.getpid())
+  for kill in range(KILLS):
+    before = max(saved_steps(killed), default=0)
+    proc = subprocess.Popen(command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # Wait until this attempt has made progress (a checkpoint newer than the last one), then kill it
+    # at a random moment: mid-step, mid-save or between the two.
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if max(saved_steps(killed), default=0) > before:
+        break
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    was_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert was_running, f"the run finished before kill {kill + 1}; lengthen it"
 
   again = subprocess.run(command(killed), cwd=ROOT, env=env(), capture_output=True, text=True,
                          timeout=300)

@@ -76,6 +76,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   `evaluated_by: "mode=eval"` (the training curves in reports leave those lines out)."""
   validate_config(config)
   sources.check_source(config)
+  # The data first: a bad image folder is reported before any checkpoint is touched.
+  train_source, test_source = pipeline.load_source(config, "train"), pipeline.load_source(config,
+                                                                                          "test")
   mesh = sharding_lib.make_mesh(config)
   model = build_model(config)
   _, abstract_state, state_shardings = state_layout(config, model, make_optimizer(config), mesh)
@@ -91,12 +94,19 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     if step not in steps:
       raise UserError(f"eval.checkpoint_step={wanted} is not in {ckpt.directory}; saved steps: "
                       f"{', '.join(map(str, sorted(steps)))}")
-    state, meta = ckpt.restore(
-        step, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+    try:
+      state, meta = ckpt.restore(
+          step, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+    except Exception as e:  # noqa: BLE001 - any read failure: name it; eval moves nothing
+      reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+      others = sorted(s for s in steps if s != step)
+      raise UserError(f"checkpoint {step} in {ckpt.directory} cannot be read ({reason}); "
+                      + (f"evaluate another with --config.eval.checkpoint_step (saved: "
+                         f"{', '.join(map(str, others))})" if others else
+                         "re-run training in this workdir to replace it")) from None
   finally:
     ckpt.close()
-  evaluator = Evaluator(config, model, mesh, state_shardings,
-                        pipeline.load_source(config, "train"), pipeline.load_source(config, "test"))
+  evaluator = Evaluator(config, model, mesh, state_shardings, train_source, test_source)
   result = evaluator(eval_params(config, state), final=True)
   line = {**result, "evaluated_by": "mode=eval", "checkpoint_step": step}
   if "wall_s" in meta:  # when the checkpoint was written, in the run's own clock
