@@ -82,9 +82,10 @@ class Checkpointer:
       shutil.move(os.path.join(self.directory, str(step)), target)
     logging.warning("checkpoint %d in %s is unreadable (%s); moved it to %s and falling back to the "
                     "previous one", step, self.directory, reason, target)
-    print(f"warning: checkpoint {step} is unreadable ({type(error).__name__}); moved to {target}; "
-          f"using the previous one", flush=True)
     self._manager.reload()
+    fallback = "using the previous one" if self.all_steps() else "no earlier one: starting afresh"
+    print(f"warning: checkpoint {step} is unreadable ({type(error).__name__}); moved to {target}; "
+          f"{fallback}", flush=True)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
