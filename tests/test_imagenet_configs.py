@@ -13,9 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 AOT_PROBE = """
-import sys, time
 import jax
-from ml_collections import config_flags  # noqa: F401  (configs import ml_collections)
 from configs import {module} as recipe
 from vit_accel import schedule, sharding, train_step
 

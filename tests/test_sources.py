@@ -81,7 +81,7 @@ def test_image_folder_index_labels_and_warnings(tmp_path):
   assert any("stripes" in w and "no images" in w for w in test_warnings)
 
 
-def test_unreadable_images_are_skipped_and_counted_or_fail_naming_the_file(tmp_path, caplog):
+def test_unreadable_images_are_skipped_and_counted_or_fail_naming_the_file(tmp_path):
   root = make_image_folder(str(tmp_path))
   kept = pipeline.load_source(folder_config(root), "train")
   assert kept.num_examples == 3 * 24
