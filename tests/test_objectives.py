@@ -68,6 +68,40 @@ def test_dino_loss_and_center_update_match_numpy():
   np.testing.assert_allclose(np.asarray(new), expected, rtol=1e-5, atol=1e-7)
 
 
+def numpy_sinkhorn_knopp(logits, temp, iterations=3):
+  q = np.exp(logits.astype(np.float64) / temp).T      # [K, B], as DINOv2 writes it
+  q /= q.sum()
+  k, b = q.shape
+  for _ in range(iterations):
+    q /= q.sum(axis=1, keepdims=True)
+    q /= k
+    q /= q.sum(axis=0, keepdims=True)
+    q /= b
+  return (q * b).T
+
+
+def test_dino_sinkhorn_centering_matches_numpy_and_balances_the_batch():
+  rng = np.random.default_rng(2)
+  n, k = 6, 5
+  teacher = [rng.normal(size=(n, k)) + np.arange(k) for _ in range(2)]   # prototype 4 favoured
+  student = [rng.normal(size=(n, k)) for _ in range(3)]
+  tt, ts = 0.5, 0.1
+  targets = numpy_sinkhorn_knopp(np.concatenate(teacher), tt)
+  got = dino.teacher_targets([jnp.asarray(t, jnp.float32) for t in teacher], jnp.zeros((k,)), tt,
+                             "sinkhorn")
+  np.testing.assert_allclose(np.concatenate([np.asarray(g) for g in got]), targets, rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+  # The batch's mass is spread near-evenly over the prototypes; plain softmax piles it on the last.
+  assert np.ptp(targets.sum(0)) < 0.2 * np.ptp(numpy_softmax(np.concatenate(teacher) / tt).sum(0))
+  # The loss uses those targets: pairs v != i as with the EMA centre.
+  total = sum(np.mean(np.sum(-targets[i * n:(i + 1) * n] * np.log(numpy_softmax(s / ts)), -1))
+              for i in range(2) for v, s in enumerate(student) if v != i)
+  as32 = lambda xs: [jnp.asarray(x, jnp.float32) for x in xs]  # noqa: E731
+  loss, _ = dino.dino_loss(as32(student), as32(teacher), jnp.zeros((k,)), ts, tt, "sinkhorn")
+  assert float(loss) == pytest.approx(total / (2 * 3 - 2), rel=1e-4)
+
+
 def test_dino_teacher_temperature_warms_up_then_holds():
   at = lambda p: float(dino.teacher_temp_at(p, 0.04, 0.07, 0.3))  # noqa: E731
   assert at(0.0) == pytest.approx(0.04)
@@ -154,6 +188,10 @@ def test_objective_config_errors_are_one_line():
   d = tiny_config(recipe="dino")
   d.aug.local_size = 10    # not a multiple of the patch size 4
   with pytest.raises(UserError, match="aug.local_size=10"):
+    train_step.validate_config(d)
+  d = tiny_config(recipe="dino")
+  d.dino.centering = "softmax"
+  with pytest.raises(UserError, match="dino.centering='softmax' is not one of ema, sinkhorn"):
     train_step.validate_config(d)
   assert set(objectives.OBJECTIVES) == {"mocov3", "simclr", "dino"}
 

@@ -54,6 +54,11 @@ def validate_config(config) -> None:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
   if m.get("dtype", "float32") not in COMPUTE_DTYPES:
     raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+  if config.objective == "dino":
+    centerings = objectives.get("dino").CENTERINGS
+    if config.dino.get("centering", "ema") not in centerings:
+      raise UserError(f"dino.centering={config.dino.centering!r} is not one of "
+                      f"{', '.join(centerings)}")
   if num_local_crops(config):
     local = config.aug.local_size
     if local <= 0 or local % m.patch_size or local > m.image_size:

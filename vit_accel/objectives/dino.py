@@ -8,7 +8,10 @@ centred, sharpened output distribution across views.
 - Loss: cross-entropy H(teacher_i, student_v) averaged over every pair with v != i; teacher softmax at
   a temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp`, after subtracting a
   centre (EMA of the teacher's batch-mean output, momentum `center_momentum`); student at
-  `student_temp`.
+  `student_temp`. `centering='sinkhorn'` instead normalises the teacher's logits over the global
+  batch with a few Sinkhorn-Knopp iterations (DINOv2's centring): every prototype gets an equal
+  share of the batch from the first step, so a short run does not spend its start collapsing onto
+  one output and back to uniform, as the EMA centre lets it.
 - Head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised linear to `out_dim` (no bias,
   norm fixed to 1 when `norm_last_layer`); the last layer is frozen for the first
   `freeze_last_layer_fraction` of the budget, as DINO freezes it for its first epoch.
@@ -77,12 +80,37 @@ def teacher_temp_at(progress, warmup_temp: float, temp: float, warmup_fraction: 
   return warmup_temp + (temp - warmup_temp) * frac
 
 
-def dino_loss(student_out, teacher_out, center, student_temp: float, teacher_temp):
+CENTERINGS = ("ema", "sinkhorn")
+
+
+def sinkhorn_knopp(logits, temp, iterations: int = 3):
+  """[B, K] teacher logits -> [B, K] targets, each row a distribution, each of the K prototypes
+  given ~B/K of the batch's mass. The sums run over the whole (global, possibly sharded) batch."""
+  logits = jax.lax.stop_gradient(logits).astype(jnp.float32) / temp
+  q = jnp.exp(logits - jnp.max(logits))      # one shift for all entries: normalised away below
+  q = q / jnp.sum(q)
+  b, k = q.shape
+  for _ in range(iterations):
+    q = q / jnp.sum(q, axis=0, keepdims=True) / k    # each prototype: total mass 1/K
+    q = q / jnp.sum(q, axis=1, keepdims=True) / b    # each sample: total mass 1/B
+  return q * b
+
+
+def teacher_targets(teacher_out, center, teacher_temp, centering: str = "ema"):
+  """The teacher's target distributions, one [N, K] array per global view."""
+  if centering == "sinkhorn":
+    joint = sinkhorn_knopp(jnp.concatenate(teacher_out, axis=0), teacher_temp)
+    return jnp.split(joint, len(teacher_out), axis=0)
+  return [jax.nn.softmax((jax.lax.stop_gradient(t) - center) / teacher_temp, axis=-1)
+          for t in teacher_out]
+
+
+def dino_loss(student_out, teacher_out, center, student_temp: float, teacher_temp,
+              centering: str = "ema"):
   """student_out: V_s arrays [N, K] (global views first); teacher_out: V_t arrays [N, K] (the global
   views, in the same order). Mean over pairs (teacher i, student v), v != i, of the batch-mean
   cross-entropy. Returns (loss, teacher probabilities)."""
-  teacher_probs = [jax.nn.softmax((jax.lax.stop_gradient(t) - center) / teacher_temp, axis=-1)
-                   for t in teacher_out]
+  teacher_probs = teacher_targets(teacher_out, center, teacher_temp, centering)
   student_logp = [jax.nn.log_softmax(s / student_temp, axis=-1) for s in student_out]
   total, pairs = 0.0, 0
   for i, p in enumerate(teacher_probs):
@@ -102,7 +130,7 @@ def update_center(center, teacher_out, momentum: float):
 
 def loss_fn(model: DINOModel, params, teacher_params, center, global_views, local_views, *,
             student_temp: float, teacher_temp, center_momentum: float, freeze_last=False,
-            strategies: BranchStrategies = BranchStrategies(), rng=None):
+            strategies: BranchStrategies = BranchStrategies(), rng=None, centering: str = "ema"):
   """(loss, new centre, teacher probabilities) for one batch of global and local views."""
   views = tuple(global_views) + tuple(local_views)
   rngs = (jax.random.split(rng, len(views) + len(global_views)) if rng is not None
@@ -112,7 +140,8 @@ def loss_fn(model: DINOModel, params, teacher_params, center, global_views, loca
   teacher_out = [jax.lax.stop_gradient(
       model.apply({"params": teacher_params}, v, strategies.key, rngs[len(views) + i]))
       for i, v in enumerate(global_views)]
-  value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp)
+  value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, centering)
+  # The EMA centre is kept up to date under either centring (a diagnostic under 'sinkhorn').
   return value, update_center(center, teacher_out, center_momentum), probs
 
 
@@ -140,7 +169,8 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
   value, center, probs = loss_fn(
       model, params, ema_params, extra["center"], views["views"], views.get("local_views", ()),
       student_temp=h.student_temp, teacher_temp=teacher_temp, center_momentum=h.center_momentum,
-      freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng)
+      freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng,
+      centering=h.get("centering", "ema"))
   # Collapse diagnostics: a collapsed teacher has per-sample entropy ~0 (one dimension dominates)
   # or ~log(out_dim) (uniform).
   p = jnp.concatenate(probs, axis=0)
