@@ -38,6 +38,7 @@ def get_config(arg: str | None = None):
       student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
       warmup_teacher_temp_fraction=0.3,   # of the budget (DINO: 30 of 100-300 epochs)
       center_momentum=0.9,
+      centering="ema",                    # or "sinkhorn" (DINOv2)
       base_momentum=0.95,
       freeze_last_layer_fraction=0.01)    # DINO freezes the last layer for its first epoch
   # A DINO step costs ~10.6 units per image (student: 2 global + 4 local crops with gradient;
