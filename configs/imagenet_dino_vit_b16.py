@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
       norm_last_layer=not small, head_bn=False,
       student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
       warmup_teacher_temp_fraction=warmup_teacher / epochs,
-      center_momentum=0.9, centering="ema", base_momentum=0.996,
+      center_momentum=0.9, centering="ema", base_momentum=0.996, final_momentum=1.0,
       freeze_last_layer_fraction=(1 if small else 3) / epochs))
   c.aug = recipes.dino_multicrop(image_size=224, local_crops=10, local_size=96,
                                  global_scale=(0.4, 1.0) if small else (0.25, 1.0),

@@ -158,7 +158,8 @@ def init_extra(config) -> dict:
 
 
 def momentum(config, progress):
-  return ema.momentum_at(progress, config.dino.base_momentum)
+  h = config.dino
+  return ema.momentum_at(progress, h.base_momentum, h.get("final_momentum", 1.0))
 
 
 def loss(model, params, ema_params, extra, views, config, strategies: BranchStrategies, rng,

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import optax
 
 
-def momentum_at(progress, base_momentum: float):
-  """EMA momentum: cosine from `base_momentum` at progress 0 to 1 at progress 1 (BYOL, MoCo-v3,
-  DINO)."""
+def momentum_at(progress, base_momentum: float, final_momentum: float = 1.0):
+  """EMA momentum: cosine from `base_momentum` at progress 0 to `final_momentum` (BYOL, MoCo-v3,
+  DINO: 1) at progress 1."""
   progress = jnp.clip(progress, 0.0, 1.0)
-  return 1.0 - (1.0 - base_momentum) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
+  return final_momentum - (final_momentum - base_momentum) * (jnp.cos(math.pi * progress) + 1) / 2
 
 
 def parts_of(params, parts):
