@@ -42,10 +42,12 @@ def eval_params(config, state):
 # ----------------------------------------------------------------------------- config checks
 def validate_config(config) -> None:
   """Cheap checks that fail before anything compiles, each naming the key and the fix."""
-  objectives.get(config.objective)
+  objective = objectives.get(config.objective)
   if config.objective not in config:
     raise UserError(f"objective={config.objective!r} needs a config section "
                     f"'{config.objective}'; start from configs/fmnist_{config.objective}.py")
+  if hasattr(objective, "validate_config"):
+    objective.validate_config(config)
   m = config.model
   if m.patch_size <= 0 or m.image_size % m.patch_size:
     raise UserError(f"model.patch_size={m.patch_size} does not tile model.image_size="
@@ -54,11 +56,6 @@ def validate_config(config) -> None:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
   if m.get("dtype", "float32") not in COMPUTE_DTYPES:
     raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-  if config.objective == "dino":
-    centerings = objectives.get("dino").CENTERINGS
-    if config.dino.get("centering", "ema") not in centerings:
-      raise UserError(f"dino.centering={config.dino.centering!r} is not one of "
-                      f"{', '.join(centerings)}")
   if num_local_crops(config):
     local = config.aug.local_size
     if local <= 0 or local % m.patch_size or local > m.image_size:

@@ -10,6 +10,7 @@ Each objective module is a set of pure functions the trainer calls; none of them
                               -> (loss, (new_extra, metrics)); `views` = normalised float views,
                                  {"views": (global...), "local_views": (local...)}
   cost_branches(config, strategies) -> compression.Branch list of one step per sample (cost model)
+  validate_config(config)     (optional) objective-specific checks: UserError naming the key
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from vit_accel import compression
 from vit_accel.compression import FULL, BranchStrategies, Strategy
+from vit_accel.errors import UserError
 from vit_accel.models.heads import BatchStatNorm
 from vit_accel.models.vit import VisionTransformer
 from vit_accel.objectives import ema
@@ -88,12 +89,10 @@ def sinkhorn_knopp(logits, temp, iterations: int = 3):
   given ~B/K of the batch's mass. The sums run over the whole (global, possibly sharded) batch."""
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32) / temp
   q = jnp.exp(logits - jnp.max(logits))      # one shift for all entries: normalised away below
-  q = q / jnp.sum(q)
-  b, k = q.shape
   for _ in range(iterations):
-    q = q / jnp.sum(q, axis=0, keepdims=True) / k    # each prototype: total mass 1/K
-    q = q / jnp.sum(q, axis=1, keepdims=True) / b    # each sample: total mass 1/B
-  return q * b
+    q = q / jnp.sum(q, axis=0, keepdims=True)   # every prototype: the same mass
+    q = q / jnp.sum(q, axis=1, keepdims=True)   # every sample: a distribution
+  return q
 
 
 def teacher_targets(teacher_out, center, teacher_temp, centering: str = "ema"):
@@ -146,6 +145,12 @@ def loss_fn(model: DINOModel, params, teacher_params, center, global_views, loca
 
 
 # --------------------------------------------------------------- the interface the trainer calls
+def validate_config(config) -> None:
+  if config.dino.get("centering", "ema") not in CENTERINGS:
+    raise UserError(f"dino.centering={config.dino.centering!r} is not one of "
+                    f"{', '.join(CENTERINGS)}")
+
+
 def build(config, backbone: VisionTransformer) -> DINOModel:
   h = config.dino
   return DINOModel(backbone=backbone, head=DINOHead(
