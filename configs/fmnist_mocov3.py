@@ -167,6 +167,9 @@ def get_config(arg: str | None = None):
   c.eval.knn_temperature = 0.07
   # Linear probe: closed-form ridge on the same features (bank -> queries); see evaluation.py.
   c.eval.checkpoint_step = -1    # --mode=eval: which checkpoint (-1 = the latest)
+  # Which weights: "" = the objective's (the trained network; DINO: its EMA teacher), "online"
+  # (the trained network, e.g. DINO's student) or "ema" (the EMA copy: MoCo's key encoder).
+  c.eval.weights = ""
 
   if arg == "smoke":
     c.budget_epochs = 0.01

@@ -199,6 +199,25 @@ def test_objective_config_errors_are_one_line():
   assert set(objectives.OBJECTIVES) == {"mocov3", "simclr", "dino"}
 
 
+def test_eval_weights_pick_the_objectives_copy_or_the_one_asked_for():
+  state = train_step.TrainState(step=0, params={"who": "online"}, ema_params={"who": "ema"},
+                                extra={}, opt_state=())
+  expected = {("dino", ""): "ema", ("dino", "online"): "online", ("mocov3", ""): "online",
+              ("mocov3", "ema"): "ema", ("simclr", ""): "online", ("simclr", "online"): "online"}
+  for (recipe, weights), who in expected.items():
+    c = tiny_config(recipe=recipe)
+    c.eval.weights = weights
+    train_step.validate_config(c)
+    assert train_step.eval_params(c, state)["who"] == who, (recipe, weights)
+  c = tiny_config(recipe="simclr")
+  c.eval.weights = "ema"     # SimCLR keeps no EMA copy
+  with pytest.raises(UserError, match="eval.weights='ema': objective simclr keeps no EMA copy"):
+    train_step.validate_config(c)
+  c.eval.weights = "teacher"
+  with pytest.raises(UserError, match="eval.weights='teacher' is not one of '', online, ema"):
+    train_step.validate_config(c)
+
+
 @pytest.mark.parametrize("objective", ["simclr", "dino"])
 def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective, tmp_path,
                                                                       needs_fashion_mnist):

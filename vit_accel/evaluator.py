@@ -109,6 +109,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   evaluator = Evaluator(config, model, mesh, state_shardings, train_source, test_source)
   result = evaluator(eval_params(config, state), final=True)
   line = {**result, "evaluated_by": "mode=eval", "checkpoint_step": step}
+  if config.eval.get("weights", ""):
+    line["eval_weights"] = config.eval.weights
   if "wall_s" in meta:  # when the checkpoint was written, in the run's own clock
     line["wall_s"] = meta["wall_s"]
     line["train_wall_s"] = meta["wall_s"] - meta.get("eval_wall_s", 0.0)

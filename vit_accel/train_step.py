@@ -32,10 +32,16 @@ class TrainState:
   opt_state: Any
 
 
+# `eval.weights`: which copy of the backbone evaluation reads ("" = the objective's own choice).
+EVAL_WEIGHTS = {"online": "params", "ema": "ema_params"}
+
+
 def eval_params(config, state):
-  """The weights evaluation reads: the trained network, or its EMA copy where the objective says so
-  (DINO evaluates the teacher). Works on a TrainState of shardings too."""
-  return getattr(state, objectives.get(config.objective).EVAL_ON)
+  """The weights evaluation reads: the objective's choice (the trained network; DINO: the EMA
+  teacher), or the copy `eval.weights` names ('online' or 'ema'; e.g. DINO's student, to see whether
+  the teacher keeps up). Works on a TrainState of shardings too."""
+  which = config.eval.get("weights", "")
+  return getattr(state, EVAL_WEIGHTS[which] if which else objectives.get(config.objective).EVAL_ON)
 
 
 
@@ -48,6 +54,12 @@ def validate_config(config) -> None:
                     f"'{config.objective}'; start from configs/fmnist_{config.objective}.py")
   if hasattr(objective, "validate_config"):
     objective.validate_config(config)
+  weights = config.eval.get("weights", "")
+  if weights and weights not in EVAL_WEIGHTS:
+    raise UserError(f"eval.weights={weights!r} is not one of '', {', '.join(EVAL_WEIGHTS)}")
+  if weights == "ema" and "backbone" not in objective.EMA_PARTS:
+    raise UserError(f"eval.weights='ema': objective {config.objective} keeps no EMA copy of the "
+                    f"backbone; use 'online' or ''")
   m = config.model
   if m.patch_size <= 0 or m.image_size % m.patch_size:
     raise UserError(f"model.patch_size={m.patch_size} does not tile model.image_size="
