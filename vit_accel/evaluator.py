@@ -118,7 +118,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   writer.write(step, line)
   writer.close()
   logging.info("checkpoint %d: %s", step, line)
-  print(f"checkpoint {step}: kNN top-1 {result['knn_top1']:.4f}, linear probe top-1 "
+  weights = f" ({config.eval.weights} weights)" if config.eval.get("weights", "") else ""
+  print(f"checkpoint {step}{weights}: kNN top-1 {result['knn_top1']:.4f}, linear probe top-1 "
         f"{result['linear_top1']:.4f} (bank/probe-train {result['knn_bank']}, queries "
         f"{result['knn_queries']}, {result['eval_s']:.0f}s)", flush=True)
   return line
