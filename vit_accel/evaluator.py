@@ -109,8 +109,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   evaluator = Evaluator(config, model, mesh, state_shardings, train_source, test_source)
   result = evaluator(eval_params(config, state), final=True)
   line = {**result, "evaluated_by": "mode=eval", "checkpoint_step": step}
-  if config.eval.get("weights", ""):
-    line["eval_weights"] = config.eval.weights
+  weights = config.eval.get("weights", "")   # "" = the objective's own choice
+  if weights:
+    line["eval_weights"] = weights
   if "wall_s" in meta:  # when the checkpoint was written, in the run's own clock
     line["wall_s"] = meta["wall_s"]
     line["train_wall_s"] = meta["wall_s"] - meta.get("eval_wall_s", 0.0)
@@ -118,8 +119,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   writer.write(step, line)
   writer.close()
   logging.info("checkpoint %d: %s", step, line)
-  weights = f" ({config.eval.weights} weights)" if config.eval.get("weights", "") else ""
-  print(f"checkpoint {step}{weights}: kNN top-1 {result['knn_top1']:.4f}, linear probe top-1 "
+  which = f" ({weights} weights)" if weights else ""
+  print(f"checkpoint {step}{which}: kNN top-1 {result['knn_top1']:.4f}, linear probe top-1 "
         f"{result['linear_top1']:.4f} (bank/probe-train {result['knn_bank']}, queries "
         f"{result['knn_queries']}, {result['eval_s']:.0f}s)", flush=True)
   return line
