@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
       warmup_teacher_temp_fraction=0.3,   # of the budget (DINO: 30 of 100-300 epochs)
       center_momentum=0.9,
       centering="ema",                    # or "sinkhorn" (DINOv2)
+      koleo_weight=0.0,                   # DINOv2's KoLeo regulariser (0.1 there); 0 = off
       base_momentum=0.95,
       final_momentum=1.0,                 # cosine from base_momentum to this (DINO: 1)
       freeze_last_layer_fraction=0.01)    # DINO freezes the last layer for its first epoch

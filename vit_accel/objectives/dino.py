@@ -12,6 +12,10 @@ centred, sharpened output distribution across views.
   batch with a few Sinkhorn-Knopp iterations (DINOv2's centring): every prototype gets an equal
   share of the batch from the first step, so a short run does not spend its start collapsing onto
   one output and back to uniform, as the EMA centre lets it.
+- `dino.koleo_weight` > 0 adds DINOv2's KoLeo regulariser on the student's backbone CLS features
+  of each global view: -mean log(distance to the nearest other sample in the batch), which spreads
+  the features over the sphere (what kNN retrieval reads) where DINO's loss only clusters them.
+  0 (the default) is the 2021 paper's loss.
 - Head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised linear to `out_dim` (no bias,
   norm fixed to 1 when `norm_last_layer`); the last layer is frozen for the first
   `freeze_last_layer_fraction` of the budget, as DINO freezes it for its first epoch.
@@ -69,8 +73,11 @@ class DINOModel(nn.Module):
     """Backbone CLS feature (what evaluation uses, at full length)."""
     return self.backbone(images, strategy, rng)[0]
 
-  def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False):
-    return self.head(self.features(images, strategy, rng), freeze_last)
+  def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False,
+               with_features=False):
+    features = self.features(images, strategy, rng)
+    out = self.head(features, freeze_last)
+    return (out, features) if with_features else out
 
 
 def teacher_temp_at(progress, warmup_temp: float, temp: float, warmup_fraction: float):
@@ -121,6 +128,17 @@ def dino_loss(student_out, teacher_out, center, student_temp: float, teacher_tem
   return total / pairs, teacher_probs
 
 
+def koleo_loss(features, eps: float = 1e-8):
+  """KoLeo (Sablayrolles et al. 2019, as in DINOv2): [N, D] features -> -mean_i log(min_j!=i
+  ||x_i - x_j||) on L2-normalised rows. The batch is the global one (sharded or not)."""
+  x = features.astype(jnp.float32)
+  x = x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(eps)
+  similarity = x @ x.T - 3.0 * jnp.eye(x.shape[0])     # never pick oneself (cosines are >= -1)
+  nearest = x[jnp.argmax(similarity, axis=-1)]
+  distance = jnp.sqrt(jnp.sum((x - nearest) ** 2, axis=-1) + eps)
+  return -jnp.mean(jnp.log(distance + eps))
+
+
 def update_center(center, teacher_out, momentum: float):
   """center <- m * center + (1 - m) * mean over the (global) batch and teacher views."""
   batch_mean = jnp.mean(jnp.concatenate(teacher_out, axis=0), axis=0)
@@ -129,17 +147,23 @@ def update_center(center, teacher_out, momentum: float):
 
 def loss_fn(model: DINOModel, params, teacher_params, center, global_views, local_views, *,
             student_temp: float, teacher_temp, center_momentum: float, freeze_last=False,
-            strategies: BranchStrategies = BranchStrategies(), rng=None, centering: str = "ema"):
+            strategies: BranchStrategies = BranchStrategies(), rng=None, centering: str = "ema",
+            koleo_weight: float = 0.0):
   """(loss, new centre, teacher probabilities) for one batch of global and local views."""
   views = tuple(global_views) + tuple(local_views)
   rngs = (jax.random.split(rng, len(views) + len(global_views)) if rng is not None
           else [None] * (len(views) + len(global_views)))
-  student_out = [model.apply({"params": params}, v, strategies.query, rngs[i], freeze_last)
-                 for i, v in enumerate(views)]
+  student = [model.apply({"params": params}, v, strategies.query, rngs[i], freeze_last,
+                         with_features=True) for i, v in enumerate(views)]
+  student_out = [out for out, _ in student]
   teacher_out = [jax.lax.stop_gradient(
       model.apply({"params": teacher_params}, v, strategies.key, rngs[len(views) + i]))
       for i, v in enumerate(global_views)]
   value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, centering)
+  if koleo_weight:
+    # DINOv2: one term per global view, summed.
+    value = value + koleo_weight * sum(koleo_loss(features)
+                                       for _, features in student[:len(global_views)])
   # The EMA centre is kept up to date under either centring (a diagnostic under 'sinkhorn').
   return value, update_center(center, teacher_out, center_momentum), probs
 
@@ -149,6 +173,8 @@ def validate_config(config) -> None:
   if config.dino.get("centering", "ema") not in CENTERINGS:
     raise UserError(f"dino.centering={config.dino.centering!r} is not one of "
                     f"{', '.join(CENTERINGS)}")
+  if float(config.dino.get("koleo_weight", 0.0)) < 0:
+    raise UserError(f"dino.koleo_weight={config.dino.koleo_weight} must be >= 0 (0 = off)")
 
 
 def build(config, backbone: VisionTransformer) -> DINOModel:
@@ -176,7 +202,7 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
       model, params, ema_params, extra["center"], views["views"], views.get("local_views", ()),
       student_temp=h.student_temp, teacher_temp=teacher_temp, center_momentum=h.center_momentum,
       freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng,
-      centering=h.get("centering", "ema"))
+      centering=h.get("centering", "ema"), koleo_weight=float(h.get("koleo_weight", 0.0)))
   # Collapse diagnostics: a collapsed teacher has per-sample entropy ~0 (one dimension dominates)
   # or ~log(out_dim) (uniform).
   p = jnp.concatenate(probs, axis=0)
