@@ -102,6 +102,47 @@ def test_dino_sinkhorn_centering_matches_numpy_and_balances_the_batch():
   assert float(loss) == pytest.approx(total / (2 * 3 - 2), rel=1e-4)
 
 
+def numpy_koleo(x):
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+  np.fill_diagonal(d, np.inf)
+  return float(-np.log(d.min(1)).mean())
+
+
+def test_dino_koleo_matches_numpy_and_adds_to_the_loss_only_when_asked():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(10, 6))
+  assert float(dino.koleo_loss(jnp.asarray(x, jnp.float32))) == pytest.approx(numpy_koleo(x),
+                                                                              rel=1e-5)
+  # Spread-out features score lower than a batch with two near-duplicates.
+  close = x.copy()
+  close[1] = close[0] + 1e-3
+  assert numpy_koleo(close) > numpy_koleo(x)
+  assert float(dino.koleo_loss(jnp.asarray(close, jnp.float32))) > float(
+      dino.koleo_loss(jnp.asarray(x, jnp.float32)))
+  # In the DINO loss: + weight x (one KoLeo term per global view, on the student's CLS features).
+  model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
+                                                        bottleneck_dim=8))
+  g = [jax.random.normal(jax.random.key(i), (6, 8, 8, 3)) for i in range(2)]
+  local = [jax.random.normal(jax.random.key(5), (6, 4, 4, 3))]
+  params = model.init(jax.random.key(1), g[0])["params"]
+  teacher = ema.init(params, dino.EMA_PARTS)
+
+  def loss(weight):
+    return float(dino.loss_fn(model, params, teacher, jnp.zeros((32,)), g, local,
+                              student_temp=0.1, teacher_temp=0.04, center_momentum=0.9,
+                              koleo_weight=weight)[0])
+
+  features = [np.asarray(model.apply({"params": params}, v, method=dino.DINOModel.features),
+                         np.float64) for v in g]
+  expected = sum(numpy_koleo(f) for f in features)
+  assert loss(0.1) - loss(0.0) == pytest.approx(0.1 * expected, rel=1e-3)
+  c = tiny_config(recipe="dino")
+  c.dino.koleo_weight = -0.1
+  with pytest.raises(UserError, match="dino.koleo_weight=-0.1 must be >= 0"):
+    train_step.validate_config(c)
+
+
 def test_dino_teacher_temperature_warms_up_then_holds():
   at = lambda p: float(dino.teacher_temp_at(p, 0.04, 0.07, 0.3))  # noqa: E731
   assert at(0.0) == pytest.approx(0.04)
