@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from vit_accel import objectives, train_step
-from vit_accel.compression import BranchStrategies
+from vit_accel.compression import FULL, BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.models.vit import VisionTransformer
 from vit_accel.objectives import dino, ema, simclr
@@ -189,6 +189,39 @@ def test_dino_gradients_reach_the_student_only_and_local_crops_have_their_own_le
   assert out.shape == (4, 32)
   np.testing.assert_allclose(np.asarray(model.apply({"params": scaled}, g[0])), np.asarray(out),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_dino_head_batchnorm_sees_every_view_as_dinos_multicrop_wrapper_does():
+  model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
+                                                        bottleneck_dim=8, use_bn=True))
+  g = [jax.random.normal(jax.random.key(i), (4, 8, 8, 3)) for i in range(2)]
+  local = jax.random.normal(jax.random.key(5), (4, 4, 4, 3))
+  params = model.init(jax.random.key(1), g[0])["params"]
+
+  def outputs(views, joint):
+    return model.apply({"params": params}, views, FULL, [None] * len(views), joint_head=joint,
+                       method=dino.DINOModel.views)[0]
+
+  joint = outputs((g[0], g[1], local), True)
+  # One head call on the concatenated features: the same as applying the head to them directly.
+  features = jnp.concatenate([model.apply({"params": params}, v, method=dino.DINOModel.features)
+                              for v in (g[0], g[1], local)])
+  direct = model.apply({"params": params}, features, method=lambda m, f: m.head(f))
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(joint)), np.asarray(direct), rtol=1e-4,
+                             atol=1e-5)
+  # Joint: a view's output depends on the other views (shared batch statistics); per view: not.
+  other = (g[0], g[1] * 3.0 + 1.0, local)
+  assert not np.allclose(np.asarray(outputs(other, True)[0]), np.asarray(joint[0]), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(outputs(other, False)[0]),
+                             np.asarray(outputs((g[0], g[1], local), False)[0]), rtol=1e-5)
+  per_view = outputs((g[0], g[1], local), False)
+  np.testing.assert_allclose(np.asarray(per_view[0]), np.asarray(model.apply({"params": params},
+                                                                               g[0])), rtol=1e-5)
+  d = tiny_config(recipe="dino")
+  d.dino.head_batch = "per_crop"
+  with pytest.raises(UserError,
+                     match="dino.head_batch='per_crop' is not one of all_views, per_view"):
+    train_step.validate_config(d)
 
 
 def test_simclr_gradients_flow_through_both_views():

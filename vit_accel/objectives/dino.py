@@ -73,11 +73,18 @@ class DINOModel(nn.Module):
     """Backbone CLS feature (what evaluation uses, at full length)."""
     return self.backbone(images, strategy, rng)[0]
 
-  def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False,
-               with_features=False):
-    features = self.features(images, strategy, rng)
-    out = self.head(features, freeze_last)
-    return (out, features) if with_features else out
+  def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False):
+    return self.head(self.features(images, strategy, rng), freeze_last)
+
+  def views(self, views, strategy: Strategy, rngs, freeze_last=False, joint_head=False):
+    """(head outputs, backbone features), one per view. The backbone runs per view (views differ
+    in length); with `joint_head` the head runs once on all views' features, so its BatchNorm
+    (`head_bn`) normalises over every view of the batch, as DINO's multi-crop wrapper does."""
+    features = [self.features(v, strategy, r) for v, r in zip(views, rngs)]
+    if not joint_head:
+      return [self.head(f, freeze_last) for f in features], features
+    out = self.head(jnp.concatenate(features, axis=0), freeze_last)
+    return jnp.split(out, len(views), axis=0), features
 
 
 def teacher_temp_at(progress, warmup_temp: float, temp: float, warmup_fraction: float):
@@ -89,6 +96,7 @@ def teacher_temp_at(progress, warmup_temp: float, temp: float, warmup_fraction: 
 
 
 CENTERINGS = ("ema", "sinkhorn")
+HEAD_BATCHES = ("all_views", "per_view")
 
 
 def sinkhorn_knopp(logits, temp, iterations: int = 3):
@@ -148,22 +156,23 @@ def update_center(center, teacher_out, momentum: float):
 def loss_fn(model: DINOModel, params, teacher_params, center, global_views, local_views, *,
             student_temp: float, teacher_temp, center_momentum: float, freeze_last=False,
             strategies: BranchStrategies = BranchStrategies(), rng=None, centering: str = "ema",
-            koleo_weight: float = 0.0):
+            koleo_weight: float = 0.0, joint_head: bool = False):
   """(loss, new centre, teacher probabilities) for one batch of global and local views."""
   views = tuple(global_views) + tuple(local_views)
   rngs = (jax.random.split(rng, len(views) + len(global_views)) if rng is not None
           else [None] * (len(views) + len(global_views)))
-  student = [model.apply({"params": params}, v, strategies.query, rngs[i], freeze_last,
-                         with_features=True) for i, v in enumerate(views)]
-  student_out = [out for out, _ in student]
-  teacher_out = [jax.lax.stop_gradient(
-      model.apply({"params": teacher_params}, v, strategies.key, rngs[len(views) + i]))
-      for i, v in enumerate(global_views)]
+  student_out, student_features = model.apply(
+      {"params": params}, views, strategies.query, rngs[:len(views)], freeze_last, joint_head,
+      method=DINOModel.views)
+  teacher_out, _ = model.apply(
+      {"params": teacher_params}, tuple(global_views), strategies.key, rngs[len(views):],
+      joint_head=joint_head, method=DINOModel.views)
+  teacher_out = [jax.lax.stop_gradient(t) for t in teacher_out]
   value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, centering)
   if koleo_weight:
     # DINOv2: one term per global view, summed.
-    value = value + koleo_weight * sum(koleo_loss(features)
-                                       for _, features in student[:len(global_views)])
+    value = value + koleo_weight * sum(koleo_loss(f)
+                                       for f in student_features[:len(global_views)])
   # The EMA centre is kept up to date under either centring (a diagnostic under 'sinkhorn').
   return value, update_center(center, teacher_out, center_momentum), probs
 
@@ -173,6 +182,9 @@ def validate_config(config) -> None:
   if config.dino.get("centering", "ema") not in CENTERINGS:
     raise UserError(f"dino.centering={config.dino.centering!r} is not one of "
                     f"{', '.join(CENTERINGS)}")
+  if config.dino.get("head_batch", "per_view") not in HEAD_BATCHES:
+    raise UserError(f"dino.head_batch={config.dino.head_batch!r} is not one of "
+                    f"{', '.join(HEAD_BATCHES)}")
   if float(config.dino.get("koleo_weight", 0.0)) < 0:
     raise UserError(f"dino.koleo_weight={config.dino.koleo_weight} must be >= 0 (0 = off)")
 
@@ -202,7 +214,8 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
       model, params, ema_params, extra["center"], views["views"], views.get("local_views", ()),
       student_temp=h.student_temp, teacher_temp=teacher_temp, center_momentum=h.center_momentum,
       freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng,
-      centering=h.get("centering", "ema"), koleo_weight=float(h.get("koleo_weight", 0.0)))
+      centering=h.get("centering", "ema"), koleo_weight=float(h.get("koleo_weight", 0.0)),
+      joint_head=h.get("head_batch", "per_view") == "all_views")
   # Collapse diagnostics: a collapsed teacher has per-sample entropy ~0 (one dimension dominates)
   # or ~log(out_dim) (uniform).
   p = jnp.concatenate(probs, axis=0)
