@@ -18,7 +18,10 @@ centred, sharpened output distribution across views.
   0 (the default) is the 2021 paper's loss.
 - Head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised linear to `out_dim` (no bias,
   norm fixed to 1 when `norm_last_layer`); the last layer is frozen for the first
-  `freeze_last_layer_fraction` of the budget, as DINO freezes it for its first epoch.
+  `freeze_last_layer_fraction` of the budget, as DINO freezes it for its first epoch. It runs on
+  each view's batch (`dino.head_batch='per_view'`), so a BatchNorm head (`head_bn`) normalises
+  every view on its own; 'all_views' is DINO's wrapper (one call on all views' features), whose
+  teacher drifted to a uniform output on the embedded data.
 """
 from __future__ import annotations
 
