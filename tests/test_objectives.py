@@ -200,7 +200,7 @@ def test_dino_head_batchnorm_sees_every_view_as_dinos_multicrop_wrapper_does():
 
   def outputs(views, joint):
     return model.apply({"params": params}, views, FULL, [None] * len(views), joint_head=joint,
-                       method=dino.DINOModel.views)[0]
+                       method=dino.DINOModel.forward_views)[0]
 
   joint = outputs((g[0], g[1], local), True)
   # One head call on the concatenated features: the same as applying the head to them directly.

@@ -79,7 +79,7 @@ class DINOModel(nn.Module):
   def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False):
     return self.head(self.features(images, strategy, rng), freeze_last)
 
-  def views(self, views, strategy: Strategy, rngs, freeze_last=False, joint_head=False):
+  def forward_views(self, views, strategy: Strategy, rngs, freeze_last=False, joint_head=False):
     """(head outputs, backbone features), one per view. The backbone runs per view (views differ
     in length); with `joint_head` the head runs once on all views' features, so its BatchNorm
     (`head_bn`) normalises over every view of the batch, as DINO's multi-crop wrapper does."""
@@ -166,10 +166,10 @@ def loss_fn(model: DINOModel, params, teacher_params, center, global_views, loca
           else [None] * (len(views) + len(global_views)))
   student_out, student_features = model.apply(
       {"params": params}, views, strategies.query, rngs[:len(views)], freeze_last, joint_head,
-      method=DINOModel.views)
+      method=DINOModel.forward_views)
   teacher_out, _ = model.apply(
       {"params": teacher_params}, tuple(global_views), strategies.key, rngs[len(views):],
-      joint_head=joint_head, method=DINOModel.views)
+      joint_head=joint_head, method=DINOModel.forward_views)
   teacher_out = [jax.lax.stop_gradient(t) for t in teacher_out]
   value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, centering)
   if koleo_weight:
