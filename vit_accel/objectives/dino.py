@@ -146,8 +146,8 @@ def koleo_loss(features, eps: float = 1e-8):
   x = x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(eps)
   similarity = x @ x.T - 3.0 * jnp.eye(x.shape[0])     # never pick oneself (cosines are >= -1)
   nearest = x[jnp.argmax(similarity, axis=-1)]
-  distance = jnp.sqrt(jnp.sum((x - nearest) ** 2, axis=-1) + eps)
-  return -jnp.mean(jnp.log(distance + eps))
+  distance = jnp.sqrt(jnp.sum((x - nearest) ** 2, axis=-1) + eps)   # eps: > 0, finite gradient
+  return -jnp.mean(jnp.log(distance))
 
 
 def update_center(center, teacher_out, momentum: float):
