@@ -17,7 +17,7 @@ CASES = {
     "missing recipe": (["--config=configs/nope.py"], "No such file"),
     "unknown objective": ([SMOKE, "--config.objective=byol"], "unknown objective='byol'"),
     "unknown schedule": ([SMOKE, "--config.schedule=fast"], "schedule='fast'"),
-    "compute dtype": ([SMOKE, "--config.model.dtype=float16"], "model.dtype='float16' is not one of"),
+    "compute dtype": ([SMOKE, "--config.model.dtype=float16"], "model.dtype='float16' is out of range: must be one of"),
     "keep ratio": ([SMOKE, "--config.schedule=1:keep1.5"], "keep ratio 1.5 is outside (0, 1]"),
     "patch tiles": ([SMOKE, "--config.model.patch_size=5"], "model.patch_size=5 does not tile"),
     "batch vs mesh": ([SMOKE, "--config.mesh.data=2"], "mesh.data x mesh.fsdp = 2 x 1"),

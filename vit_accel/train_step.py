@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_accel import checkpointing, compression, schedule
+from vit_accel import checkpointing, compression, config_domains, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
@@ -47,7 +47,9 @@ def eval_params(config, state):
 
 # ----------------------------------------------------------------------------- config checks
 def validate_config(config) -> None:
-  """Cheap checks that fail before anything compiles, each naming the key and the fix."""
+  """Cheap checks that fail before anything compiles, each naming the key and the fix: every value
+  in its domain (config_domains.DOMAINS), then the rules that tie keys together."""
+  config_domains.check(config)
   objective = objectives.get(config.objective)
   if config.objective not in config:
     raise UserError(f"objective={config.objective!r} needs a config section "
@@ -55,8 +57,6 @@ def validate_config(config) -> None:
   if hasattr(objective, "validate_config"):
     objective.validate_config(config)
   weights = config.eval.get("weights", "")
-  if weights and weights not in EVAL_WEIGHTS:
-    raise UserError(f"eval.weights={weights!r} is not one of '', {', '.join(EVAL_WEIGHTS)}")
   if weights == "ema" and "backbone" not in objective.EMA_PARTS:
     raise UserError(f"eval.weights='ema': objective {config.objective} keeps no EMA copy of the "
                     f"backbone; use 'online' or ''")
@@ -66,15 +66,11 @@ def validate_config(config) -> None:
                     f"{m.image_size}; use a divisor of {m.image_size}")
   if m.width % m.num_heads:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
-  if m.get("dtype", "float32") not in COMPUTE_DTYPES:
-    raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
   if num_local_crops(config):
     local = config.aug.local_size
     if local <= 0 or local % m.patch_size or local > m.image_size:
       raise UserError(f"aug.local_size={local} must be a positive multiple of model.patch_size="
                       f"{m.patch_size} and at most model.image_size={m.image_size}")
-  if config.batch_size <= 0:
-    raise UserError(f"batch_size={config.batch_size} must be positive")
   schedule_stages(config)
   if config.get("budget", -1) <= 0 and config.get("budget_epochs", -1) <= 0:
     raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
@@ -117,9 +113,6 @@ def is_online(config) -> bool:
 
 
 # ------------------------------------------------------------------------ model and optimiser
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
 def compute_dtype(config):
   """The backbone's activation/matmul dtype; parameters and optimiser state stay float32."""
   return jnp.dtype(config.model.get("dtype", "float32"))

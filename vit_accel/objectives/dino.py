@@ -31,7 +31,6 @@ import jax.numpy as jnp
 
 from vit_accel import compression
 from vit_accel.compression import FULL, BranchStrategies, Strategy
-from vit_accel.errors import UserError
 from vit_accel.models.heads import BatchStatNorm
 from vit_accel.models.vit import VisionTransformer
 from vit_accel.objectives import ema
@@ -96,10 +95,6 @@ def teacher_temp_at(progress, warmup_temp: float, temp: float, warmup_fraction: 
     return jnp.asarray(temp, jnp.float32)
   frac = jnp.clip(progress / warmup_fraction, 0.0, 1.0)
   return warmup_temp + (temp - warmup_temp) * frac
-
-
-CENTERINGS = ("ema", "sinkhorn")
-HEAD_BATCHES = ("all_views", "per_view")
 
 
 def sinkhorn_knopp(logits, temp, iterations: int = 3):
@@ -181,17 +176,6 @@ def loss_fn(model: DINOModel, params, teacher_params, center, global_views, loca
 
 
 # --------------------------------------------------------------- the interface the trainer calls
-def validate_config(config) -> None:
-  if config.dino.get("centering", "ema") not in CENTERINGS:
-    raise UserError(f"dino.centering={config.dino.centering!r} is not one of "
-                    f"{', '.join(CENTERINGS)}")
-  if config.dino.get("head_batch", "per_view") not in HEAD_BATCHES:
-    raise UserError(f"dino.head_batch={config.dino.head_batch!r} is not one of "
-                    f"{', '.join(HEAD_BATCHES)}")
-  if float(config.dino.get("koleo_weight", 0.0)) < 0:
-    raise UserError(f"dino.koleo_weight={config.dino.koleo_weight} must be >= 0 (0 = off)")
-
-
 def build(config, backbone: VisionTransformer) -> DINOModel:
   h = config.dino
   return DINOModel(backbone=backbone, head=DINOHead(
