@@ -211,15 +211,69 @@ def pi_resize_kernel(kernel, new: int):
   return (p @ flat).reshape(new, new, *kernel.shape[2:])
 
 
+@functools.lru_cache(maxsize=None)
+def area_resize_matrix(src: int, dst: int) -> np.ndarray:
+  """[dst, src] float64 matrix of 1-D area (box-filter) downsampling, dst <= src: output cell i is
+  the mean of the input over [i*src/dst, (i+1)*src/dst), each input cell weighted by the length it
+  overlaps (TF's 'area' resize, PyTorch's adaptive_avg_pool). Rows sum to 1; every column has a
+  positive entry because the output cells tile the input; an integer factor k gives k-cell means.
+  Exact: overlaps are integers in units of 1/dst of an input cell. Read-only (cached)."""
+  if not 1 <= dst <= src:
+    raise ValueError(f"area resize needs 1 <= dst <= src, got {src} -> {dst}")
+  m = np.zeros((dst, src), np.float64)
+  for i in range(dst):
+    lo, hi = i * src, (i + 1) * src              # output cell i, in units of 1/dst input cells
+    for j in range(lo // dst, -(-hi // dst)):
+      overlap = min(hi, (j + 1) * dst) - max(lo, j * dst)
+      if overlap > 0:
+        m[i, j] = overlap / src
+  m.flags.writeable = False
+  return m
+
+
 def resize_pos_embed(pos_embed, grid: int):
-  """[1, g*g, D] learned grid -> [1, grid*grid, D], bilinear (identity at the same grid)."""
-  g = math.isqrt(pos_embed.shape[1])
+  """Learned position-embedding grid [L, g*g, D] -> [L, grid*grid, D] (L is 1 for the model's
+  parameter; row-major grid), in pos_embed's dtype, differentiable; `grid` is a static int.
+
+  - grid == g: `pos_embed` itself (identity, no op in the graph).
+  - grid > g (upsampling): bilinear with half-pixel centres, `jax.image.resize(..., 'linear',
+    antialias=False)`, exactly as before.
+  - grid < g (downsampling): area averaging (`area_resize_matrix` along rows, then columns), so
+    every learned vector has non-zero weight in the output and gets a gradient from every
+    shrunken view. Plain bilinear samples the source at only two points per output cell and skips
+    the rest whenever the factor exceeds 2: 14 -> 6 (DINO's 96 px local crops at patch 16) leaves
+    rows / columns 2, 4, 9, 11 out (96 of 196 vectors without gradient), 14 -> 5 leaves 96 out,
+    14 -> 3 (96 px crops at patch 32) 160, 8 -> 2 48. At an exact factor 2, area averaging is
+    bilinear's 2x2 mean, so that case gives the same values as before (to float rounding).
+
+  Source: FlexiViT (Beyer et al. 2023, big_vision/models/proj/flexi/vit.py) resizes its learned
+  position embedding to the runtime grid with `jax.image.resize(..., "linear")`, whose default
+  antialias=True widens the triangle filter by the shrink factor when downsampling, reaching every
+  vector; DINO interpolates bicubically (PyTorch, align_corners=False), which also reaches every
+  vector at its 14 -> 6 local-crop grid. (big_vision's `vit.resample_posemb`, used when loading a
+  checkpoint at a new resolution, is `scipy.ndimage.zoom(order=1)` outside the graph.) Area
+  averaging rather than antialiased bilinear: both give every source vector non-zero weight for
+  every grid, but antialiased bilinear at factor 2 weights the inputs (1, 3, 3, 1) / 8 ((3, 3, 1)
+  / 7 at the edges) instead of the 2x2 mean, which would change the factor-2 downsampling (e.g.
+  patch 2x base, resolution halved) that the recipes' schedules use most.
+  """
+  lead, n, d = pos_embed.shape
+  g = math.isqrt(n)
+  if g * g != n:
+    raise ValueError(f"position embedding has {n} vectors, not a square grid")
+  if grid < 1:
+    raise ValueError(f"position-embedding grid {grid} must be positive")
   if g == grid:
     return pos_embed
-  d = pos_embed.shape[-1]
-  img = pos_embed.reshape(1, g, g, d)
-  img = jax.image.resize(img, (1, grid, grid, d), method="linear", antialias=False)
-  return img.reshape(1, grid * grid, d)
+  img = pos_embed.reshape(lead, g, g, d)
+  if grid > g:
+    img = jax.image.resize(img, (lead, grid, grid, d), method="linear", antialias=False)
+  else:
+    a = jnp.asarray(area_resize_matrix(g, grid), pos_embed.dtype)
+    hi = jax.lax.Precision.HIGHEST   # as jax.image.resize: no reduced-precision passes on GPU/TPU
+    img = jnp.einsum("ij,ljkd->likd", a, img, precision=hi)
+    img = jnp.einsum("mk,likd->limd", a, img, precision=hi)
+  return img.reshape(lead, grid * grid, d)
 
 
 # ----------------------------------------------------------------------------------- token keep
