@@ -48,37 +48,119 @@ def steps_per_epoch(num_examples: int, split: HostSplit) -> int:
   return (end - start) // split.local_batch
 
 
+# Pillow holds 16-bit grey (PNG, TIFF) as integers 0..65535, and its convert("RGB") clips them at
+# 255 (a mostly white image); viewers, and Pillow itself for 16-bit RGB / RGBA / grey+alpha PNGs,
+# keep the high byte. These modes are reduced the same way.
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_image(path) -> np.ndarray:
+  """Decode one image file as an image viewer shows it; the one decoder of image-folder files.
+
+  Pixels equal `PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("RGB")`: EXIF orientation
+  applied, palettes (also 8- and 1-bit BMP) looked up, grey replicated, alpha dropped (not
+  composited), CMYK converted, first frame of an animation. One exception: 16-bit grey keeps the
+  high byte of each value (Pillow's convert would clip at 255).
+
+  Args:
+    path: the file, as bytes (what ImageFiles holds; names need not be UTF-8) or str.
+  Returns:
+    uint8 [H, W, 3], H x W as displayed (after the EXIF rotation).
+  Raises:
+    PIL.UnidentifiedImageError: not an image Pillow recognises.
+    PIL.Image.DecompressionBombError: more than 2 * PIL.Image.MAX_IMAGE_PIXELS pixels (Pillow's
+      guard against decompression bombs, kept; between 1x and 2x it only warns, once).
+    OSError: the file cannot be read, or is truncated or corrupt; other exceptions (ValueError,
+      SyntaxError, EOFError, ...) from Pillow's decoders for other kinds of corrupt file.
+  """
+  from PIL import Image, ImageOps  # imported here: only image folders need it
+  with Image.open(path) as image:
+    image = ImageOps.exif_transpose(image)  # loads the pixels; a new image, so closing is safe
+  if image.mode == "P":
+    # RGB drops alpha, so a palette's transparency changes no pixel; without it Pillow's
+    # convert skips a UserWarning ("...should be converted to RGBA") printed during training.
+    image.info.pop("transparency", None)
+  if image.mode in _SIXTEEN_BIT_GREY:
+    grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
+  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def decode_image_file(path):
-  """Any common image file -> uint8 [H, W, 3] (grey replicated, alpha dropped, first GIF frame)."""
-  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  """tf.string scalar path -> uint8 tensor [H, W, 3]: read_image run inside tf.data (training,
+  evaluation and the verification pass all decode through it). A file read_image cannot decode
+  fails the tf.data iteration with a tf.errors.OpError naming the Python exception."""
+  image = tf.numpy_function(read_image, [path], tf.uint8, stateful=False)
   image.set_shape([None, None, 3])
   return image
 
 
+def unreadable_reason(exc: BaseException) -> str:
+  """The log's category for an exception read_image raised."""
+  from PIL import Image, UnidentifiedImageError
+  if isinstance(exc, Image.DecompressionBombError):
+    return "over Pillow's decompression-bomb pixel limit"
+  if isinstance(exc, UnidentifiedImageError):
+    return "not an image Pillow recognises"
+  if isinstance(exc, OSError) and exc.errno is not None:
+    return "cannot be opened"
+  return "corrupt or truncated"
+
+
+def _check_image(path) -> np.ndarray:
+  """'' if read_image decodes `path`, else 'category\\ndetail' (as bytes, for tf.numpy_function)."""
+  try:
+    read_image(path)
+    return np.bytes_(b"")
+  except Exception as e:  # noqa: BLE001 -- Pillow's decoders raise many kinds for bad data
+    detail = (str(e).splitlines() or [type(e).__name__])[0]
+    return np.bytes_(f"{unreadable_reason(e)}\n{type(e).__name__}: {detail}".encode())
+
+
 def verify_image_files(files: sources.ImageFiles, policy: str) -> sources.ImageFiles:
-  """Decode every file once; unreadable ones (corrupt, truncated, not an image) are dropped and
-  counted (`policy` 'skip') or stop the run naming the first (`policy` 'fail')."""
+  """Decode every file once (read_image, in tf.data); drop the unreadable ones.
+
+  Args:
+    files: an image-folder index (sources.index_image_folder).
+    policy: 'skip' (leave unreadable files out; one log line counts them by reason with the first
+      example of each) or 'fail'.
+  Returns:
+    `files` with only the readable images (the same object when all are).
+  Raises:
+    UserError: an unknown policy; under 'fail', the first unreadable file (named, with why); under
+      'skip', when no file at all is readable.
+  """
   if policy not in ("skip", "fail"):
     raise UserError(f"data.bad_images={policy!r}; use 'skip' (leave out and count) or 'fail'")
   n = files.num_examples
   ds = tf.data.Dataset.from_tensor_slices((tf.range(n), files.paths))
-  ds = ds.map(lambda i, p: (i, tf.shape(decode_image_file(p))[0]),
-              num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
-  good = np.zeros(n, bool)
-  for i, _ in ds.as_numpy_iterator():
-    good[i] = True
+  ds = ds.map(lambda i, p: (i, tf.numpy_function(_check_image, [p], tf.string, stateful=False)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  why = [b""] * n
+  for i, reason in ds.as_numpy_iterator():
+    why[i] = reason
+  good = np.array([not r for r in why], bool)
   if good.all():
     return files
-  bad = files.paths[~good]
+  bad = np.flatnonzero(~good)  # index order: the first example is the same on every run
+  by_reason = {}
+  for i in bad:
+    category, detail = why[i].decode().split("\n", 1)
+    by_reason.setdefault(category, []).append((i, detail))
   if policy == "fail":
-    raise UserError(f"{bad[0]} is not a readable image ({len(bad)} such file(s)); fix or remove "
-                    f"it, or set --config.data.bad_images=skip")
+    first, reason = sources.display_path(files.paths[bad[0]]), why[bad[0]].decode()
+    raise UserError(f"{first} is not a readable image ({reason.replace(chr(10), ': ')}; "
+                    f"{len(bad)} such file(s)); fix or remove it, or set "
+                    f"--config.data.bad_images=skip")
+  summary = "; ".join(
+      f"{len(items)} {category} (first: {sources.display_path(files.paths[items[0][0]])}: "
+      f"{items[0][1]})" for category, items in by_reason.items())
   from absl import logging
-  logging.warning("skipped %d of %d files that are not readable images (first: %s)", len(bad), n,
-                  bad[0])
+  logging.warning("skipped %d of %d files that are not readable images: %s", len(bad), n, summary)
   if not good.any():
-    raise UserError(f"none of the {n} files under {os.path.dirname(os.path.dirname(bad[0]))} is a "
-                    f"readable image")
+    under = os.path.commonpath([os.path.dirname(f) for f in files.paths])
+    raise UserError(f"none of the {n} files under {sources.display_path(under)} is a readable "
+                    f"image ({summary})")
   return sources.ImageFiles(files.paths[good], files.labels[good], files.class_names)
 
 

@@ -2,7 +2,8 @@
 
 `load(config, split)` returns one of
   InMemory    uint8 images [N, S, S, C] + int32 labels, held in host memory (Fashion-MNIST)
-  ImageFiles  paths + labels of an image folder ROOT/<split>/<class>/*; decoded by the pipeline
+  ImageFiles  paths + labels of an image folder ROOT/<split>/<class>/** (any depth; class = top
+              folder); decoded by the pipeline with Pillow (pipeline.read_image)
   TfdsSplit   a prepared TFDS dataset (`data.tfds_name` in `data.dir`), streamed by the pipeline
 The input pipeline (pipeline.py) turns any of them into training views and evaluation arrays.
 
@@ -13,6 +14,7 @@ tiled by patch sizes 2, 4, 8, 16. Labels are used only for evaluation.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gzip
 import os
@@ -89,7 +91,7 @@ class InMemory:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageFiles:
-  paths: np.ndarray    # str [N]
+  paths: np.ndarray    # bytes [N] (numpy 'S'): os.fsencode'd, so non-UTF-8 names round-trip
   labels: np.ndarray   # int32 [N], index into class_names
   class_names: tuple
 
@@ -114,43 +116,125 @@ def as_source(data) -> InMemory | ImageFiles | TfdsSplit:
 
 
 # ------------------------------------------------------------------------------ image folder
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# What Pillow (the decoder, pipeline.read_image) opens; compared case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_IMAGE_EXTENSIONS_B = tuple(os.fsencode(e) for e in IMAGE_EXTENSIONS)
+
+# Why an entry of ROOT/<split>/ was left out of the index (the keys are the log's wording).
+NON_IMAGE = "non-image file(s)"
+HIDDEN = "hidden file(s) or folder(s)"
+OUTSIDE_CLASS = "file(s) outside any class folder"
+NOT_A_FILE = "special file(s) or broken link(s)"
+UNLISTABLE = "folder(s) that cannot be listed"
+REVISITED = "folder(s) reached twice through links"
 
 
-def _class_dirs(split_dir: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+def display_path(path) -> str:
+  """A path (str or bytes) as printable text: bytes that are not UTF-8 become \\xNN escapes, so a
+  log line or error message can always be written, and still names the file."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _class_dirs(split_dir) -> list[bytes]:
+  """The class folder names (bytes, sorted bytewise) of a split folder: its non-hidden folders."""
+  with os.scandir(os.fsencode(split_dir)) as entries:
+    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(b"."))
+
+
+def _files_under(folder: bytes, left_out: dict) -> list[bytes]:
+  """Every non-hidden file under `folder` at any depth (links followed), sorted bytewise; what is
+  passed over is appended to left_out[reason]."""
+  found, seen, pending = [], set(), [folder]
+  while pending:
+    current = pending.pop()
+    try:
+      stat = os.stat(current)
+      with os.scandir(current) as it:
+        entries = list(it)
+    except OSError:
+      left_out[UNLISTABLE].append(current)
+      continue
+    if (stat.st_dev, stat.st_ino) in seen:  # a link back up the tree (or a second way in)
+      left_out[REVISITED].append(current)
+      continue
+    seen.add((stat.st_dev, stat.st_ino))
+    for e in entries:
+      if e.name.startswith(b"."):  # .DS_Store, .ipynb_checkpoints/, .git/ ...
+        left_out[HIDDEN].append(e.path)
+      elif e.is_dir():
+        pending.append(e.path)
+      elif e.is_file():
+        found.append(e.path)
+      else:
+        left_out[NOT_A_FILE].append(e.path)
+  # Bytewise order of whole paths: the same on every host, whatever the locale or listing order.
+  return sorted(found)
 
 
 def index_image_folder(root: str, split: str) -> tuple[ImageFiles, list[str]]:
-  """ROOT/<split>/<class>/<file> -> ImageFiles (sorted, so every host builds the same index) and
-  warnings. Class ids come from the train split's folders, so train and test agree. Files that are
-  not images (by extension: notes, .DS_Store) are left out and counted; whether each image decodes
-  is checked by the pipeline (pipeline.verify_image_files)."""
-  classes = _class_dirs(os.path.join(root, "train"))
-  split_dir = os.path.join(root, split)
+  """Index ROOT/<split>/<class>/**: every image file at any depth under a class folder.
+
+  Args:
+    root: the image-folder root (str or bytes), holding train/<class>/ and test/<class>/.
+    split: 'train' or 'test'.
+
+  Returns:
+    (ImageFiles, warnings). ImageFiles.paths: bytes array [N] (numpy 'S', os.fsencode'd paths, so
+    names that are not valid UTF-8 round-trip), grouped by class, sorted bytewise within a class,
+    so every host builds the same index; labels: int32 [N]; class_names: the train split's top
+    folders (str, os.fsdecode'd) in bytewise order, so train and test agree. A file's class is the
+    top folder under the split, however deep the file sits. warnings: log lines (str), one per
+    reason something was left out, with its count and first example: non-image extensions, hidden
+    files and folders (leading '.'), files directly in ROOT/<split>/, special files or broken
+    links, folders that cannot be listed or are reached twice through links, and class folders
+    holding no images. Whether each image decodes is checked later (pipeline.verify_image_files).
+
+  Raises:
+    UserError: the split has a class folder the train split lacks, or holds no image files.
+    OSError: ROOT/<split> or ROOT/train cannot be listed (check_image_folder catches the usual
+      cases first).
+  """
+  root_b = os.fsencode(root)
+  classes = _class_dirs(os.path.join(root_b, b"train"))
+  split_dir = os.path.join(root_b, os.fsencode(split))
   class_id = {name: i for i, name in enumerate(classes)}
-  paths, labels, warnings, skipped = [], [], [], []
+  left_out = collections.defaultdict(list)
+  paths, labels, warnings = [], [], []
+  with os.scandir(split_dir) as entries:
+    for e in sorted(entries, key=lambda e: e.name):
+      if e.name.startswith(b"."):
+        left_out[HIDDEN].append(e.path)
+      elif not e.is_dir():
+        left_out[OUTSIDE_CLASS if e.is_file() else NOT_A_FILE].append(e.path)
   for name in _class_dirs(split_dir):
-    if name not in class_id:
-      raise UserError(f"{split_dir}/{name} is a class the train split does not have; "
-                      f"add {root}/train/{name} or remove the folder")
     folder = os.path.join(split_dir, name)
-    files = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    skipped += [os.path.join(folder, f) for f in files if f not in images]
+    if name not in class_id:
+      raise UserError(f"{display_path(folder)} is a class the train split does not have; "
+                      f"add {display_path(os.path.join(root_b, b'train', name))} or remove the "
+                      f"folder")
+    files = _files_under(folder, left_out)
+    images = [f for f in files if f.lower().endswith(_IMAGE_EXTENSIONS_B)]
+    left_out[NON_IMAGE] += [f for f in files if not f.lower().endswith(_IMAGE_EXTENSIONS_B)]
     if not images:
-      warnings.append(f"{folder} holds no images; class {name!r} has no {split} examples")
-    paths += [os.path.join(folder, f) for f in images]
+      warnings.append(f"{display_path(folder)} holds no images; class "
+                      f"{os.fsdecode(name)!r} has no {split} examples")
+    paths += images
     labels += [class_id[name]] * len(images)
-  if skipped:
-    warnings.append(f"{len(skipped)} non-image file(s) in {split_dir} left out (first: {skipped[0]})")
+  for reason, skipped in left_out.items():
+    if skipped:
+      warnings.append(f"{len(skipped)} {reason} in {display_path(split_dir)} left out (first: "
+                      f"{display_path(sorted(skipped)[0])})")
   if not paths:
-    raise UserError(f"no images under {split_dir}/<class>/; expected e.g. "
-                    f"{split_dir}/cat/0001.jpg ({', '.join(IMAGE_EXTENSIONS)})")
-  return ImageFiles(np.array(paths), np.array(labels, np.int32), tuple(classes)), warnings
+    raise UserError(f"no images under {display_path(split_dir)}/<class>/; expected e.g. "
+                    f"{display_path(split_dir)}/cat/0001.jpg ({', '.join(IMAGE_EXTENSIONS)})")
+  class_names = tuple(os.fsdecode(c) for c in classes)
+  return ImageFiles(np.array(paths, dtype=np.bytes_), np.array(labels, np.int32), class_names), \
+      warnings
 
 
 def check_image_folder(root: str) -> None:
+  """Cheap layout checks before anything heavy starts. Raises UserError: no root given, a missing
+  ROOT/train or ROOT/test, or one without class folders."""
   if not root:
     raise UserError("data.source=image_folder needs --config.data.dir=ROOT (a folder holding "
                     "train/<class>/* and test/<class>/*)")
@@ -212,8 +296,9 @@ def check_source(config) -> None:
 
 
 def load(config, split: str) -> InMemory | ImageFiles | TfdsSplit:
-  """The `split` ('train' | 'test') of the configured source. Image-folder warnings (empty class
-  folders, non-image files) are logged here; unreadable images are the pipeline's to find."""
+  """The `split` ('train' | 'test') of the configured source. Image-folder warnings (what was left
+  out, by reason, and empty class folders) are logged here; unreadable images are the pipeline's
+  to find (pipeline.load_source). Raises UserError for a missing or malformed source."""
   check_source(config)
   source = config.data.source
   if source == "fashion_mnist":

@@ -85,7 +85,7 @@ def test_unreadable_images_are_skipped_and_counted_or_fail_naming_the_file(tmp_p
   root = make_image_folder(str(tmp_path))
   kept = pipeline.load_source(folder_config(root), "train")
   assert kept.num_examples == 3 * 24
-  assert not any(p.endswith("broken.png") for p in kept.paths)
+  assert not any(p.endswith(b"broken.png") for p in kept.paths)
   with pytest.raises(UserError, match=r"broken\.png is not a readable image"):
     pipeline.load_source(folder_config(root, bad_images="fail"), "train")
 
