@@ -5,6 +5,8 @@
 Re-running the same command resumes from the latest checkpoint in DIR/checkpoints.
 Bad input (config, data, workdir) ends with one line naming the problem and the fix, exit code 2.
 SIGTERM / Ctrl-C: the current step finishes, a checkpoint is saved, exit code 3 (re-run to resume).
+A write that fails mid-run (disk full, I/O error): one line naming the cause and the last complete
+checkpoint, exit code 4 (free space, then re-run to resume).
 """
 from __future__ import annotations
 
@@ -35,16 +37,32 @@ EXIT_USER_ERROR = 2
 
 
 class _DropLibraryChatter:
-  """Orbax logs every save step by step at INFO; keep only its warnings and errors."""
+  """Orbax logs every save step by step at INFO: keep only its warnings and errors, each as one
+  line (a failed write logs a traceback from every background writer; ours names the cause once)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno < 30:
+      return False
+    record.exc_info, record.exc_text = None, None
+    record.msg, record.args = record.getMessage().strip().split("\n")[0][:300], None
+    return True
+
+
+def _quiet_closed_event_loop(unraisable) -> None:
+  """After a failed checkpoint write Orbax closes its event loop while TensorStore still completes
+  the other writes into it; each completion is an unraisable 'Event loop is closed' with a
+  traceback (hundreds of them). Drop exactly those; anything else goes to Python's default hook."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vit_accel.errors import EXIT_PREEMPTED, Preempted, UserError
+  from vit_accel.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, StorageError, UserError
   try:
     config = FLAGS.config
     config.get("objective")  # ml_collections reports a recipe that failed to load only on access
@@ -53,8 +71,11 @@ def main(argv):
     print(f"error: cannot load --config: {detail}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  sys.unraisablehook = _quiet_closed_event_loop
   try:
-    # Data presence is checked before JAX/TF start, so a missing dataset fails in seconds.
+    # The run directory and the data are checked before JAX/TF start: a bad path fails in seconds.
+    from vit_accel import io
+    io.check_workdir(FLAGS.workdir)
     from input_pipeline import sources
     if FLAGS.mode == "report":
       from vit_accel import report  # reads metrics; needs no training set-up
@@ -91,6 +112,12 @@ def main(argv):
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
+  except StorageError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    logging.flush()
+    # Orbax's background writers are broken after a failed write; a normal interpreter shutdown
+    # makes each of them print a traceback. Everything of ours is closed and flushed by now.
+    os._exit(EXIT_STORAGE)
 
 
 def parse_flags(argv):

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from vit_accel import evaluator, train
+from vit_accel import evaluator, run_identity, train
 from vit_accel.errors import UserError
 
 
@@ -71,15 +71,6 @@ def test_resume_gives_identical_parameters(tmp_path, needs_fashion_mnist):
   assert any(jax.tree.leaves(changed))
 
 
-def test_resume_refuses_a_different_model(tmp_path, needs_fashion_mnist):
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(stop_at_step=2), workdir)
-  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(UserError, match="model="):
-    train.train_and_evaluate(tiny_config(**{"model.width": 32}), workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
-
-
 def test_invalid_config_fails_before_compiling(tmp_path):
   with pytest.raises(UserError, match="patch_size"):
     train.train_and_evaluate(tiny_config(**{"model.patch_size": 5}), str(tmp_path / "a"))
@@ -92,13 +83,17 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path, needs_fash
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(stop_at_step=2), workdir)
   # A learning rate this large overflows the parameters to inf within a step or two.
-  with pytest.raises(UserError, match="non-finite loss .* at step"):
-    train.train_and_evaluate(tiny_config(**{"optim.base_lr": 1e38, "optim.warmup_fraction": 0.0}),
-                             workdir)
+  overflow = {"optim.base_lr": 1e38, "optim.warmup_fraction": 0.0}
+  with pytest.raises(UserError, match=r"non-finite loss .* at step .*the last good checkpoint "
+                                      r"\(step 2\) is kept"):
+    train.train_and_evaluate(tiny_config(**overflow), workdir)
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps == [2]
   params = load_params(workdir, 2)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  # A run that diverges before its first checkpoint says that nothing was kept.
+  with pytest.raises(UserError, match=r"non-finite loss .* nothing was saved \(no checkpoint"):
+    train.train_and_evaluate(tiny_config(**overflow), str(tmp_path / "fresh"))
 
 
 def test_resume_drops_metrics_logged_past_the_checkpoint(tmp_path, needs_fashion_mnist):
@@ -123,6 +118,10 @@ def test_multistage_run_compiles_one_step_per_stage_and_logs_stages(tmp_path, ne
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(duration)
 
+  # A first run pays the process's one-time compilations (evaluation maths, host-side helpers);
+  # only the two runs after it are counted, so the test gives the same counts run alone or after
+  # any other test.
+  train.train_and_evaluate(tiny_config(), str(tmp_path / "warm"))
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     train.train_and_evaluate(tiny_config(), str(tmp_path / "one"))
@@ -196,8 +195,8 @@ def test_corrupt_latest_checkpoint_is_reported_moved_aside_and_the_previous_one_
 def test_checkpoint_of_an_older_train_state_format_is_refused_before_restoring():
   from vit_accel import train
   cfg = tiny_config()
-  current = train.run_metadata(cfg, train.make_step_plan(cfg, 1000))
-  train.check_resumable(dict(current), current, "/run/checkpoints", False)
+  current = run_identity.run_metadata(cfg, train.make_step_plan(cfg, 1000), {}, online=False)
+  run_identity.check_resumable(dict(current), current, "/run/checkpoints", False)
   older = {k: v for k, v in current.items() if k != "state_format"}   # written before format 2
   with pytest.raises(UserError, match="train-state format 1 .* use a new --workdir"):
-    train.check_resumable(older, current, "/run/checkpoints", False)
+    run_identity.check_resumable(older, current, "/run/checkpoints", False)

@@ -1,16 +1,26 @@
 """Orbax CheckpointManager wrapper: async saves of the train state plus a small JSON of run metadata.
 
 Restores always go through an abstract target carrying the *current* mesh's shardings, so a
-checkpoint written on one topology restores onto another.
+checkpoint written on one topology restores onto another. Three outcomes are kept apart:
+  - unreadable (files truncated or corrupt): reported, moved aside to `<dir>.corrupt/`, and the
+    previous checkpoint is used;
+  - incompatible (another run, or a config that builds other shapes): one UserError line, nothing
+    moved, deleted or overwritten;
+  - a failed write (disk full, I/O error): one StorageError line naming the last complete checkpoint;
+    the partial one is removed so that a resume never sees it.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import shutil
 
 import jax
 from absl import logging
 import orbax.checkpoint as ocp
+
+from vit_accel.errors import StorageError, UserError
 
 
 # WORKDIR/<this>: checkpoints kept at chosen budget fractions (checkpoint.at_progress), for analysis.
@@ -25,8 +35,16 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every_steps),
-        enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+    # A registry, so that a checkpoint's array metadata (shapes, dtypes) can be read on its own.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add("state", args, ocp.StandardCheckpointHandler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add("meta", args, ocp.JsonCheckpointHandler)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=registry)
+    self._write_failed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -35,15 +53,36 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-    """Starts an (async) save when `step` is on the interval, or always with force=True."""
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts an (async) save when `step` is on the interval, or always with force=True.
+    Raises StorageError when this save, or the previous async one, failed to write."""
+    try:
+      return self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore wrap OS errors in their own types
+      raise self._write_failure(e) from None
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON metadata: cheap, and checked before a state of another shape is touched."""
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"])
+
+  def state_metadata(self, step: int):
+    """The saved train state's tree of array metadata (`.shape`, `.dtype` per leaf), read without
+    reading the arrays."""
+    return self._manager.item_metadata(step)["state"]
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Raises UserError (one line) when checkpoint `step` holds a train state of another structure,
+    shape or dtype than `abstract_state`. May raise anything when its metadata cannot be read."""
+    self._refuse_mismatch(step, self.state_metadata(step), abstract_state)
+
+  def _refuse_mismatch(self, step: int, saved_layout, abstract_state) -> None:
+    problem = state_mismatch(saved_layout, abstract_state)
+    if problem:
+      raise UserError(f"checkpoint {step} in {self.directory} was written by a config that builds "
+                      f"another train state ({problem}); restore that config, or use a new "
+                      f"--workdir")
 
   def restore(self, step: int, abstract_state):
     """(state placed on `abstract_state`'s shardings, meta dict)."""
@@ -55,9 +94,11 @@ class Checkpointer:
   def restore_latest_good(self, abstract_state, check_meta=lambda meta: None):
     """(state, meta) of the newest checkpoint that restores, or None when there is none.
 
-    `check_meta(meta)` runs first and may raise (a checkpoint of another run: nothing is moved).
-    A checkpoint that fails to read (truncated or corrupted files) is reported in one line and
-    moved aside to `<directory>.corrupt/<step>` - kept, not deleted - and the previous one is tried.
+    `check_meta(meta)` runs first and may raise (a checkpoint of another run: nothing is moved);
+    then the saved shapes are compared with `abstract_state` (UserError on a mismatch, nothing
+    moved). Only a checkpoint whose files fail to read (truncated or corrupted) is reported in one
+    line and moved aside to `<directory>.corrupt/<step>` - kept, not deleted - and the previous one
+    is tried.
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
@@ -66,6 +107,12 @@ class Checkpointer:
         self._quarantine(step, e)
         continue
       check_meta(meta)
+      try:
+        saved_layout = self.state_metadata(step)
+      except Exception as e:  # noqa: BLE001
+        self._quarantine(step, e)
+        continue
+      self._refuse_mismatch(step, saved_layout, abstract_state)
       try:
         state, meta = self.restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001
@@ -88,11 +135,103 @@ class Checkpointer:
           f"{fallback}", flush=True)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until a pending async save is on disk; StorageError when it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_failure(e) from None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a pending save, then releases the manager. After a failed write (already
+    reported) it only cleans up: Orbax's writers are broken then, and would raise again."""
+    if self._write_failed:
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - the failure was reported once; do not cascade
+        pass
+      self._remove_partial()   # Orbax may create a save's directory in the background, late
+      return
+    self.wait()
     self._manager.close()
+
+  def last_complete_step(self) -> int | None:
+    """The newest checkpoint on disk that finished writing (re-read from the directory)."""
+    self._manager.reload()
+    return self._manager.latest_step()
+
+  def _write_failure(self, error: Exception) -> StorageError:
+    """The one-line StorageError for a failed save; removes the partial checkpoint it left."""
+    first = not self._write_failed
+    self._write_failed = True
+    self._remove_partial()
+    if first:
+      logging.warning("checkpoint write failed: %r", error)
+    return StorageError(f"writing a checkpoint to {self.directory} failed ({storage_cause(error)});"
+                        f" {self.last_complete_text()}; free space or fix the file system, then "
+                        f"re-run the same command to resume")
+
+  def _remove_partial(self) -> None:
+    """Deletes unfinished saves (Orbax's temporary directories): never a complete checkpoint."""
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(self.directory, f"*{TMP_SUFFIX}*")):
+        shutil.rmtree(partial, ignore_errors=True)
+
+  def last_complete_text(self) -> str:
+    """'the last complete checkpoint is step N in DIR' (or that there is none), for messages."""
+    try:
+      last = self.last_complete_step()
+    except Exception:  # noqa: BLE001 - the directory itself may be gone
+      last = None
+    return (f"the last complete checkpoint is step {last} in {self.directory}" if last is not None
+            else f"no complete checkpoint is in {self.directory}")
+
+
+# Orbax writes a checkpoint under `<step><TMP_SUFFIX>...` and renames it when complete.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+# Causes named in a StorageError, found in an exception chain (errno) or in its message (TensorStore
+# reports "RESOURCE_EXHAUSTED: ... No space left on device" as a ValueError).
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM,
+                  errno.ENOENT, errno.EFBIG)
+
+
+def storage_cause(error: BaseException) -> str:
+  """A short human cause of a failed write: the OS error's text when one is in the exception chain
+  or named in its message, else the first line of the message (at most 160 characters)."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    seen = seen.__cause__ or seen.__context__
+  text = str(error)
+  for code in STORAGE_ERRNOS:
+    if os.strerror(code) in text:
+      return os.strerror(code)
+  lines = text.strip().splitlines()
+  return lines[0][:160] if lines else type(error).__name__
+
+
+def _layout(tree) -> dict:
+  """{path: (shape, dtype name)} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="."):
+          (tuple(leaf.shape), jax.numpy.dtype(leaf.dtype).name)
+          for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def state_mismatch(saved, abstract_state) -> str | None:
+  """None when the saved state's arrays have the paths, shapes and dtypes of `abstract_state`; else
+  the first difference, e.g. 'params.head.fc2.kernel: float32[256,64] saved, float32[256,32] now'."""
+  have, want = _layout(saved), _layout(abstract_state)
+  fmt = lambda sd: f"{sd[1]}[{','.join(map(str, sd[0]))}]"  # noqa: E731
+  for path in sorted(have.keys() | want.keys()):
+    if path not in want:
+      return f"{path}: saved, but this config has no such parameter"
+    if path not in have:
+      return f"{path}: this config has it ({fmt(want[path])}), the checkpoint does not"
+    if have[path] != want[path]:
+      return f"{path}: {fmt(have[path])} saved, {fmt(want[path])} now"
+  return None
 
 
 def abstract_with_shardings(tree, shardings):

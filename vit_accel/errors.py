@@ -15,3 +15,12 @@ class Preempted(Exception):
     super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {directory}; "
                      f"re-run the same command to resume")
     self.step = step
+
+
+EXIT_STORAGE = 4     # writing the run's files failed; the last complete checkpoint is intact
+
+
+class StorageError(Exception):
+  """Writing checkpoints or run files failed mid-run (disk full, quota, I/O error, read-only file
+  system). The message names the cause and the last complete checkpoint; main.py prints it as one
+  `error:` line and exits 4. Nothing partial is left for a resume to trip on."""

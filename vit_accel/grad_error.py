@@ -201,6 +201,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     ckpt = checkpointing.Checkpointer(available[step], keep=None, every_steps=1, async_save=False)
     try:
+      ckpt.check_compatible(step, target)   # a config of other shapes: one line, nothing read
       state, _ = ckpt.restore(step, target)
     finally:
       ckpt.close()

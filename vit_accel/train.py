@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -11,11 +10,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from input_pipeline import pipeline, sources
-from vit_accel import checkpointing, online, preemption, schedule
+from input_pipeline import fingerprint, pipeline, sources
+from vit_accel import checkpointing, io, online, preemption, run_identity, schedule
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
-from vit_accel.errors import Preempted, UserError
+from vit_accel.errors import Preempted, StorageError, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
 from vit_accel.train_step import (build_model, compile_train_step, eval_params, is_online,
@@ -43,44 +42,6 @@ def make_step_plan(config, num_train_examples: int, decisions=()) -> schedule.St
         online.overhead_units(config))
     return schedule.make_plan(stages, budget, config.batch_size, cost, config.model, overheads)
   return schedule.make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
-
-
-# The TrainState's layout; bumped when its fields change, so an old checkpoint is refused with one
-# line instead of failing to restore (and being moved aside as unreadable). 2: ema_params + extra
-# (objective-generic) replaced MoCo's key_params.
-STATE_FORMAT = 2
-
-
-def run_metadata(config, plan: schedule.StepPlan) -> dict:
-  """What a checkpoint must agree with to be resumed by this config. The compute dtype may change
-  between invocations (parameters are float32 either way)."""
-  model = {k: v for k, v in config.model.to_dict().items() if k != "dtype"}
-  # An online plan grows with its decisions (saved beside it); what must match is how it decides.
-  plan_key = ({"online": config.online.to_dict(), "budget": plan.budget}
-              if is_online(config) else plan.to_dict())
-  meta = {"state_format": STATE_FORMAT, "objective": config.objective, "model": model,
-          "batch_size": int(config.batch_size), "seed": int(config.seed), "plan": plan_key}
-  return json.loads(json.dumps(meta))  # as it reads back from a checkpoint (tuples -> lists)
-
-
-def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_change: bool):
-  if saved.get("state_format", 1) != current["state_format"]:
-    raise UserError(f"{directory} holds a checkpoint in train-state format "
-                    f"{saved.get('state_format', 1)} (an older vit-accel); this version reads format "
-                    f"{current['state_format']}: use a new --workdir")
-  for key in ("objective", "model", "batch_size", "seed"):
-    if key in saved and saved[key] != current[key]:
-      raise UserError(f"{directory} holds a checkpoint of a run with {key}={saved[key]}, this "
-                      f"config has {key}={current[key]}; use a new --workdir or restore the config")
-  if "plan" in saved and saved["plan"] != current["plan"] and not allow_schedule_change:
-    def short(plan):
-      if "online" in plan:
-        return f"online {plan['online']}"
-      return "; ".join(f"{s['spec']} x{s['num_steps']}" for s in plan["stages"])
-    raise UserError(f"{directory} holds a checkpoint of a run with step plan [{short(saved['plan'])}]"
-                    f", this config plans [{short(current['plan'])}]; restore schedule/budget, use a "
-                    f"new --workdir, or set --config.allow_schedule_change=True to continue with "
-                    f"the new plan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +85,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform, jax.process_count())
 
-  # Input: the training split, this host's part of it. The plan: identical on every host.
+  # Input: the training split, this host's part of it, and the test split (evaluation), both read
+  # before anything compiles. The plan: identical on every host.
   train_source = pipeline.load_source(config, "train")
+  test_source = pipeline.load_source(config, "test")
   num_train = train_source.num_examples
   plan = make_step_plan(config, num_train)
   split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
@@ -136,7 +99,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = make_optimizer(config)
   init_rng = jax.random.key(config.seed)
   init_state, abstract_state, state_shardings = state_layout(config, model, tx, mesh)
-  meta = run_metadata(config, plan)
+  meta = run_identity.run_metadata(config, plan,
+                                  fingerprint.fingerprint(config, train_source, test_source),
+                                  online=is_online(config))
 
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps,
@@ -151,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_offset = 0.0  # ... of which in evaluations
 
   def check_saved(saved_meta):
-    check_resumable(saved_meta, meta, ckpt.directory, config.allow_schedule_change)
+    run_identity.check_resumable(saved_meta, meta, ckpt.directory, config.allow_schedule_change)
 
   restored = ckpt.restore_latest_good(
       checkpointing.abstract_with_shardings(abstract_state, state_shardings), check_saved)
@@ -178,8 +143,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-      f.write(plan.to_json())
+    io.atomic_write_text(os.path.join(workdir, "plan.json"), plan.to_json())
 
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params["backbone"]))
   logging.info("backbone: %.2fM params; %d steps of global batch %d", n_params / 1e6,
@@ -203,8 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.drop_after(start_step)
-  evaluator = Evaluator(config, model, mesh, state_shardings, train_source,
-                           pipeline.load_source(config, "test"))
+  evaluator = Evaluator(config, model, mesh, state_shardings, train_source, test_source)
   marks = plan_marks(config, plan)
   eta = EtaEstimator(plan)
 
@@ -268,8 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               "online_measure_s": decision["seconds"],
                               **{f"ca_mse/{k}": v for k, v in decision["ca_mse"].items()}})
           if jax.process_index() == 0:
-            with open(os.path.join(workdir, "plan.json"), "w") as f:
-              f.write(plan.to_json())
+            io.atomic_write_text(os.path.join(workdir, "plan.json"), plan.to_json())
           if step >= marks.stop_at:
             break
         stage = plan.stage_at(step)
@@ -287,9 +249,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
           metrics = jax.device_get(metrics)  # the loop's only sync points
           for name in ("loss", "grad_norm"):  # checked before a save: no bad checkpoint
             if not math.isfinite(float(metrics[name])):
+              ckpt.wait()
+              last = ckpt.last_complete_step()
+              kept = (f"the last good checkpoint (step {last}) is kept" if last is not None
+                      else "nothing was saved (no checkpoint before it)")
               raise UserError(f"non-finite {name} {float(metrics[name])} at step {step} (stage "
-                              f"{stage.index}, {stage.spec}); the last good checkpoint is kept; "
-                              f"lower optim.base_lr or enable optim.grad_clip")
+                              f"{stage.index}, {stage.spec}); {kept}; lower optim.base_lr or "
+                              f"enable optim.grad_clip")
         if save_now:
           ckpt.save(step, state, checkpoint_meta(), force=True)
         if milestones is not None and step in marks.milestone_steps:
@@ -340,6 +306,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if init and "linear_top1" in init[0]:
           summary += f" (at initialisation {init[0]['linear_top1']:.4f})"
         print(summary, flush=True)
+    except OSError as e:   # metrics, plan.json, TensorBoard: the disk filled or failed
+      raise StorageError(f"writing to {workdir} failed ({checkpointing.storage_cause(e)}"
+                         f"{': ' + e.filename if getattr(e, 'filename', None) else ''}); "
+                         f"{ckpt.last_complete_text()}; free space or fix the file system, then "
+                         f"re-run the same command to resume") from None
     finally:
       # A stop request, a NaN or any crash: let a pending async save finish (whole checkpoint).
       writer.close()

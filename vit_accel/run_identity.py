@@ -1,0 +1,120 @@
+"""Run identity: what a checkpoint must agree with before this config may resume it.
+
+A checkpoint's metadata records the run's identity: every config key except the ones that only say
+how, where or when the run executes (`FREE`: schedule and budget, evaluation, checkpointing, mesh,
+logging, file locations, the compute dtype, the optimiser's hyperparameters), plus a fingerprint of
+the training data (input_pipeline/fingerprint.py). Being a deny-list, a key added to the config later
+is part of the identity without anyone listing it. The train state's shapes are checked separately,
+against the checkpoint's own array metadata (checkpointing.Checkpointer.restore_checked).
+
+On resume, the first differing key is one `UserError` line naming the key, both values and the fix.
+`allow_schedule_change` lets the step plan (schedule, budget) change; never the identity.
+"""
+from __future__ import annotations
+
+import json
+
+from vit_accel.errors import UserError
+
+# The TrainState's layout; bumped when its fields change, so an old checkpoint is refused with one
+# line instead of failing to restore. 2: ema_params + extra (objective-generic) replaced MoCo's
+# key_params.
+STATE_FORMAT = 2
+
+# Keys (or whole sections, by prefix) that may differ between a checkpoint and the config resuming
+# it. Everything else shapes the train state or the data stream.
+FREE = (
+    "schedule", "schedule_file", "budget", "budget_epochs", "allow_schedule_change",  # the plan
+    "compile_cache_dir", "stop_at_step", "log_every_steps", "preemption_check_every_steps",
+    "tensorboard", "compression.", "grad_error.", "plan.", "online.", "pilot.",
+    "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
+    "model.dtype",      # compute dtype only: parameters are float32 either way
+    "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
+    "data.num_examples.",  # the fingerprint records the sizes actually read
+    "distributed.", "mesh.", "checkpoint.", "eval.",
+)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  """{dotted key: leaf}; lists and tuples of dicts (a plan's stages) are indexed: stages.0.spec."""
+  out = {}
+  items = (tree.items() if hasattr(tree, "items")
+           else enumerate(tree) if isinstance(tree, (list, tuple)) and any(
+               hasattr(x, "items") for x in tree) else None)
+  if items is None:
+    return {prefix[:-1]: tree}
+  for key, value in items:
+    out.update(_flatten(value, f"{prefix}{key}."))
+  return out
+
+
+def _free(key: str) -> bool:
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE)
+
+
+def identity(config, data_fingerprint: dict) -> dict:
+  """{dotted config key: value} of everything that is not FREE, plus `data_fingerprint.<key>`;
+  JSON-normalised (tuples -> lists), as it reads back from a checkpoint."""
+  flat = {k: v for k, v in _flatten(config.to_dict()).items() if not _free(k)}
+  flat.update({f"data_fingerprint.{k}": v for k, v in data_fingerprint.items()})
+  return json.loads(json.dumps(flat))
+
+
+def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:
+  """The metadata saved with every checkpoint: format, identity, and the step plan (for an online
+  schedule, how it decides: its plan grows with its decisions, which are saved beside it)."""
+  plan_key = ({"online": config.online.to_dict(), "budget": plan.budget} if online
+              else plan.to_dict())
+  meta = {"state_format": STATE_FORMAT, "run": identity(config, data_fingerprint),
+          "plan": plan_key}
+  return json.loads(json.dumps(meta))
+
+
+def _legacy_identity(saved: dict) -> dict:
+  """Checkpoints written before `run` existed recorded objective, model, batch_size and seed."""
+  old = {k: saved[k] for k in ("objective", "model", "batch_size", "seed") if k in saved}
+  return _flatten(old)
+
+
+def first_difference(saved: dict, current: dict):
+  """(key, saved value, current value) of the first key present in both flat dicts with different
+  values - `objective` first, then `model.*`, then the rest in sorted order, so the most basic
+  difference is named; None when they agree. Keys only one side has are skipped (a key added to
+  the config after the checkpoint was written)."""
+  order = lambda k: (k != "objective", not k.startswith("model."), k)  # noqa: E731
+  for key in sorted(saved.keys() & current.keys(), key=order):
+    if saved[key] != current[key]:
+      return key, saved[key], current[key]
+  return None
+
+
+def _short_plan(plan: dict) -> str:
+  if "online" in plan:
+    return f"online {plan['online']}"
+  return "; ".join(f"{s['spec']} x{s['num_steps']}" for s in plan["stages"])
+
+
+def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_change: bool):
+  """Raises UserError (one line) when checkpoint metadata `saved` may not be resumed by a run whose
+  metadata is `current` (run_metadata); returns None when it may."""
+  if saved.get("state_format", 1) != current["state_format"]:
+    raise UserError(f"{directory} holds a checkpoint in train-state format "
+                    f"{saved.get('state_format', 1)} (an older vit-accel); this version reads format "
+                    f"{current['state_format']}: use a new --workdir")
+  diff = first_difference(saved.get("run") or _legacy_identity(saved), current["run"])
+  if diff is not None:
+    key, was, now = diff
+    if key.startswith("data_fingerprint."):
+      raise UserError(f"{directory} holds a checkpoint trained on other data ({key}: {was} there, "
+                      f"{now} now); point data.dir back at that data, or use a new --workdir")
+    raise UserError(f"{directory} holds a checkpoint of a run with {key}={was!r}, this config has "
+                    f"{key}={now!r}; resume with --config.{key}={was!r} (or restore the recipe), "
+                    f"or use a new --workdir")
+  if "plan" in saved and saved["plan"] != current["plan"] and not allow_schedule_change:
+    key, was, now = first_difference(_flatten(saved["plan"]), _flatten(current["plan"])) or (
+        "stages", len(saved["plan"].get("stages", [])), len(current["plan"].get("stages", [])))
+    raise UserError(f"{directory} holds a checkpoint of a run with step plan "
+                    f"[{_short_plan(saved['plan'])}], this config plans "
+                    f"[{_short_plan(current['plan'])}] (plan.{key}: {was} there, {now} now); "
+                    f"restore schedule/budget, use a new --workdir, or set "
+                    f"--config.allow_schedule_change=True to continue with the new plan")
