@@ -35,7 +35,9 @@ class Evaluator:
     self.size = size
     self.train_split, self.test_split = train_split, test_split
     self._arrays = {}  # (split, limit) -> (uint8 images, labels): decoded once, reused
-    sharding_lib.check_batch(ev.batch_size, mesh, "eval.batch_size")
+    # Any device count: the feature batch is eval.batch_size rounded up to a multiple of the devices
+    # (the last batch of a split is zero-padded to it anyway), so it never has to divide them.
+    self.batch_size = -(-ev.batch_size // mesh.size) * mesh.size
 
     def feature_fn(params, images):
       return model.apply({"params": params}, normalize_images(images, config), method="features")
@@ -60,8 +62,9 @@ class Evaluator:
                                else (ev.bank_size, ev.query_size))
     bank_x, bank_y = self.arrays("train", bank_limit)
     query_x, query_y = self.arrays("test", query_limit)
-    bank = evaluation.extract_features(self.feature_fn, params, bank_x, ev.batch_size, self.mesh)
-    query = evaluation.extract_features(self.feature_fn, params, query_x, ev.batch_size, self.mesh)
+    bank = evaluation.extract_features(self.feature_fn, params, bank_x, self.batch_size, self.mesh)
+    query = evaluation.extract_features(self.feature_fn, params, query_x, self.batch_size,
+                                        self.mesh)
     top1 = evaluation.knn_top1(bank, bank_y, query, query_y, k=ev.knn_k,
                                temperature=ev.knn_temperature)
     probe = evaluation.linear_probe(bank, bank_y, query, query_y)
@@ -94,9 +97,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     if step not in steps:
       raise UserError(f"eval.checkpoint_step={wanted} is not in {ckpt.directory}; saved steps: "
                       f"{', '.join(map(str, sorted(steps)))}")
+    target = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
     try:
-      state, meta = ckpt.restore(
-          step, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+      ckpt.check_compatible(step, target)
+      state, meta = ckpt.restore(step, target)
+    except UserError:
+      raise   # written by a config of other shapes: named as such, not as unreadable
     except Exception as e:  # noqa: BLE001 - any read failure: name it; eval moves nothing
       reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
       others = sorted(s for s in steps if s != step)
