@@ -112,8 +112,15 @@ def main(argv):
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
-  except StorageError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+  except (StorageError, OSError) as e:
+    message = str(e)
+    if isinstance(e, OSError):   # a file-system failure outside the training loop's own handling
+      from vit_accel import checkpointing
+      if e.errno not in checkpointing.STORAGE_ERRNOS:
+        raise
+      message = (f"{checkpointing.storage_cause(e)}{': ' + str(e.filename) if e.filename else ''}"
+                 f"; fix the file system or free space, then re-run the same command")
+    print(f"error: {message}", file=sys.stderr, flush=True)
     logging.flush()
     # Orbax's background writers are broken after a failed write; a normal interpreter shutdown
     # makes each of them print a traceback. Everything of ours is closed and flushed by now.

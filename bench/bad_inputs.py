@@ -1,12 +1,15 @@
 """Every bad input we guard against, tried for real: the line printed, the exit code, and whether the
 run directory's existing checkpoints came through untouched. Writes a markdown table.
 
-  python bench/bad_inputs.py --out=bench/results/bad_inputs.md      # ~6 minutes on 2 CPU cores
+  python bench/bad_inputs.py --out=bench/results/bad_inputs.md      # ~8 minutes on 2 CPU cores
 
 Each case runs `main.py` against a copy of one real run directory (the smoke recipe stopped at step
-4, holding genuine checkpoints at steps 2 and 4); "untouched" compares every file's bytes before and after.
-The tests (tests/test_cli.py, test_train.py, test_kill_resume.py, test_sources.py) assert the same
-behaviours; this script is the human-readable record.
+4, holding genuine checkpoints at steps 2 and 4); "untouched" compares every file's bytes before and
+after. The file-system cases mount small tmpfs file systems (a read-only one; one too small for the
+next checkpoint), which needs root; without it they are reported as not run. The tests
+(tests/test_cli.py, test_run_safety.py, test_config_domains.py, test_device_counts.py,
+test_train.py, test_kill_resume.py, test_sources.py) assert the same behaviours; this script is the
+human-readable record.
 """
 from __future__ import annotations
 
@@ -50,7 +53,24 @@ def env(devices: int = 1):
 def message(stderr: str, stdout: str) -> str:
   lines = [l for l in (stdout + "\n" + stderr).splitlines()
            if l.startswith(("error:", "preempted:", "warning:"))]
-  return lines[-1] if lines else (stderr.strip().splitlines() or ["(nothing)"])[-1]
+  if lines:
+    return lines[-1]
+  return (stdout.strip().splitlines() or stderr.strip().splitlines() or ["(nothing)"])[-1]
+
+
+def slug(name: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def du(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def mount_tmpfs(path: str, size: int) -> bool:
+  os.makedirs(path, exist_ok=True)
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                        capture_output=True)
+  return done.returncode == 0
 
 
 def main():
@@ -68,6 +88,28 @@ def main():
   images = make_image_folder(os.path.join(scratch, "images"), per_class=(12, 4))
 
   cases = [(name, [*argv], 1) for name, (argv, _) in sorted(CASES.items())]
+  run_8 = ["--config.compile_cache_dir=", "--config.tensorboard=False"]
+  cases += [
+      ("checkpoint with another head size", [SMOKE, *SMALL, "--config.mocov3.out_dim=32"], 1),
+      ("... and allow_schedule_change=True", [SMOKE, *SMALL, "--config.mocov3.out_dim=32",
+                                              "--config.allow_schedule_change=True"], 1),
+      ("checkpoint of another seed", [SMOKE, *SMALL, "--config.seed=1"], 1),
+      ("checkpoint of other augmentations", [SMOKE, *SMALL, "--config.aug.crop_scale=(0.5,1.0)"],
+       1),
+      ("checkpoint of another data set", [SMOKE, *SMALL, "--config.data.source=image_folder",
+                                          f"--config.data.dir={images}"], 1),
+      ("temperature 0", [SMOKE, *SMALL, "--config.mocov3.temperature=0"], 1),
+      ("negative temperature", [SMOKE, *SMALL, "--config.mocov3.temperature=-0.2"], 1),
+      ("momentum above 1", [SMOKE, *SMALL, "--config.mocov3.base_momentum=1.5"], 1),
+      ("crop scale out of order", [SMOKE, *SMALL, "--config.aug.crop_scale=(0.9,0.2)"], 1),
+      ("workdir under a regular file", [SMOKE, *SMALL], 1),
+      ("workdir on a read-only mount", [SMOKE, *SMALL], 1),
+      ("disk full mid-run", [SMOKE, *SMALL], 1),
+      (":smoke on 8 devices, FSDP 2 (fresh workdir)", [SMOKE, *run_8, "--config.mesh.fsdp=2",
+                                                       "--config.stop_at_step=12"], 8),
+      ("... resumed on 1 device", [SMOKE, *run_8], 1),
+      (":smoke on 3 devices (batch 64)", [SMOKE, *run_8], 3),
+  ]
   cases += [
       ("checkpoint of another model", [SMOKE, *SMALL, "--config.model.width=32"], 1),
       ("checkpoint of another schedule", [SMOKE, *SMALL, "--config.schedule=none"], 1),
@@ -81,9 +123,39 @@ def main():
       ("SIGTERM during training", [SMOKE, *SMALL], 1),
   ]
   rows = []
+  mounts = []
+  workdir = None
   for name, argv, devices in cases:
-    workdir = os.path.join(scratch, name.replace(" ", "_").replace("/", "_"))
-    shutil.copytree(base, workdir)
+    if name.startswith("..."):       # continues the previous case's run directory
+      pass
+    elif "fresh workdir" in name or "3 devices" in name:
+      workdir = os.path.join(scratch, slug(name))
+    else:
+      workdir = os.path.join(scratch, slug(name))
+      shutil.copytree(base, workdir)
+    if name == "workdir under a regular file":
+      with open(os.path.join(scratch, "a_file"), "w") as fh:
+        fh.write("not a directory")
+      argv = [*argv, "--config.stop_at_step=6"]
+      target = os.path.join(scratch, "a_file", "run")
+    elif name in ("workdir on a read-only mount", "disk full mid-run"):
+      mount = os.path.join(scratch, slug(name) + "_mnt")
+      # Read-only: a copy of the run on a tmpfs remounted read-only. Full: the copy plus 1 MiB,
+      # less than the next checkpoint needs.
+      size = du(base) + 1024 * 1024
+      if not mount_tmpfs(mount, size):
+        rows.append(f"| {name} | not run here: mounting a tmpfs needs root | | |")
+        continue
+      mounts.append(mount)
+      shutil.copytree(base, os.path.join(mount, "run"))
+      workdir = os.path.join(mount, "run")
+      if "read-only" in name:
+        subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
+      target = workdir
+    else:
+      target = workdir
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
     if name == "truncated latest checkpoint":
       # Step 4 (the latest) loses half of every file; it is moved aside and step 2 is used.
       for dirpath, _, filenames in os.walk(os.path.join(workdir, "checkpoints", "4")):
@@ -94,7 +166,7 @@ def main():
             with open(p, "r+b") as fh:
               fh.truncate(size // 2)
     before = tree_digest(os.path.join(workdir, "checkpoints"))
-    cmd = [sys.executable, "main.py", f"--workdir={workdir}", *argv]
+    cmd = [sys.executable, "main.py", f"--workdir={target}", *argv]
     if name == "SIGTERM during training":
       proc = subprocess.Popen(cmd, cwd=ROOT, env=env(devices), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -114,8 +186,12 @@ def main():
       stdout, stderr, code = done.stdout, done.stderr, done.returncode
     ckpts = os.path.join(workdir, "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
-    if name in ("truncated latest checkpoint", "SIGTERM during training"):
-      kept = f"steps 2, 4 were there; now {steps}"
+    if "fresh workdir" in name or "3 devices" in name or name == "... resumed on 1 device":
+      kept = f"(a fresh run) now {steps}"
+    elif name in ("truncated latest checkpoint", "SIGTERM during training", "disk full mid-run"):
+      kept = f"steps 2, 4 were there; now {steps}" + (
+          f"; partial left: {partial}" if (partial := [d for d in os.listdir(ckpts)
+                                                       if not d.isdigit()]) else "")
     else:
       kept = "untouched" if tree_digest(ckpts) == before else f"CHANGED (steps {steps})"
     text = message(stderr, stdout).replace("|", "\\|").replace(scratch, "$TMP")
@@ -123,12 +199,15 @@ def main():
     rows.append(f"| {name} | `{text}`{traceback} | {code} | {kept} |")
     print(rows[-1], flush=True)
 
+  for mount in mounts:
+    subprocess.run(["umount", mount], check=False)
   header = [
       "# Bad inputs: what the user sees",
       "",
       f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs, "
       f"Python {platform.python_version()}); command: `python bench/bad_inputs.py`.",
-      "Exit codes: 2 = bad input (one `error:` line), 3 = preempted (checkpoint saved), 0 = ran.",
+      "Exit codes: 2 = bad input (one `error:` line), 3 = preempted (checkpoint saved), 4 = a "
+      "write failed mid-run (one `error:` line naming the last complete checkpoint), 0 = ran.",
       "Each case ran against a copy of a real run directory holding checkpoints at steps 2 and 4.",
       "",
       "| case | printed | exit | existing checkpoints |",

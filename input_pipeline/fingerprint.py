@@ -1,9 +1,9 @@
-"""A fingerprint of the data a run trains on, saved with its checkpoints (vit_accel/run_identity.py):
-a resumed run must read the same images, or it is refused.
+"""A fingerprint of the data a run trains on, saved with its checkpoints (see
+vit_accel/run_identity.py): a resumed run must read the same images, or it is refused.
 
   in memory (Fashion-MNIST)  split sizes + SHA-256 of the pixels and labels
-  image folder               split sizes + SHA-256 of the sorted (path under data.dir, byte size) list
-                             of the files actually used (after unreadable ones were left out)
+  image folder               split sizes + SHA-256 of the sorted (path under data.dir, byte size,
+                             class) list of the files actually used (unreadable ones left out)
   TFDS                       dataset name, split names, split sizes
 
 The folder itself (`data.dir`) may move: paths are taken relative to it.
@@ -19,7 +19,7 @@ from input_pipeline import sources
 
 
 def _files_digest(files: sources.ImageFiles, root: str) -> str:
-  root = os.fsencode(os.path.abspath(os.path.expanduser(root)))
+  root = os.fsencode(os.path.abspath(root))
   digest = hashlib.sha256()
   for path, label in sorted(zip((os.fsencode(p) for p in files.paths), files.labels.tolist())):
     digest.update(os.path.relpath(path, root) + b"\0")
@@ -38,7 +38,7 @@ def fingerprint(config, train, test) -> dict:
     digest.update(np.ascontiguousarray(train.labels).tobytes())
     out["train_sha256"] = digest.hexdigest()
   elif isinstance(train, sources.ImageFiles):
-    out["train_files_sha256"] = _files_digest(train, config.data.dir)
+    out["train_files_sha256"] = _files_digest(train, sources.data_dir(config))
   else:
     out["tfds"] = f"{train.name} {train.split}/{test.split}"
   return out

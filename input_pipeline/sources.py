@@ -251,7 +251,7 @@ def check_image_folder(root: str) -> None:
 def check_tfds(config) -> None:
   """The dataset must already be prepared in data.dir: we never download (runs and tests are
   offline; ImageNet needs its manual download anyway)."""
-  name, data_dir = config.data.get("tfds_name", ""), config.data.dir
+  name, data_dir = config.data.get("tfds_name", ""), config.data.dir   # as typed, for messages
   if not name:
     raise UserError("data.source=tfds needs --config.data.tfds_name (e.g. imagenet2012, cifar10)")
   if not data_dir:
@@ -265,20 +265,25 @@ def check_tfds(config) -> None:
 
 def load_tfds(config, split: str) -> TfdsSplit:
   import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only for this source
-  data_dir = os.path.expanduser(config.data.dir)
+  directory = data_dir(config)
   tfds_split = config.data.get("tfds_splits", {}).get(split, split)
-  builder = tfds.builder(config.data.tfds_name, data_dir=data_dir)
+  builder = tfds.builder(config.data.tfds_name, data_dir=directory)
   num = int(config.data.get("num_examples", {}).get(split, -1))
   if num <= 0:
     try:
       num = int(builder.info.splits[tfds_split].num_examples)
     except (KeyError, ValueError) as e:
-      raise UserError(f"TFDS {config.data.tfds_name!r} in {data_dir} has no split {tfds_split!r} "
+      raise UserError(f"TFDS {config.data.tfds_name!r} in {directory} has no split {tfds_split!r} "
                       f"({str(e).splitlines()[0]}); set data.tfds_splits.{split}") from None
-  return TfdsSplit(config.data.tfds_name, data_dir, tfds_split, num)
+  return TfdsSplit(config.data.tfds_name, directory, tfds_split, num)
 
 
 # ------------------------------------------------------------------------------------ dispatch
+def data_dir(config) -> str:
+  """`data.dir` with `~` expanded ("" stays "": the source's default)."""
+  return os.path.expanduser(config.data.dir) if config.data.dir else ""
+
+
 SOURCES = ("fashion_mnist", "image_folder", "tfds")
 
 
@@ -286,9 +291,9 @@ def check_source(config) -> None:
   """Cheap existence checks for the configured source, run before the heavy imports."""
   source = config.data.source
   if source == "fashion_mnist":
-    check_fashion_mnist(config.data.dir or FASHION_MNIST_DEFAULT_DIR)
+    check_fashion_mnist(data_dir(config) or FASHION_MNIST_DEFAULT_DIR)
   elif source == "image_folder":
-    check_image_folder(config.data.dir)
+    check_image_folder(data_dir(config))
   elif source == "tfds":
     check_tfds(config)
   else:
@@ -302,9 +307,9 @@ def load(config, split: str) -> InMemory | ImageFiles | TfdsSplit:
   check_source(config)
   source = config.data.source
   if source == "fashion_mnist":
-    return InMemory(*load_fashion_mnist(config.data.dir or FASHION_MNIST_DEFAULT_DIR, split))
+    return InMemory(*load_fashion_mnist(data_dir(config) or FASHION_MNIST_DEFAULT_DIR, split))
   if source == "image_folder":
-    files, warnings = index_image_folder(config.data.dir, split)
+    files, warnings = index_image_folder(data_dir(config), split)
     from absl import logging
     for w in warnings:
       logging.warning("%s", w)

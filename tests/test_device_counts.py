@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-import pytest
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +15,7 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import AxisType, Mesh
 import importlib
-from vit_accel import sharding, train_step
+from vit_accel import evaluation, sharding, train_step
 from vit_accel.errors import UserError
 from vit_accel.evaluator import Evaluator
 rng = np.random.default_rng(0)
@@ -38,8 +38,10 @@ for recipe in ("fmnist_mocov3", "fmnist_simclr", "fmnist_dino"):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     evaluator = Evaluator(config, model, mesh, shardings, bank, queries)
     result = evaluator(train_step.eval_params(config, state), final=True)
+    feats = evaluation.extract_features(evaluator.feature_fn, train_step.eval_params(config, state),
+                                        evaluator.arrays("test", -1)[0], evaluator.batch_size, mesh)
     out[f"{recipe}/{n}"] = [train_ok, config.eval.batch_size, evaluator.batch_size,
-                            result["knn_queries"], result["linear_l2"]]
+                            result["knn_queries"], feats.tolist(), result["knn_top1"]]
 print(json.dumps(out))
 """
 
@@ -58,9 +60,10 @@ def test_every_recipe_evaluates_on_1_2_3_4_8_devices_and_the_train_batch_is_chec
     assert [rows[n][0] for n in (1, 2, 3, 4, 8)] == [True, True, False, True, True]
     assert [rows[n][2] for n in (1, 2, 3, 4, 8)] == [500, 500, 501, 500, 504]
     assert all(rows[n][3] == 29 for n in rows)
-    # The same features whatever the device count (the padding rows are dropped).
+    # The same features and kNN whatever the device count (the padding rows are dropped).
     for n in (2, 3, 4, 8):
-      assert rows[n][4] == pytest.approx(rows[1][4], rel=1e-4), (recipe, n)
+      np.testing.assert_allclose(rows[n][4], rows[1][4], atol=1e-5, err_msg=f"{recipe} {n}")
+      assert rows[n][5] == rows[1][5], (recipe, n)
 
 
 def test_smoke_trains_with_fsdp_on_8_devices_then_resumes_on_1(tmp_path, needs_fashion_mnist):

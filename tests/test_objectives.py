@@ -139,7 +139,8 @@ def test_dino_koleo_matches_numpy_and_adds_to_the_loss_only_when_asked():
   assert loss(0.1) - loss(0.0) == pytest.approx(0.1 * expected, rel=1e-3)
   c = tiny_config(recipe="dino")
   c.dino.koleo_weight = -0.1
-  with pytest.raises(UserError, match=r"dino.koleo_weight=-0.1 is out of range: must be a number >= 0"):
+  with pytest.raises(UserError,
+                     match=r"dino.koleo_weight=-0.1 is out of range: must be a number >= 0"):
     train_step.validate_config(c)
 
 
@@ -220,7 +221,8 @@ def test_dino_head_batchnorm_sees_every_view_as_dinos_multicrop_wrapper_does():
   d = tiny_config(recipe="dino")
   d.dino.head_batch = "per_crop"
   with pytest.raises(UserError,
-                     match="dino.head_batch='per_crop' is out of range: must be one of 'per_view', 'all_views'"):
+                     match="dino.head_batch='per_crop' is out of range: must be one of "
+                           "'per_view', 'all_views'"):
     train_step.validate_config(d)
 
 
@@ -268,7 +270,8 @@ def test_objective_config_errors_are_one_line():
     train_step.validate_config(d)
   d = tiny_config(recipe="dino")
   d.dino.centering = "softmax"
-  with pytest.raises(UserError, match="dino.centering='softmax' is out of range: must be one of 'ema', 'sinkhorn'"):
+  with pytest.raises(UserError, match="dino.centering='softmax' is out of range: must be one of "
+                                      "'ema', 'sinkhorn'"):
     train_step.validate_config(d)
   assert set(objectives.OBJECTIVES) == {"mocov3", "simclr", "dino"}
 
@@ -288,7 +291,8 @@ def test_eval_weights_pick_the_objectives_copy_or_the_one_asked_for():
   with pytest.raises(UserError, match="eval.weights='ema': objective simclr keeps no EMA copy"):
     train_step.validate_config(c)
   c.eval.weights = "teacher"
-  with pytest.raises(UserError, match="eval.weights='teacher' is out of range: must be one of '', 'online', 'ema'"):
+  with pytest.raises(UserError, match="eval.weights='teacher' is out of range: must be one of '', "
+                                      "'online', 'ema'"):
     train_step.validate_config(c)
 
 

@@ -1,5 +1,5 @@
-"""Position-embedding resize: every learned vector reaches every grid the recipes run at; upsampling and
-factor-2 downsampling are what they were (bilinear, half-pixel centres)."""
+"""Position-embedding resize: every learned vector reaches every grid the recipes run at;
+upsampling and factor-2 downsampling are what they were (bilinear, half-pixel centres)."""
 import itertools
 
 import jax
@@ -14,7 +14,8 @@ from vit_accel.compression import Strategy
 from vit_accel.models.vit import VisionTransformer
 
 # Every shipped recipe with every argument its get_config accepts.
-RECIPES = ([(m, arg) for m in (fmnist_mocov3, fmnist_simclr, fmnist_dino) for arg in (None, "smoke")]
+RECIPES = ([(m, arg) for m in (fmnist_mocov3, fmnist_simclr, fmnist_dino)
+            for arg in (None, "smoke")]
            + [(m, arg) for m in (imagenet_mocov3_vit_b16, imagenet_simclr_vit_b16,
                                  imagenet_dino_vit_b16)
               for arg in (None, *imagenet_common.ARGS)])

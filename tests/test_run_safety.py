@@ -98,8 +98,9 @@ def test_a_shape_mismatch_the_metadata_does_not_name_is_refused_not_quarantined(
   before = snapshot(saved_run)
   ckpt = checkpointing.Checkpointer(f"{saved_run}/checkpoints", keep=3, every_steps=2)
   try:
-    with pytest.raises(UserError, match=r"another train state \(ema_params\.projector\.fc2\.kernel: "
-                                        r"float32\[256,64\] saved, float32\[256,32\] now\)"):
+    with pytest.raises(UserError, match=r"another train state \(ema_params\.projector\.fc2\."
+                                        r"kernel: float32\[256,64\] saved, "
+                                        r"float32\[256,32\] now\)"):
       ckpt.restore_latest_good(abstract)   # no identity check at all: the legacy case
     with pytest.raises(UserError, match="another train state"):
       ckpt.check_compatible(4, abstract)
@@ -142,7 +143,7 @@ def test_a_plan_change_names_what_differs():
   saved = run_identity.run_metadata(config, plan, {}, online=False)
   config.budget = config.budget * 1.01
   current = run_identity.run_metadata(config, train.make_step_plan(config, 1000), {}, online=False)
-  with pytest.raises(UserError, match=r"\(plan\.budget: [\d.]+ there, [\d.]+ now\).*"
+  with pytest.raises(UserError, match=r"\(step plan.s budget: [\d.]+ there, [\d.]+ now\).*"
                                       r"allow_schedule_change=True"):
     run_identity.check_resumable(saved, current, "/run/checkpoints", False)
   run_identity.check_resumable(saved, current, "/run/checkpoints", True)
@@ -186,24 +187,76 @@ def test_a_fashion_mnist_run_fingerprints_the_pixels():
   assert a["train_sha256"] != b["train_sha256"] and a["train_examples"] == 4
 
 
+def test_a_checkpoint_of_the_previous_version_resumes_and_is_still_checked(saved_run, tmp_path,
+                                                                         needs_fashion_mnist):
+  """Older checkpoints' metadata holds objective, model, batch_size and seed at the top; no run."""
+  import json
+  import shutil
+  copy = str(tmp_path / "legacy")
+  shutil.copytree(saved_run, copy)
+  for step in ("2", "4"):
+    meta_file = os.path.join(copy, "checkpoints", step, "meta", "metadata")
+    with open(meta_file) as f:
+      meta = json.load(f)
+    config = tiny_config()
+    model = {k: v for k, v in config.model.to_dict().items() if k != "dtype"}
+    legacy = {"state_format": meta["state_format"], "objective": "mocov3", "model": model,
+              "batch_size": 16, "seed": 0, "plan": meta["plan"], "wall_s": meta["wall_s"]}
+    with open(meta_file, "w") as f:
+      json.dump(legacy, f)
+  before = snapshot(copy)
+  with pytest.raises(UserError, match="model.depth=2, this config has model.depth=3"):
+    train.train_and_evaluate(tiny_config(**{"model.depth": 3}), copy)
+  assert snapshot(copy) == before
+  train.train_and_evaluate(tiny_config(stop_at_step=5), copy)   # same config: resumes
+  assert max(int(d) for d in os.listdir(os.path.join(copy, "checkpoints"))) == 5
+
+
+def test_a_milestone_reached_again_after_a_kill_is_not_saved_twice(tmp_path, needs_fashion_mnist):
+  import shutil
+  workdir = str(tmp_path / "run")
+  # A milestone between two rolling checkpoints (every 2 steps): at an odd step.
+  plan = train.make_step_plan(tiny_config(), 60000)
+  fraction = next(f for f in (0.3, 0.4, 0.5, 0.6, 0.7) if plan.step_at_progress(f) % 2)
+  milestone = plan.step_at_progress(fraction)
+  overrides = {"checkpoint.at_progress": (fraction,)}
+  train.train_and_evaluate(tiny_config(stop_at_step=milestone + 1, **overrides), workdir)
+  milestones = os.path.join(workdir, checkpointing.MILESTONES)
+  assert os.listdir(milestones) == [str(milestone)]
+  # As if killed after the milestone and before the next rolling checkpoint was written.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(milestone + 1)))
+  result = train.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert "knn_top1" in result and os.listdir(milestones) == [str(milestone)]
+
+
 # ------------------------------------------------------------------------------ failed writes
+def wait_for(path: str, seconds: float = 30.0) -> None:
+  """A disk fills while the checkpoint's files are written, after Orbax created its temporary
+  directory (in a background thread): the injected fault waits for it, as a real one comes after."""
+  import time
+  deadline = time.time() + seconds
+  while not os.path.exists(path) and time.time() < deadline:
+    time.sleep(0.02)
+
+
 def fail_from_second_save(monkeypatch, code=errno.ENOSPC):
   """Every checkpoint write after the first fails inside Orbax, as a full disk makes it fail:
   after Orbax created the checkpoint's temporary directory."""
   original = ocp.StandardCheckpointHandler.async_save
   calls = []
 
-  async def failing(self, *args, **kwargs):
+  async def failing(self, directory, *args, **kwargs):
     calls.append(1)
     if len(calls) > 1:
+      wait_for(os.path.dirname(str(directory)))
       raise OSError(code, os.strerror(code))
-    return await original(self, *args, **kwargs)
+    return await original(self, directory, *args, **kwargs)
 
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_a_failed_save_names_the_cause_and_the_last_complete_checkpoint_and_leaves_nothing_partial(
+def test_a_failed_save_names_the_cause_and_the_last_complete_checkpoint_and_resumes_cleanly(
     tmp_path, monkeypatch, async_save, needs_fashion_mnist):
   workdir = str(tmp_path / "run")
   fail_from_second_save(monkeypatch)
@@ -212,11 +265,48 @@ def test_a_failed_save_names_the_cause_and_the_last_complete_checkpoint_and_leav
   message = str(error.value)
   assert "No space left on device" in message, message
   assert "the last complete checkpoint is step 2" in message and "\n" not in message, message
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]   # nothing partial
+  ckpts = os.path.join(workdir, "checkpoints")
+  assert checkpointing.Checkpointer(ckpts, keep=3, every_steps=2, read_only=True).all_steps() == [2]
   monkeypatch.undo()
   result = train.train_and_evaluate(tiny_config(**{"checkpoint.async_save": async_save}), workdir)
   assert "knn_top1" in result
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "6"
+  # The resumed run removed any unfinished save an Orbax background thread left behind.
+  assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]
+
+
+def test_a_failed_metrics_write_is_a_storage_error_and_the_checkpoints_are_whole(
+    tmp_path, monkeypatch, needs_fashion_mnist):
+  from vit_accel import metric_writer
+  original = metric_writer.MetricWriter.write
+
+  def write(self, step, metrics):
+    if step >= 4:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.jsonl")
+    return original(self, step, metrics)
+
+  monkeypatch.setattr(metric_writer.MetricWriter, "write", write)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(StorageError, match=r"writing to .* failed \(No space left on device: "
+                                         r"metrics\.jsonl\); "
+                                         r"the last complete checkpoint is step 4"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_a_save_that_fails_for_another_reason_is_not_called_a_storage_failure(tmp_path,
+                                                                              monkeypatch):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "c"), keep=2, every_steps=1, async_save=False)
+
+  def broken(*args, **kwargs):
+    raise TypeError("a bug, not a disk")
+
+  monkeypatch.setattr(ckpt._manager, "save", broken)
+  with pytest.raises(TypeError, match="a bug"):
+    ckpt.save(1, {"x": np.zeros(2)}, {})
+  assert checkpointing.is_storage_failure(ValueError("RESOURCE_EXHAUSTED: Error writing x"))
+  assert checkpointing.storage_cause(ValueError("...: No space left on device")) == \
+      "No space left on device"
+  ckpt.close()
 
 
 WRAPPER = """
@@ -225,11 +315,15 @@ sys.path.insert(0, os.getcwd())
 import orbax.checkpoint as ocp
 original = ocp.StandardCheckpointHandler.async_save
 calls = []
-async def failing(self, *args, **kwargs):
+async def failing(self, directory, *args, **kwargs):
   calls.append(1)
   if len(calls) > 1:
+    import time
+    deadline = time.time() + 30   # as a real fault: after Orbax created the step's directory
+    while not os.path.exists(os.path.dirname(str(directory))) and time.time() < deadline:
+      time.sleep(0.02)
     raise OSError(errno.EIO, os.strerror(errno.EIO))
-  return await original(self, *args, **kwargs)
+  return await original(self, directory, *args, **kwargs)
 ocp.StandardCheckpointHandler.async_save = failing
 sys.argv = ["main.py"] + sys.argv[1:]
 runpy.run_path("main.py", run_name="__main__")
@@ -248,7 +342,7 @@ def test_cli_a_failed_save_is_one_error_line_exit_4_and_no_traceback(tmp_path,
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "Input/output error" in errors[0] and "last complete checkpoint is step 10" in errors[0]
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
+  assert sorted(d for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == ["10"]
 
 
 # ------------------------------------------------------------------------------------ workdir
@@ -268,6 +362,10 @@ def test_workdir_checks(tmp_path, monkeypatch):
   with pytest.raises(UserError, match="is not writable: Read-only file system"):
     io.check_workdir(str(tmp_path))
   assert os.listdir(tmp_path) == ["file"]
+  monkeypatch.undo()
+  os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+  with pytest.raises(UserError, match="is a broken symbolic link"):
+    io.check_workdir(str(tmp_path / "dangling" / "run"))
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -278,3 +376,4 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     io.atomic_write_text(path, "new")
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["plan.json"]
+  assert os.stat(path).st_mode & 0o777 == 0o644

@@ -6,8 +6,8 @@ checkpoint written on one topology restores onto another. Three outcomes are kep
     previous checkpoint is used;
   - incompatible (another run, or a config that builds other shapes): one UserError line, nothing
     moved, deleted or overwritten;
-  - a failed write (disk full, I/O error): one StorageError line naming the last complete checkpoint;
-    the partial one is removed so that a resume never sees it.
+  - a failed write (disk full, I/O error): one StorageError line naming the last complete
+    checkpoint; the partial one is removed (here, and by the resuming run) so no resume sees it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import jax
 from absl import logging
 import orbax.checkpoint as ocp
 
-from vit_accel.errors import StorageError, UserError
+from vit_accel.errors import StorageError, UserError, first_line
 
 
 # WORKDIR/<this>: checkpoints kept at chosen budget fractions (checkpoint.at_progress), for analysis.
@@ -30,12 +30,18 @@ MILESTONES = "milestones"
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int | None, every_steps: int,
-               async_save: bool = True):
-    """keep: how many of the newest checkpoints to keep (None = all)."""
+               async_save: bool = True, read_only: bool = False, resumed_from=None):
+    """keep: how many of the newest checkpoints to keep (None = all). read_only: for readers
+    (--mode=eval, grad_error), which must not create, clean or delete anything in a directory a
+    training run may be writing. resumed_from: the Checkpointer a resume reads (for milestones:
+    the rolling one), named in a failed write's message; None = this one."""
     self.directory = os.path.abspath(directory)
+    self._resumed_from = resumed_from or self
+    # No cleanup of other saves' temporary directories: another process may be writing them;
+    # Orbax ignores them when listing steps, and a failed write of ours removes its own.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, every_steps),
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     # A registry, so that a checkpoint's array metadata (shapes, dtypes) can be read on its own.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
@@ -60,6 +66,8 @@ class Checkpointer:
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                         meta=ocp.args.JsonSave(meta)), force=force)
     except Exception as e:  # noqa: BLE001 - Orbax/TensorStore wrap OS errors in their own types
+      if not is_storage_failure(e):
+        raise
       raise self._write_failure(e) from None
 
   def restore_meta(self, step: int) -> dict:
@@ -122,7 +130,7 @@ class Checkpointer:
     return None
 
   def _quarantine(self, step: int, error: Exception) -> None:
-    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     target = os.path.join(self.directory + ".corrupt", str(step))
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -139,6 +147,8 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
+      if not is_storage_failure(e):
+        raise
       raise self._write_failure(e) from None
 
   def close(self) -> None:
@@ -149,39 +159,41 @@ class Checkpointer:
         self._manager.close()
       except Exception:  # noqa: BLE001 - the failure was reported once; do not cascade
         pass
-      self._remove_partial()   # Orbax may create a save's directory in the background, late
+      self.remove_unfinished()   # Orbax may create a save's directory in the background, late
       return
     self.wait()
     self._manager.close()
 
   def last_complete_step(self) -> int | None:
-    """The newest checkpoint on disk that finished writing (re-read from the directory)."""
-    self._manager.reload()
-    return self._manager.latest_step()
+    """The newest checkpoint on disk that finished writing, read from the directory itself (Orbax
+    renames a save to its bare step number only once complete), so it works after a failure."""
+    try:
+      steps = [int(name) for name in os.listdir(self.directory) if name.isdigit()]
+    except OSError:
+      return None
+    return max(steps, default=None)
 
   def _write_failure(self, error: Exception) -> StorageError:
     """The one-line StorageError for a failed save; removes the partial checkpoint it left."""
     first = not self._write_failed
     self._write_failed = True
-    self._remove_partial()
+    self.remove_unfinished()
     if first:
       logging.warning("checkpoint write failed: %r", error)
     return StorageError(f"writing a checkpoint to {self.directory} failed ({storage_cause(error)});"
-                        f" {self.last_complete_text()}; free space or fix the file system, then "
-                        f"re-run the same command to resume")
+                        f" {self._resumed_from.last_complete_text()}; free space or fix the file "
+                        f"system, then re-run the same command to resume")
 
-  def _remove_partial(self) -> None:
-    """Deletes unfinished saves (Orbax's temporary directories): never a complete checkpoint."""
+  def remove_unfinished(self) -> None:
+    """Deletes unfinished saves (Orbax's temporary directories; never a complete checkpoint): after
+    a failed write, and when a training run takes over its directory (a kill mid-save)."""
     if jax.process_index() == 0:
       for partial in glob.glob(os.path.join(self.directory, f"*{TMP_SUFFIX}*")):
         shutil.rmtree(partial, ignore_errors=True)
 
   def last_complete_text(self) -> str:
     """'the last complete checkpoint is step N in DIR' (or that there is none), for messages."""
-    try:
-      last = self.last_complete_step()
-    except Exception:  # noqa: BLE001 - the directory itself may be gone
-      last = None
+    last = self.last_complete_step()
     return (f"the last complete checkpoint is step {last} in {self.directory}" if last is not None
             else f"no complete checkpoint is in {self.directory}")
 
@@ -195,20 +207,37 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACC
                   errno.ENOENT, errno.EFBIG)
 
 
-def storage_cause(error: BaseException) -> str:
-  """A short human cause of a failed write: the OS error's text when one is in the exception chain
-  or named in its message, else the first line of the message (at most 160 characters)."""
+# TensorStore's status codes for a write the storage refused.
+TENSORSTORE_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "DATA_LOSS", "UNAVAILABLE")
+
+
+def _os_error(error: BaseException) -> OSError | None:
   seen = error
   while seen is not None:
     if isinstance(seen, OSError) and seen.errno:
-      return os.strerror(seen.errno)
+      return seen
     seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def is_storage_failure(error: BaseException) -> bool:
+  """Whether a save's exception means the storage failed (an OS error in its chain, or TensorStore
+  naming one), as opposed to a bug, which is re-raised as it is."""
   text = str(error)
+  return (_os_error(error) is not None or any(code in text for code in TENSORSTORE_WRITE_FAILURES)
+          or any(os.strerror(code) in text for code in STORAGE_ERRNOS))
+
+
+def storage_cause(error: BaseException) -> str:
+  """A short human cause of a failed write: the OS error's text when one is in the exception chain
+  or named in its message, else the first line of the message (at most 160 characters)."""
+  os_error = _os_error(error)
+  if os_error is not None:
+    return os.strerror(os_error.errno)
   for code in STORAGE_ERRNOS:
-    if os.strerror(code) in text:
+    if os.strerror(code) in str(error):
       return os.strerror(code)
-  lines = text.strip().splitlines()
-  return lines[0][:160] if lines else type(error).__name__
+  return first_line(error)
 
 
 def _layout(tree) -> dict:
@@ -221,7 +250,8 @@ def _layout(tree) -> dict:
 
 def state_mismatch(saved, abstract_state) -> str | None:
   """None when the saved state's arrays have the paths, shapes and dtypes of `abstract_state`; else
-  the first difference, e.g. 'params.head.fc2.kernel: float32[256,64] saved, float32[256,32] now'."""
+  the first difference, e.g.
+  'params.head.fc2.kernel: float32[256,64] saved, float32[256,32] now'."""
   have, want = _layout(saved), _layout(abstract_state)
   fmt = lambda sd: f"{sd[1]}[{','.join(map(str, sd[0]))}]"  # noqa: E731
   for path in sorted(have.keys() | want.keys()):

@@ -46,7 +46,8 @@ class Number:
     lo = "" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
     hi = "" if self.high == math.inf else f"{'<' if self.high_open else '<='} {self.high:g}"
     if lo and hi:
-      rng = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+      left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+      rng = f"in {left}{self.low:g}, {self.high:g}{right}"
     else:
       rng = lo or hi
     text = f"{kind} {rng}".strip()
@@ -270,13 +271,17 @@ DOMAINS = {
 
 
 def flatten(tree, prefix: str = "") -> dict:
-  """{dotted key: leaf} of a ConfigDict or nested dict (tuples are leaves)."""
+  """{dotted key: leaf} of a ConfigDict or nested dict. Tuples and lists are leaves, except lists
+  of dicts (a step plan's stages), whose items are indexed: 'stages.0.spec'."""
+  if hasattr(tree, "items"):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)) and any(hasattr(x, "items") for x in tree):
+    items = enumerate(tree)
+  else:
+    return {prefix[:-1]: tree}
   out = {}
-  for key, value in tree.items():
-    if hasattr(value, "items"):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
+  for key, value in items:
+    out.update(flatten(value, f"{prefix}{key}."))
   return out
 
 

@@ -1,6 +1,13 @@
 """The one exception type for bad user input: main.py prints its message as one line and exits 2."""
 
 
+def first_line(error: BaseException, limit: int = 160) -> str:
+  """The first line of an exception's message (at most `limit` characters), or its type name:
+  what a one-line report quotes of a library's multi-line error."""
+  lines = str(error).strip().splitlines()
+  return lines[0][:limit] if lines else type(error).__name__
+
+
 class UserError(Exception):
   """A problem the user can fix (config, data, workdir). The message names the problem and the fix."""
 

@@ -15,7 +15,7 @@ from absl import logging
 from input_pipeline import pipeline, sources
 from vit_accel import checkpointing, evaluation
 from vit_accel import sharding as sharding_lib
-from vit_accel.errors import UserError
+from vit_accel.errors import UserError, first_line
 from vit_accel.metric_writer import MetricWriter
 from vit_accel.train_step import (build_model, eval_params, make_optimizer, normalize_images,
                                   state_layout, validate_config)
@@ -86,7 +86,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   model = build_model(config)
   _, abstract_state, state_shardings = state_layout(config, model, make_optimizer(config), mesh)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
-                                    every_steps=config.checkpoint.every_steps, async_save=False)
+                                    every_steps=config.checkpoint.every_steps, async_save=False,
+                                    read_only=True)
   try:
     steps = ckpt.all_steps()
     wanted = int(config.eval.get("checkpoint_step", -1))
@@ -104,7 +105,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     except UserError:
       raise   # written by a config of other shapes: named as such, not as unreadable
     except Exception as e:  # noqa: BLE001 - any read failure: name it; eval moves nothing
-      reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+      reason = first_line(e)
       others = sorted(s for s in steps if s != step)
       raise UserError(f"checkpoint {step} in {ckpt.directory} cannot be read ({reason}); "
                       + (f"evaluate another with --config.eval.checkpoint_step (saved: "

@@ -1,4 +1,5 @@
-"""The run directory on disk: checked writable before anything starts, small files written atomically.
+"""The run directory on disk: checked writable before anything starts; small files written
+atomically.
 
 Standard library only: main.py calls `check_workdir` before JAX or TensorFlow are imported, so a bad
 --workdir fails in a second with one line.
@@ -25,8 +26,10 @@ def check_workdir(path: str) -> None:
   """
   path = os.path.abspath(os.path.expanduser(path))
   probe_dir = path
-  while not os.path.exists(probe_dir):
+  while not os.path.lexists(probe_dir):
     probe_dir = os.path.dirname(probe_dir)
+  if os.path.islink(probe_dir) and not os.path.exists(probe_dir):
+    raise UserError(f"--workdir={path}: {probe_dir} is a broken symbolic link; fix or remove it")
   if not os.path.isdir(probe_dir):
     what = "is a file, not a directory" if probe_dir == path else f"is under {probe_dir}, a file"
     raise UserError(f"--workdir={path} {what}; choose a directory path")
@@ -50,6 +53,7 @@ def atomic_write_text(path: str, text: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
   try:
+    os.fchmod(fd, 0o644)   # as open() would make it (mkstemp's 0600 would hide it from others)
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()

@@ -3,9 +3,10 @@
 A checkpoint's metadata records the run's identity: every config key except the ones that only say
 how, where or when the run executes (`FREE`: schedule and budget, evaluation, checkpointing, mesh,
 logging, file locations, the compute dtype, the optimiser's hyperparameters), plus a fingerprint of
-the training data (input_pipeline/fingerprint.py). Being a deny-list, a key added to the config later
-is part of the identity without anyone listing it. The train state's shapes are checked separately,
-against the checkpoint's own array metadata (checkpointing.Checkpointer.restore_checked).
+the training data (input_pipeline/fingerprint.py). Being a deny-list, a key added to the config
+later is part of the identity without anyone listing it. The train state's shapes are checked
+separately, against the checkpoint's own array metadata (checkpointing.Checkpointer:
+check_compatible, and restore_latest_good on resume).
 
 On resume, the first differing key is one `UserError` line naming the key, both values and the fix.
 `allow_schedule_change` lets the step plan (schedule, budget) change; never the identity.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 
+from vit_accel import objectives
+from vit_accel.config_domains import flatten
 from vit_accel.errors import UserError
 
 # The TrainState's layout; bumped when its fields change, so an old checkpoint is refused with one
@@ -30,22 +33,8 @@ FREE = (
     "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
     "model.dtype",      # compute dtype only: parameters are float32 either way
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
-    "data.num_examples.",  # the fingerprint records the sizes actually read
     "distributed.", "mesh.", "checkpoint.", "eval.",
 )
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-  """{dotted key: leaf}; lists and tuples of dicts (a plan's stages) are indexed: stages.0.spec."""
-  out = {}
-  items = (tree.items() if hasattr(tree, "items")
-           else enumerate(tree) if isinstance(tree, (list, tuple)) and any(
-               hasattr(x, "items") for x in tree) else None)
-  if items is None:
-    return {prefix[:-1]: tree}
-  for key, value in items:
-    out.update(_flatten(value, f"{prefix}{key}."))
-  return out
 
 
 def _free(key: str) -> bool:
@@ -55,7 +44,10 @@ def _free(key: str) -> bool:
 def identity(config, data_fingerprint: dict) -> dict:
   """{dotted config key: value} of everything that is not FREE, plus `data_fingerprint.<key>`;
   JSON-normalised (tuples -> lists), as it reads back from a checkpoint."""
-  flat = {k: v for k, v in _flatten(config.to_dict()).items() if not _free(k)}
+  # Other objectives' sections are not this run's (a recipe may carry one it does not read).
+  unused = tuple(f"{name}." for name in objectives.OBJECTIVES if name != config.objective)
+  flat = {k: v for k, v in flatten(config.to_dict()).items()
+          if not _free(k) and not k.startswith(unused)}
   flat.update({f"data_fingerprint.{k}": v for k, v in data_fingerprint.items()})
   return json.loads(json.dumps(flat))
 
@@ -73,7 +65,7 @@ def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:
 def _legacy_identity(saved: dict) -> dict:
   """Checkpoints written before `run` existed recorded objective, model, batch_size and seed."""
   old = {k: saved[k] for k in ("objective", "model", "batch_size", "seed") if k in saved}
-  return _flatten(old)
+  return flatten(old)
 
 
 def first_difference(saved: dict, current: dict):
@@ -88,6 +80,13 @@ def first_difference(saved: dict, current: dict):
   return None
 
 
+def _cli(value) -> str:
+  """`value` as a --config.key= override takes it, without spaces: (0.2,1.0), 'ema', 64."""
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(_cli(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return repr(value) if isinstance(value, str) else str(value)
+
+
 def _short_plan(plan: dict) -> str:
   if "online" in plan:
     return f"online {plan['online']}"
@@ -99,22 +98,29 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
   metadata is `current` (run_metadata); returns None when it may."""
   if saved.get("state_format", 1) != current["state_format"]:
     raise UserError(f"{directory} holds a checkpoint in train-state format "
-                    f"{saved.get('state_format', 1)} (an older vit-accel); this version reads format "
-                    f"{current['state_format']}: use a new --workdir")
+                    f"{saved.get('state_format', 1)} (an older vit-accel); this version reads "
+                    f"format {current['state_format']}: use a new --workdir")
   diff = first_difference(saved.get("run") or _legacy_identity(saved), current["run"])
   if diff is not None:
     key, was, now = diff
     if key.startswith("data_fingerprint."):
       raise UserError(f"{directory} holds a checkpoint trained on other data ({key}: {was} there, "
-                      f"{now} now); point data.dir back at that data, or use a new --workdir")
+                      f"{now} now: images added, removed, resized or moved between classes, or "
+                      f"unreadable ones left out); restore that data, or use a new --workdir")
     raise UserError(f"{directory} holds a checkpoint of a run with {key}={was!r}, this config has "
-                    f"{key}={now!r}; resume with --config.{key}={was!r} (or restore the recipe), "
-                    f"or use a new --workdir")
+                    f"{key}={now!r}; resume with --config.{key}={_cli(was)} (or restore the "
+                    f"recipe), or use a new --workdir")
+  if "run" not in saved:
+    from absl import logging
+    logging.warning("%s: checkpoint from an older vit-accel, which recorded only the objective, "
+                    "model, batch size and seed; the rest of the config and the data are not "
+                    "checked (array shapes still are)", directory)
   if "plan" in saved and saved["plan"] != current["plan"] and not allow_schedule_change:
-    key, was, now = first_difference(_flatten(saved["plan"]), _flatten(current["plan"])) or (
+    key, was, now = first_difference(flatten(saved["plan"]), flatten(current["plan"])) or (
         "stages", len(saved["plan"].get("stages", [])), len(current["plan"].get("stages", [])))
     raise UserError(f"{directory} holds a checkpoint of a run with step plan "
                     f"[{_short_plan(saved['plan'])}], this config plans "
-                    f"[{_short_plan(current['plan'])}] (plan.{key}: {was} there, {now} now); "
+                    f"[{_short_plan(current['plan'])}] (step plan's {key}: {was} there, {now} "
+                    f"now); "
                     f"restore schedule/budget, use a new --workdir, or set "
                     f"--config.allow_schedule_change=True to continue with the new plan")

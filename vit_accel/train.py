@@ -109,7 +109,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Milestones: checkpoints at chosen budget fractions, all kept (the gradient-error analysis reads
   # them); beside the rolling checkpoints, never restored from.
   milestones = (checkpointing.Checkpointer(f"{workdir}/{checkpointing.MILESTONES}", keep=None,
-                                           every_steps=1, async_save=config.checkpoint.async_save)
+                                           every_steps=1, async_save=config.checkpoint.async_save,
+                                           resumed_from=ckpt)
                 if config.checkpoint.get("at_progress", ()) else None)
   wall_offset = 0.0  # wall-clock seconds spent by earlier invocations of this run
   decisions = []     # online schedule: one per budget segment decided so far
@@ -120,6 +121,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   restored = ckpt.restore_latest_good(
       checkpointing.abstract_with_shardings(abstract_state, state_shardings), check_saved)
+  ckpt.remove_unfinished()   # this run owns the directory now (its identity matched)
   if restored is None:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
     start_step = 0
@@ -245,7 +247,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    or step == stage.end_step)
         stop_now = stop_request.should_stop(step)
         save_now = step % config.checkpoint.every_steps == 0 or stop_now
-        if log_now or save_now:
+        milestone_now = milestones is not None and step in marks.milestone_steps
+        if log_now or save_now or milestone_now:
           metrics = jax.device_get(metrics)  # the loop's only sync points
           for name in ("loss", "grad_norm"):  # checked before a save: no bad checkpoint
             if not math.isfinite(float(metrics[name])):
@@ -258,7 +261,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               f"enable optim.grad_clip")
         if save_now:
           ckpt.save(step, state, checkpoint_meta(), force=True)
-        if milestones is not None and step in marks.milestone_steps:
+        # A resumed run reaches a milestone again when it was killed after saving it.
+        if milestone_now and step not in milestones.all_steps():
           milestones.save(step, state, checkpoint_meta(), force=True)
         if stop_now:
           ckpt.wait()
@@ -306,18 +310,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if init and "linear_top1" in init[0]:
           summary += f" (at initialisation {init[0]['linear_top1']:.4f})"
         print(summary, flush=True)
-    except OSError as e:   # metrics, plan.json, TensorBoard: the disk filled or failed
-      raise StorageError(f"writing to {workdir} failed ({checkpointing.storage_cause(e)}"
-                         f"{': ' + e.filename if getattr(e, 'filename', None) else ''}); "
-                         f"{ckpt.last_complete_text()}; free space or fix the file system, then "
-                         f"re-run the same command to resume") from None
-    finally:
-      # A stop request, a NaN or any crash: let a pending async save finish (whole checkpoint).
-      writer.close()
-      ckpt.close()
-      if milestones is not None:
-        milestones.close()
+    except BaseException as e:
+      # A stop request, a NaN, a failed write or any crash: let a pending async save finish (a
+      # whole checkpoint) and close the rest without letting a second failure hide the first.
+      _close_quietly(writer, ckpt, milestones)
+      if isinstance(e, OSError) and checkpointing.is_storage_failure(e):   # metrics, plan.json
+        raise StorageError(f"writing to {workdir} failed ({checkpointing.storage_cause(e)}"
+                           f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}); "
+                           f"{ckpt.last_complete_text()}; free space or fix the file system, "
+                           f"then re-run the same command to resume") from None
+      raise
+  writer.close()
+  ckpt.close()   # a pending save that fails now is a StorageError like any other
+  if milestones is not None:
+    milestones.close()
   return result
+
+
+def _close_quietly(*closables) -> None:
+  """close() each (None skipped), ignoring what they raise: only ever called while another
+  exception, the one to report, is on its way out."""
+  for c in closables:
+    if c is None:
+      continue
+    try:
+      c.close()
+    except Exception:  # noqa: BLE001 - the propagating exception is the one to report
+      logging.warning("while stopping: closing %s failed", type(c).__name__, exc_info=False)
 
 
 class EtaEstimator:
