@@ -58,7 +58,7 @@ BAD = [
     ("fmnist_mocov3", "eval.at_progress", (0.5, 1.5), "eval.at_progress=(0.5, 1.5)"),
     ("fmnist_mocov3", "checkpoint.every_steps", 0, "checkpoint.every_steps=0"),
     ("fmnist_mocov3", "online.every", 0.0, "online.every=0.0"),
-    ("fmnist_mocov3", "pilot.budget_fraction", 1.0, "pilot.budget_fraction=1.0"),
+    ("fmnist_mocov3", "pilot.budget_fraction", 0.0, "pilot.budget_fraction=0.0"),
     ("fmnist_mocov3", "data.std", (0.3, 0.0, 0.3), "data.std=(0.3, 0.0, 0.3)"),
     ("fmnist_mocov3", "data.mean", (0.3, 0.3), "data.mean=(0.3, 0.3) is out of range: must be 3"),
     ("fmnist_mocov3", "mesh.fsdp", 0, "mesh.fsdp=0 is out of range: must be an integer >= 1 or -1"),

@@ -200,7 +200,7 @@ DOMAINS = {
     "online.reference_batches": Number(2, integer=True),
     "online.batches": Number(2, integer=True),
     "online.candidates": Each(TEXT),
-    "pilot.budget_fraction": Number(0, 1, low_open=True, high_open=True),
+    "pilot.budget_fraction": FRACTION,
     "pilot.at_progress": Each(FRACTION),
     # optimiser
     "optim.base_lr": POSITIVE,
