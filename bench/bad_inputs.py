@@ -14,6 +14,7 @@ human-readable record.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
 import platform
@@ -147,6 +148,7 @@ def main():
         rows.append(f"| {name} | not run here: mounting a tmpfs needs root | | |")
         continue
       mounts.append(mount)
+      atexit.register(subprocess.run, ["umount", mount], check=False, capture_output=True)
       shutil.copytree(base, os.path.join(mount, "run"))
       workdir = os.path.join(mount, "run")
       if "read-only" in name:
@@ -208,7 +210,8 @@ def main():
       f"Python {platform.python_version()}); command: `python bench/bad_inputs.py`.",
       "Exit codes: 2 = bad input (one `error:` line), 3 = preempted (checkpoint saved), 4 = a "
       "write failed mid-run (one `error:` line naming the last complete checkpoint), 0 = ran.",
-      "Each case ran against a copy of a real run directory holding checkpoints at steps 2 and 4.",
+      "Each case ran against a copy of a real run directory holding checkpoints at steps 2 and 4, "
+      "except the '(a fresh run)' ones, which start an empty one.",
       "",
       "| case | printed | exit | existing checkpoints |",
       "| --- | --- | --- | --- |",
