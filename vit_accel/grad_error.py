@@ -4,11 +4,12 @@ For each checkpoint (step) analysed: the reference gradient g* is the mean of R 
 gradients; every candidate strategy then gives M batch gradients on the *same* M further batches
 (common random numbers, so strategies differ only by their compression). The full-length row is the
 reference estimator itself (bias 0, the reference batches' variance). Per strategy, normalised by
-||g*||^2 (METHOD.md):
+||g*||^2 (the paper's bias, variance and cost-adjusted MSE of a compressed gradient; Lin et al.,
+NeurIPS 2024):
 
   bias2     ||mean_m g_m - g*||^2, less its finite-sample noise var/M + var_ref/R (clipped at 0): the
             plug-in value alone would rank strategies by estimator noise when M is small;
-            `bias2_plugin` keeps METHOD's plain form.
+            `bias2_plugin` keeps the paper's plain form.
   variance  mean_m ||g_m - mean g||^2 (unbiased, M-1), per batch of the analysed batch size.
   ca_mse    bias2 + variance * cost_units / cost_units(full): at a fixed compute per update a
             strategy of cost c affords a batch c_ref / c times larger, which divides its variance.

@@ -1,4 +1,5 @@
-"""`--mode=plan`: a compression schedule from gradient-error tables (METHOD.md "Optimal schedule").
+"""`--mode=plan`: a compression schedule from gradient-error tables (Lin et al., NeurIPS 2024:
+follow the strategy of lowest CA-MSE along training).
 
 Each analysed checkpoint stands for the budget interval around it (boundaries half-way between
 neighbouring checkpoints; the first interval starts at 0, the last ends at 1). In each interval the
