@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 
+from absl import logging
+
 from vit_accel import objectives
 from vit_accel.config_domains import flatten
 from vit_accel.errors import UserError
@@ -111,7 +113,6 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     f"{key}={now!r}; resume with --config.{key}={_cli(was)} (or restore the "
                     f"recipe), or use a new --workdir")
   if "run" not in saved:
-    from absl import logging
     logging.warning("%s: checkpoint from an older vit-accel, which recorded only the objective, "
                     "model, batch size and seed; the rest of the config and the data are not "
                     "checked (array shapes still are)", directory)
