@@ -3,7 +3,8 @@
   python main.py --config=configs/fmnist_dino.py --workdir=/tmp/fmnist_dino
   python main.py --config=configs/fmnist_dino.py:smoke --workdir=/tmp/smoke_dino
 
-Everything but the objective and the views comes from the MoCo-v3 recipe (configs/fmnist_mocov3.py).
+Everything but the objective and the views comes from the shared base (configs/base.py), as in
+the MoCo-v3 recipe (configs/fmnist_mocov3.py).
 DINO: student + EMA teacher, DINO head (3-layer GELU MLP, bottleneck 256, weight-normalised last
 layer to `out_dim`), centring, teacher temperature (with optional warm-up), student temperature 0.1 (the paper's
 values, except where the config says why; out_dim 1024 instead of 65536 for 10 classes and 60k
@@ -12,14 +13,14 @@ images). Multi-crop: 2 global crops at
 Compression applies to the student's views; the teacher stays at full length (the schedule's specs
 have no '|KEY' part).
 """
-from configs import fmnist_mocov3
+from configs import base
 from input_pipeline import recipes
 
 
 def get_config(arg: str | None = None):
-  c = fmnist_mocov3.get_config(arg)
+  smoke = base.is_smoke(arg)
+  c = base.get_config()
   c.objective = "dino"
-  del c["mocov3"]
   # The accelerated schedule on the student only: patch x2, then 50% token keep, then full length.
   c.schedule = "0.55:patch8; 0.8:keep0.5; 1:full"
   c.online.candidates = ("patch8", "keep0.5")
@@ -54,8 +55,8 @@ def get_config(arg: str | None = None):
   c.optim.weight_decay = 0.04
   c.aug = recipes.dino_multicrop(image_size=c.model.image_size, local_crops=4, local_size=16)
   c.aug.brightness = c.aug.contrast = 0.4
-  if arg == "smoke":
-    c.budget_epochs = 0.01
+  if smoke:
+    base.apply_smoke(c)
     c.schedule = "0.6:keep0.25; 1:full"
     c.dino.out_dim = 256
     c.dino.hidden_dim = 256

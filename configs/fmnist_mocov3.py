@@ -10,39 +10,13 @@ it reaches. `--config.schedule=none` is the uncompressed baseline on the same bu
 """
 import ml_collections
 
+from configs import base
+
 
 def get_config(arg: str | None = None):
-  c = ml_collections.ConfigDict()
+  smoke = base.is_smoke(arg)
+  c = base.get_config()          # everything but the objective (data, ViT, schedule, budget, ...)
   c.objective = "mocov3"
-  c.seed = 0
-  c.batch_size = 128             # global
-  # Compute budget in base-forward units (1 = one forward of the uncompressed backbone on one
-  # image); `budget` > 0 wins, else `budget_epochs` full-cost epochs (passes over the train split
-  # with the uncompressed step). Compressed stages take more, cheaper steps for their share.
-  c.budget = -1.0
-  c.budget_epochs = 0.85
-  # Compression schedule: a preset ('dynamic', 'none' = the uncompressed baseline, 'token_drop',
-  # 'patch_scale'; see vit_accel/schedule.py), 'online' (decided during training from measured
-  # CA-MSE, see `online` below), or stages 'END:SPEC; ...', e.g. '0.5:keep0.25|keep0.25; 1:full'.
-  # END = budget fraction where the stage ends.
-  c.schedule = "dynamic"
-  c.schedule_file = ""           # a file holding a schedule (e.g. --mode=plan's); wins over schedule
-  c.allow_schedule_change = False   # True: resume a checkpoint under a different step plan
-  c.compile_cache_dir = "~/.cache/vit_accel/xla"   # JAX persistent compilation cache; "" = off
-  c.stop_at_step = -1            # > 0: checkpoint and exit at this step (re-run to continue)
-  c.log_every_steps = 20
-  c.preemption_check_every_steps = 10   # multi-host: how often hosts agree on a SIGTERM
-  c.tensorboard = True
-
-  c.model = ml_collections.ConfigDict()
-  c.model.image_size = 32
-  c.model.patch_size = 4         # base patch size
-  c.model.width = 128
-  c.model.depth = 4
-  c.model.num_heads = 4
-  c.model.mlp_ratio = 4.0
-  c.model.dtype = "float32"      # backbone compute; "bfloat16" on GPU/TPU (params stay float32)
-
   c.mocov3 = ml_collections.ConfigDict()
   c.mocov3.temperature = 0.2
   c.mocov3.base_momentum = 0.99  # cosine to 1 over the run
@@ -51,146 +25,9 @@ def get_config(arg: str | None = None):
   c.mocov3.pred_hidden_dim = 1024
   c.mocov3.out_dim = 256
 
-  # Sequence compression (vit_accel/compression.py). A strategy spec is 'full', 'keep0.25' (random
-  # token keep), 'count16', 'patch8' (flexible patch size), 'patch8,keep0.5', 'res16' (resolution
-  # scaling); 'QUERY|KEY' sets both branches, a single spec compresses the query only.
-  c.compression = ml_collections.ConfigDict()
-  c.compression.bucket = 8       # kept-token counts round to a multiple of this
-  # --mode=cost times the train step for each of these (full length is always measured first).
-  c.compression.cost_candidates = (
-      "keep0.5", "keep0.25", "patch8", "keep0.5|keep0.5", "keep0.25|keep0.25",
-      "patch8|patch8", "res16|res16")
-  c.compression.cost_repeats = 7
-
-  # --mode=grad_error (vit_accel/grad_error.py): gradient bias / variance / CA-MSE per strategy at
-  # saved checkpoints; R reference batches for g*, then M batches per strategy (global batch_size).
-  c.grad_error = ml_collections.ConfigDict()
-  c.grad_error.steps = ()        # checkpoint steps to analyse; () = every saved one (+ milestones)
-  c.grad_error.reference_batches = 8
-  c.grad_error.batches = 6
-  c.grad_error.candidates = ("keep0.5|keep0.5", "keep0.25|keep0.25", "patch8|patch8", "keep0.5",
-                             "keep0.25")
-  # --mode=plan (vit_accel/planner.py): lowest CA-MSE per budget interval -> WORKDIR/schedule.txt.
-  c.plan = ml_collections.ConfigDict()
-  c.plan.tie_tolerance = 0.05    # within 5% of the lowest CA-MSE counts as a tie -> the cheaper
-  c.plan.grad_error_file = ""    # "" = WORKDIR/grad_error.json
-  # The last interval at full length whatever it measured (evaluation is at full length; CA-MSE
-  # only scores gradients at the compressed length).
-  c.plan.final_full = True
-  # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
-  # fractions of its own budget, then grad_error and plan on it, all in WORKDIR.
-  # schedule="online" (vit_accel/online.py): every `every` of the budget, measure CA-MSE of full
-  # length and these candidates at the current parameters (R + M batches, charged to the budget)
-  # and run the best until the next decision.
-  c.online = ml_collections.ConfigDict()
-  c.online.every = 0.2
-  c.online.reference_batches = 3
-  c.online.batches = 2
-  c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
-  c.pilot = ml_collections.ConfigDict()
-  c.pilot.budget_fraction = 0.15
-  c.pilot.at_progress = (0.1, 0.35, 0.6, 0.9)
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 2e-3         # x batch_size / 256 (MoCo-v3 ViT: 1.5e-4 at batch 4096)
-  c.optim.warmup_fraction = 0.1
-  c.optim.lr_end_factor = 0.0
-  c.optim.weight_decay = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.grad_clip = 0.0
-
-  c.data = ml_collections.ConfigDict()
-  # Sources (input_pipeline/sources.py): 'fashion_mnist' (embedded), 'image_folder' (data.dir =
-  # ROOT holding train/<class>/* and test/<class>/*, any common format, grey or colour) or 'tfds'
-  # (data.tfds_name prepared in data.dir; nothing is ever downloaded).
-  c.data.source = "fashion_mnist"
-  c.data.dir = ""                # "" = the Debian package's /usr/share/datasets/fashion-mnist
-  c.data.tfds_name = ""          # e.g. "imagenet2012", "cifar10"
-  c.data.tfds_splits = ml_collections.ConfigDict({"train": "train", "test": "test"})
-  c.data.num_examples = ml_collections.ConfigDict({"train": -1, "test": -1})  # -1: from metadata
-  c.data.shuffle_buffer = 10_000  # TFDS streams only (indexable sources shuffle exactly)
-  c.data.verify_images = True    # image_folder: decode every file once at start
-  c.data.bad_images = "skip"     # ... unreadable ones: 'skip' (left out and counted) or 'fail'
-  c.data.mean = (0.286, 0.286, 0.286)   # Fashion-MNIST pixel statistics after padding
-  c.data.std = (0.353, 0.353, 0.353)
-  c.data.prefetch = 4
-
-  # Two-view recipe for grey images; the colour ops (saturation, hue, greyscale, blur, solarise)
-  # are in the op set for colour data and off here.
-  c.aug = ml_collections.ConfigDict()
-  c.aug.crop_scale = (0.2, 1.0)
-  c.aug.crop_ratio = (3 / 4, 4 / 3)
-  c.aug.flip = True
-  c.aug.jitter_p = 0.8
-  c.aug.brightness = 0.4
-  c.aug.contrast = 0.4
-  c.aug.saturation = 0.0
-  c.aug.hue = 0.0
-  c.aug.grayscale_p = 0.0
-  c.aug.blur_p = (0.0, 0.0)      # per view
-  c.aug.solarize_p = (0.0, 0.0)  # per view
-
-  # Multi-process runs (vit_accel/distributed.py): one process per host, same command on each.
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"      # 'auto' | 'always' (TPU pods, Slurm, Open MPI) | 'never'
-  c.distributed.coordinator_address = ""  # "host:port" of process 0 (else $JAX_COORDINATOR_ADDRESS)
-  c.distributed.num_processes = -1       # (else $JAX_NUM_PROCESSES)
-  c.distributed.process_id = -1          # (else $JAX_PROCESS_ID)
-  c.distributed.timeout_s = 300
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1               # -1 = all remaining devices
-  c.mesh.fsdp = 1
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 200
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
-  # Also keep checkpoints at these budget fractions in WORKDIR/milestones (never deleted): what
-  # --mode=grad_error measures, early to late.
-  c.checkpoint.at_progress = (0.1, 0.4, 0.7, 0.95)
-
-  c.eval = ml_collections.ConfigDict()
-  # kNN and linear probe: bank / probe-train = train split, queries / probe-test = test split. Periodic evaluations use fixed random subsets
-  # (cheap); the initial network (the baseline) and the final one use the final sizes, -1 = the
-  # whole split. Evaluation stays under ~10% of the run on 2 CPU cores.
-  c.eval.every_steps = 600
-  c.eval.at_progress = ()        # also evaluate at these budget fractions, e.g. (0.1, 0.2, 0.5)
-  c.eval.bank_size = 2000
-  c.eval.query_size = 1000
-  c.eval.at_start = True
-  c.eval.final_bank_size = 10000
-  c.eval.final_query_size = 5000
-  c.eval.batch_size = 1000
-  c.eval.knn_k = 20
-  c.eval.knn_temperature = 0.07
-  # Linear probe: closed-form ridge on the same features (bank -> queries); see evaluation.py.
-  c.eval.checkpoint_step = -1    # --mode=eval: which checkpoint (-1 = the latest)
-  # Which weights: "" = the objective's (the trained network; DINO: its EMA teacher), "online"
-  # (the trained network, e.g. DINO's student) or "ema" (the EMA copy: MoCo's key encoder).
-  c.eval.weights = ""
-
-  if arg == "smoke":
-    c.budget_epochs = 0.01
-    c.schedule = "0.6:keep0.25|keep0.25; 1:full"   # two stages: two compiled steps
-    c.batch_size = 64
-    c.log_every_steps = 4
-    c.model.width = 64
-    c.model.depth = 2
-    c.model.num_heads = 2
+  if smoke:
+    base.apply_smoke(c)
     c.mocov3.proj_hidden_dim = 256
     c.mocov3.pred_hidden_dim = 256
     c.mocov3.out_dim = 64
-    c.checkpoint.every_steps = 10
-    c.checkpoint.at_progress = ()
-    c.eval.every_steps = 0
-    c.eval.at_start = False
-    c.eval.bank_size = 1000
-    c.eval.query_size = 500
-    c.eval.final_bank_size = 2000
-    c.eval.final_query_size = 500
-    c.eval.batch_size = 500
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; available: smoke")
   return c

@@ -1,13 +1,14 @@
 """What the ImageNet recipes share: TFDS `imagenet2012` from a data_dir, 224 px, ViT-B/16 (or ViT-S/16
 with the `vit_s16` argument), bfloat16 compute with float32 parameters, the accelerated schedule.
 
-Not a recipe itself: configs/imagenet_{mocov3,simclr,dino}_vit_b16.py build on it.
+Not a recipe itself: configs/imagenet_{mocov3,simclr,dino}_vit_b16.py build on it (it builds on
+configs/base.py) and add their objective and its section.
 Prepare the data once (nothing is ever downloaded at run time):
   tfds build imagenet2012 --data_dir=$DATA   # with ILSVRC2012_img_{train,val}.tar in $DATA/downloads/manual
 """
 import ml_collections
 
-from configs import fmnist_mocov3
+from configs import base as shared
 
 ARGS = ("vit_s16",)
 
@@ -19,7 +20,7 @@ def base(arg: str | None, *, batch_size: int, epochs: float, warmup_epochs: floa
          lr_per_256: float, weight_decay: float) -> ml_collections.ConfigDict:
   if arg and arg not in ARGS:
     raise ValueError(f"unknown config argument {arg!r}; available: {', '.join(ARGS)}")
-  c = fmnist_mocov3.get_config()   # the full key set; everything ImageNet-specific is set below
+  c = shared.get_config()   # the full key set; everything ImageNet-specific is set below
   c.batch_size = batch_size
   c.budget_epochs = epochs                       # full-cost epochs of the 1.28M train split
   c.schedule = "dynamic"                         # patch x2 (32 px), then 50% keep, then full

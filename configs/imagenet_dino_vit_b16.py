@@ -23,7 +23,6 @@ def get_config(arg: str | None = None):
   c = imagenet_common.base(arg, batch_size=1024, epochs=epochs, warmup_epochs=10,
                            lr_per_256=5e-4 if small else 7.5e-4, weight_decay=0.04)
   c.objective = "dino"
-  del c["mocov3"]
   c.optim.grad_clip = 3.0
   c.dino = ml_collections.ConfigDict(dict(
       out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3,

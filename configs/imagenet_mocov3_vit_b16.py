@@ -7,6 +7,8 @@ with 40 of warm-up, temperature 0.2, momentum 0.99 -> 1 (cosine), 3-layer projec
 predictor of width 4096 with BatchNorm, output 256, BYOL's asymmetric augmentations, crop 0.08-1.
 Not reproduced: the frozen random patch embedding (a stability trick; here it trains).
 """
+import ml_collections
+
 from configs import imagenet_common
 from input_pipeline import recipes
 
@@ -15,6 +17,7 @@ def get_config(arg: str | None = None):
   c = imagenet_common.base(arg, batch_size=4096, epochs=300, warmup_epochs=40, lr_per_256=1.5e-4,
                            weight_decay=0.1)
   c.objective = "mocov3"
+  c.mocov3 = ml_collections.ConfigDict()
   c.mocov3.temperature = 0.2
   c.mocov3.base_momentum = 0.99
   c.mocov3.symmetric = True

@@ -17,7 +17,6 @@ def get_config(arg: str | None = None):
   c = imagenet_common.base(arg, batch_size=4096, epochs=300, warmup_epochs=40, lr_per_256=1.5e-4,
                            weight_decay=0.1)
   c.objective = "simclr"
-  del c["mocov3"]
   c.simclr = ml_collections.ConfigDict(dict(temperature=0.2, proj_hidden_dim=4096, out_dim=256,
                                             proj_layers=3))
   c.aug = recipes.simclr(strength=1.0, image_size=224)
