@@ -2,6 +2,8 @@
 
   python main.py --config=configs/fmnist_mocov3.py[:smoke] --workdir=DIR [--config.key=value ...]
 
+--mode (default train) picks what runs on DIR; each mode is one entry of vit_accel/modes/__init__.py
+(listed by --help) and one driver module beside it.
 Re-running the same command resumes from the latest checkpoint in DIR/checkpoints.
 Bad input (config, data, workdir) ends with one line naming the problem and the fix, exit code 2.
 SIGTERM / Ctrl-C: the current step finishes, a checkpoint is saved, exit code 3 (re-run to resume).
@@ -17,18 +19,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from input_pipeline import sources  # numpy only: the data check runs before JAX/TF start
+from vit_accel import io, modes  # standard library only: nothing heavy before the checks
+from vit_accel.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, StorageError, UserError
+
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, tensorboard/.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "cost", "grad_error", "plan", "pilot",
-                                    "report"],
-                  "train: pretrain (or resume); eval: kNN + linear probe of a checkpoint in WORKDIR, "
-                  "appended to WORKDIR/metrics.jsonl; cost: time the train step per compression "
-                  "strategy and write WORKDIR/cost_table.json; grad_error: gradient bias/variance/"
-                  "CA-MSE per strategy at WORKDIR's checkpoints -> WORKDIR/grad_error.json; plan: "
-                  "a schedule from that -> WORKDIR/schedule.txt; pilot: short uncompressed run + "
-                  "grad_error + plan in one go; report: plots and a table of WORKDIR (and "
-                  "--compare runs) into WORKDIR/report/.")
+flags.DEFINE_enum("mode", "train", list(modes.MODES), modes.help_text())
 flags.DEFINE_list("compare", [], "--mode=report: more run directories to draw beside WORKDIR.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -62,7 +60,6 @@ def _quiet_closed_event_loop(unraisable) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vit_accel.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, StorageError, UserError
   try:
     config = FLAGS.config
     config.get("objective")  # ml_collections reports a recipe that failed to load only on access
@@ -74,38 +71,16 @@ def main(argv):
   sys.unraisablehook = _quiet_closed_event_loop
   try:
     # The run directory and the data are checked before JAX/TF start: a bad path fails in seconds.
-    from vit_accel import io
     io.check_workdir(FLAGS.workdir)
-    from input_pipeline import sources
-    if FLAGS.mode == "report":
-      from vit_accel import report  # reads metrics; needs no training set-up
-      report.run(config, os.path.abspath(FLAGS.workdir), [os.path.abspath(d) for d in FLAGS.compare])
-      return
-    if FLAGS.mode == "plan":
-      from vit_accel import planner  # reads grad_error.json; no JAX set-up
-      planner.run(config, os.path.abspath(FLAGS.workdir))
-      return
-    if FLAGS.mode in ("train", "eval", "grad_error", "pilot"):
+    mode = modes.MODES[FLAGS.mode]
+    if mode.reads_data:
       sources.check_source(config)
-    from vit_accel import distributed
-    distributed.initialize(config)  # multi-host: before anything touches a device
-    from vit_accel import train  # heavy imports (JAX, TF) from here on
-    logging.info("config:\n%s", config)
-    workdir = os.path.abspath(FLAGS.workdir)
-    if FLAGS.mode == "cost":
-      from vit_accel import cost_table
-      cost_table.run(config, workdir)
-    elif FLAGS.mode == "eval":
-      from vit_accel import evaluator
-      evaluator.evaluate_checkpoint(config, workdir)
-    elif FLAGS.mode == "grad_error":
-      from vit_accel import grad_error
-      grad_error.run(config, workdir)
-    elif FLAGS.mode == "pilot":
-      from vit_accel import planner
-      planner.pilot(config, workdir)
-    else:
-      train.train_and_evaluate(config, workdir)
+    if mode.needs_jax:
+      from vit_accel import distributed  # lazy: imports JAX, which report/search never need
+      distributed.initialize(config)  # multi-host: before anything touches a device
+      logging.info("config:\n%s", config)
+    args = modes.Args(compare=tuple(os.path.abspath(d) for d in FLAGS.compare))
+    modes.load(FLAGS.mode).run(config, os.path.abspath(FLAGS.workdir), args)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
@@ -115,7 +90,7 @@ def main(argv):
   except (StorageError, OSError) as e:
     message = str(e)
     if isinstance(e, OSError):   # a file-system failure outside the training loop's own handling
-      from vit_accel import checkpointing
+      from vit_accel import checkpointing  # lazy: imports JAX (see above)
       if e.errno not in checkpointing.STORAGE_ERRNOS:
         raise
       message = (f"{checkpointing.storage_cause(e)}{': ' + str(e.filename) if e.filename else ''}"

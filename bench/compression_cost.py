@@ -25,8 +25,8 @@ FLAGS = flags.FLAGS
 
 def feature_rate(config, batches: int = 3) -> float:
   """Images/s of full-length backbone features at eval.batch_size (a kNN pass)."""
-  from vit_accel import train_step
-  model = train_step.build_model(config)
+  from vit_accel import state, train_step
+  model = state.build_model(config)
   s = config.model.image_size
   params = model.init(jax.random.key(0), np.zeros((2, s, s, 3), np.float32))["params"]
   fn = jax.jit(lambda p, im: model.apply({"params": p}, train_step.normalize_images(im, config),
@@ -73,8 +73,8 @@ def main(_):
   text = "\n".join(lines) + "\n"
   print(text)
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text)
+    from vit_accel import io
+    io.atomic_write_text(FLAGS.out, text)
 
 
 if __name__ == "__main__":

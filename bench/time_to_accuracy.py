@@ -28,13 +28,14 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from vit_accel import io  # noqa: E402
 from vit_accel import time_to_accuracy as tta  # noqa: E402
 from vit_accel.metric_writer import read_metrics  # noqa: E402
 
 flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
 flags.DEFINE_bool("quick", False, "A quarter of the default budget and a smaller eval protocol.")
 flags.DEFINE_list("schedules", ["none", "recipe"], "Schedules to compare (presets, stage "
-                  "strings, files such as --mode=plan's schedule.txt, or 'recipe' = the config's "
+                  "strings, files such as --mode=search's schedule.txt, or 'recipe' = the config's "
                   "own schedule); the first is the baseline whose final kNN is the target.")
 flags.DEFINE_string("workdir_root", "/tmp/vit_accel_tta", "Run directories go below this.")
 flags.DEFINE_bool("reuse", False, "Keep existing run directories (a finished run is not re-run; "
@@ -57,7 +58,7 @@ def run_once(schedule: str, workdir: str, variant: dict) -> float:
   recipe = os.path.join(ROOT, "configs", f"fmnist_{FLAGS.objective}.py")
   if not os.path.exists(recipe):
     raise app.UsageError(f"no recipe {recipe} for --objective={FLAGS.objective}")
-  # A schedule that names a file (e.g. --mode=plan's schedule.txt) is passed as schedule_file.
+  # A schedule that names a file (e.g. --mode=search's schedule.txt) is passed as schedule_file.
   if schedule == "recipe":
     chosen = {}
   elif os.path.isfile(schedule):
@@ -83,7 +84,7 @@ def run_once(schedule: str, workdir: str, variant: dict) -> float:
 
 
 def summarise(name: str, schedule: str, workdir: str) -> dict:
-  evals = [m for m in read_metrics(workdir) if "knn_top1" in m and "evaluated_by" not in m]
+  evals = [m for m in read_metrics(workdir, kind="eval") if "evaluated_by" not in m]
   final = evals[-1]
   with open(os.path.join(workdir, "plan.json")) as f:
     plan = json.load(f)
@@ -169,7 +170,7 @@ def main(argv):
   runs = []
   for i, schedule in enumerate(FLAGS.schedules):
     name = ("baseline" if i == 0 else "accelerated" if schedule in ("recipe", "dynamic")
-            else "planned" if os.path.isfile(schedule) else schedule)
+            else "searched" if os.path.isfile(schedule) else schedule)
     workdir = os.path.join(root, f"{i}_{name if os.path.isfile(schedule) else schedule}"
                            .replace(":", "_").replace(";", "_").replace(" ", ""))
     if not FLAGS.reuse and os.path.exists(workdir):
@@ -186,8 +187,9 @@ def main(argv):
     r["vs_baseline_wall"] = tta.speedup(base["wall_curve"], r["wall_curve"])
     r["vs_baseline_budget"] = tta.speedup(base["budget_curve"], r["budget_curve"])
 
-  import jax  # versions only; the runs themselves were separate processes
+  # Versions only; the runs themselves were separate processes.
   import flax
+  import jax
   import optax
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stem = os.path.join(FLAGS.out_dir, f"time_to_accuracy_{FLAGS.objective}{suffix}")
@@ -204,11 +206,9 @@ def main(argv):
       "command": "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:]),
       "plot": stem + ".png"}
   plot(runs, base["final_knn"], results["plot"])
-  with open(stem + ".json", "w") as f:
-    json.dump(results, f, indent=1)
+  io.atomic_write_json(stem + ".json", results)
   text = markdown(results)
-  with open(stem + ".md", "w") as f:
-    f.write(text)
+  io.atomic_write_text(stem + ".md", text)
   print(text, flush=True)
 
 

@@ -19,16 +19,21 @@ import dataclasses
 import os
 
 import numpy as np
+from absl import logging
+from PIL import Image, ImageOps, UnidentifiedImageError
+
 from input_pipeline.tf_runtime import tf
 
 from input_pipeline import sources
 from input_pipeline import views as views_lib
+from vit_accel import rng_streams
 from vit_accel.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class HostSplit:
-  """Which part of the data and of the global batch this process owns."""
+class HostShard:
+  """Which part of the training data and of the global batch this process owns (its shard;
+  not a data split such as train/test)."""
   process_index: int
   process_count: int
   global_batch: int
@@ -43,9 +48,9 @@ class HostSplit:
     return start, start + per_host
 
 
-def steps_per_epoch(num_examples: int, split: HostSplit) -> int:
-  start, end = split.shard_bounds(num_examples)
-  return (end - start) // split.local_batch
+def steps_per_epoch(num_examples: int, shard: HostShard) -> int:
+  start, end = shard.shard_bounds(num_examples)
+  return (end - start) // shard.local_batch
 
 
 # Pillow holds 16-bit grey (PNG, TIFF) as integers 0..65535, and its convert("RGB") clips them at
@@ -73,7 +78,6 @@ def read_image(path) -> np.ndarray:
     OSError: the file cannot be read, or is truncated or corrupt; other exceptions (ValueError,
       SyntaxError, EOFError, ...) from Pillow's decoders for other kinds of corrupt file.
   """
-  from PIL import Image, ImageOps  # imported here: only image folders need it
   with Image.open(path) as image:
     image = ImageOps.exif_transpose(image)  # loads the pixels; a new image, so closing is safe
   if image.mode == "P":
@@ -97,7 +101,6 @@ def decode_image_file(path):
 
 def unreadable_reason(exc: BaseException) -> str:
   """The log's category for an exception read_image raised."""
-  from PIL import Image, UnidentifiedImageError
   if isinstance(exc, Image.DecompressionBombError):
     return "over Pillow's decompression-bomb pixel limit"
   if isinstance(exc, UnidentifiedImageError):
@@ -155,7 +158,6 @@ def verify_image_files(files: sources.ImageFiles, policy: str) -> sources.ImageF
   summary = "; ".join(
       f"{len(items)} {category} (first: {sources.display_path(files.paths[items[0][0]])}: "
       f"{items[0][1]})" for category, items in by_reason.items())
-  from absl import logging
   logging.warning("skipped %d of %d files that are not readable images: %s", len(bad), n, summary)
   if not good.any():
     under = os.path.commonpath([os.path.dirname(f) for f in files.paths])
@@ -167,8 +169,8 @@ def verify_image_files(files: sources.ImageFiles, policy: str) -> sources.ImageF
 def load_source(config, split: str):
   """sources.load, plus the image-folder check that every file decodes (data.bad_images)."""
   source = sources.load(config, split)
-  if isinstance(source, sources.ImageFiles) and config.data.get("verify_images", True):
-    source = verify_image_files(source, config.data.get("bad_images", "skip"))
+  if isinstance(source, sources.ImageFiles) and config.data.verify_images:
+    source = verify_image_files(source, config.data.bad_images)
   return source
 
 
@@ -181,39 +183,39 @@ def _indexed_images(source, start: int, end: int):
   return lambda index: tf.cast(tf.gather(table, index), tf.float32) / 255.0
 
 
-def train_dataset(source, config, split: HostSplit, start_step: int = 0):
+def train_dataset(source, config, shard: HostShard, start_step: int = 0):
   """A tf.data stream of local batches from `start_step`: {"views": (view0, view1)} uint8 [b, S, S, 3],
   plus "local_views" (uint8 [b, L, L, 3] each) for multi-crop recipes. `source`: from load_source
   (or a bare uint8 image array)."""
   source = sources.as_source(source)
-  if split.global_batch % split.process_count:
-    raise UserError(f"batch_size={split.global_batch} is not divisible by the "
-                    f"{split.process_count} processes; pick a multiple of {split.process_count}")
+  if shard.global_batch % shard.process_count:
+    raise UserError(f"batch_size={shard.global_batch} is not divisible by the "
+                    f"{shard.process_count} processes; pick a multiple of {shard.process_count}")
   num_examples = source.num_examples
-  per_epoch = steps_per_epoch(num_examples, split) * split.local_batch
+  per_epoch = steps_per_epoch(num_examples, shard) * shard.local_batch
   if per_epoch == 0:
-    raise UserError(f"batch_size={split.global_batch} is larger than the {num_examples} "
+    raise UserError(f"batch_size={shard.global_batch} is larger than the {num_examples} "
                     f"training images; lower batch_size")
   if isinstance(source, sources.TfdsSplit):
-    return _tfds_train_dataset(source, config, split, start_step)
-  start, end = split.shard_bounds(num_examples)
+    return _tfds_train_dataset(source, config, shard, start_step)
+  start, end = shard.shard_bounds(num_examples)
   load_image = _indexed_images(source, start, end)
   shard_size = end - start
-  first = start_step * split.local_batch
+  first = start_step * shard.local_batch
   first_epoch, offset = divmod(first, per_epoch)
   seed = int(config.seed)
-  host = split.process_index
+  host = shard.process_index
 
   def epoch_examples(epoch):
     perm = tf.argsort(tf.random.stateless_uniform(
-        [shard_size], seed=tf.stack([tf.constant(seed, tf.int64), epoch * 65536 + host])))
+        [shard_size], seed=tf.stack([tf.constant(seed, tf.int64), epoch * rng_streams.EPOCH_HOST_STRIDE + host])))
     positions = epoch * per_epoch + tf.range(per_epoch, dtype=tf.int64)
     return tf.data.Dataset.from_tensor_slices((positions, perm[:per_epoch]))
 
   ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch_examples).skip(offset)
   ds = ds.map(lambda position, index: (position, load_image(index)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _views_and_batches(ds, config, split)
+  return _views_and_batches(ds, config, shard)
 
 
 def _view_seed(config, position, host: int):
@@ -221,15 +223,15 @@ def _view_seed(config, position, host: int):
       tf.stack([tf.constant(int(config.seed), tf.int64), position]), host)
 
 
-def _views_and_batches(ds, config, split: HostSplit):
+def _views_and_batches(ds, config, shard: HostShard):
   """(global position, float image) elements -> augmented views, batched and prefetched."""
   size = int(config.model.image_size)
   aug = config.aug
-  host = split.process_index
+  host = shard.process_index
   ds = ds.map(lambda position, image: views_lib.make_views(image, _view_seed(config, position,
                                                                               host), size, aug),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(split.local_batch, drop_remainder=True)
+  ds = ds.batch(shard.local_batch, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
@@ -238,22 +240,22 @@ def _views_and_batches(ds, config, split: HostSplit):
 
 
 def _tfds_builder(source: sources.TfdsSplit):
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # lazy: heavy, and only the TFDS source needs it
   return tfds, tfds.builder(source.name, data_dir=source.data_dir)
 
 
-def _tfds_train_dataset(source: sources.TfdsSplit, config, split: HostSplit, start_step: int):
+def _tfds_train_dataset(source: sources.TfdsSplit, config, shard: HostShard, start_step: int):
   tfds, builder = _tfds_builder(source)
-  host_split = tfds.even_splits(source.split, n=split.process_count,
-                                drop_remainder=True)[split.process_index]
-  shuffle_seed = int(config.seed) * 1_000_003 + start_step
+  host_split = tfds.even_splits(source.split, n=shard.process_count,
+                                drop_remainder=True)[shard.process_index]
+  shuffle_seed = int(config.seed) * rng_streams.TFDS_SHUFFLE_STRIDE + start_step
   ds = builder.as_dataset(split=host_split, shuffle_files=True,
                           read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
   ds = ds.map(lambda example: tf.cast(example["image"], tf.float32) / 255.0,
               num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.repeat().shuffle(int(config.data.get("shuffle_buffer", 10_000)), seed=shuffle_seed)
-  ds = ds.enumerate(start=start_step * split.local_batch)
-  return _views_and_batches(ds, config, split)
+  ds = ds.repeat().shuffle(int(config.data.shuffle_buffer), seed=shuffle_seed)
+  ds = ds.enumerate(start=start_step * shard.local_batch)
+  return _views_and_batches(ds, config, shard)
 
 
 def eval_view(image, size: int):

@@ -21,6 +21,7 @@ import os
 import struct
 
 import numpy as np
+from absl import logging
 
 from vit_accel.errors import UserError
 
@@ -251,7 +252,7 @@ def check_image_folder(root: str) -> None:
 def check_tfds(config) -> None:
   """The dataset must already be prepared in data.dir: we never download (runs and tests are
   offline; ImageNet needs its manual download anyway)."""
-  name, data_dir = config.data.get("tfds_name", ""), config.data.dir   # as typed, for messages
+  name, data_dir = config.data.tfds_name, config.data.dir   # as typed, for messages
   if not name:
     raise UserError("data.source=tfds needs --config.data.tfds_name (e.g. imagenet2012, cifar10)")
   if not data_dir:
@@ -266,9 +267,9 @@ def check_tfds(config) -> None:
 def load_tfds(config, split: str) -> TfdsSplit:
   import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only for this source
   directory = data_dir(config)
-  tfds_split = config.data.get("tfds_splits", {}).get(split, split)
+  tfds_split = config.data.tfds_splits[split]
   builder = tfds.builder(config.data.tfds_name, data_dir=directory)
-  num = int(config.data.get("num_examples", {}).get(split, -1))
+  num = int(config.data.num_examples[split])
   if num <= 0:
     try:
       num = int(builder.info.splits[tfds_split].num_examples)
@@ -310,7 +311,6 @@ def load(config, split: str) -> InMemory | ImageFiles | TfdsSplit:
     return InMemory(*load_fashion_mnist(data_dir(config) or FASHION_MNIST_DEFAULT_DIR, split))
   if source == "image_folder":
     files, warnings = index_image_folder(data_dir(config), split)
-    from absl import logging
     for w in warnings:
       logging.warning("%s", w)
     return files

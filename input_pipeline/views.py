@@ -8,6 +8,7 @@ from __future__ import annotations
 from input_pipeline.tf_runtime import tf
 
 from input_pipeline import augment
+from vit_accel import rng_streams
 
 
 def augment_view(image, seed, size: int, aug, *, crop_scale, blur_p: float, solarize_p: float):
@@ -24,7 +25,7 @@ def augment_view(image, seed, size: int, aug, *, crop_scale, blur_p: float, sola
                                           aug.hue), x, s[2], aug.jitter_p)
   if aug.grayscale_p > 0 and x.shape[-1] == 3:
     x = augment.random_apply(lambda im, _: augment.to_grayscale(im), x, s[3], aug.grayscale_p)
-  sigma = tuple(aug.get("blur_sigma", (0.1, 2.0)))
+  sigma = tuple(aug.blur_sigma)
   x = augment.random_apply(lambda im, sd: augment.gaussian_blur(im, sd, sigma), x, s[4], blur_p)
   x = augment.random_apply(lambda im, _: augment.solarize(im), x, s[5], solarize_p)
   return to_rgb_uint8(x)
@@ -48,7 +49,8 @@ def local_views(image, seed, aug):
   `aug.local_size`, blur with `aug.local_blur_p`, no solarisation. Their seeds are folded from the
   view seed apart from the global views', so adding local crops leaves the global views unchanged."""
   return tuple(
-      augment_view(image, tf.random.experimental.stateless_fold_in(seed, 1000 + j),
+      augment_view(image,
+                   tf.random.experimental.stateless_fold_in(seed, rng_streams.LOCAL_CROP + j),
                    aug.local_size, aug, crop_scale=aug.local_crop_scale, blur_p=aug.local_blur_p,
                    solarize_p=0.0)
       for j in range(aug.local_crops))
@@ -57,6 +59,6 @@ def local_views(image, seed, aug):
 def make_views(image, seed, size: int, aug) -> dict:
   """{'views': two global views} plus {'local_views': ...} when the recipe has local crops."""
   out = {"views": two_views(image, seed, size, aug)}
-  if aug.get("local_crops", 0):
+  if aug.local_crops:
     out["local_views"] = local_views(image, seed, aug)
   return out

@@ -11,9 +11,9 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 def budget_for_steps(config, steps: int, spec: str = "full|full") -> float:
   """Budget (units) that buys `steps` steps of one strategy (plus half a step: the plan floors)."""
-  from vit_accel import train_step
+  from vit_accel import step_plan
   from vit_accel.compression import BranchStrategies
-  per_step = train_step.step_cost_units(config, BranchStrategies.parse(spec)) * config.batch_size
+  per_step = step_plan.step_cost_units(config, BranchStrategies.parse(spec)) * config.batch_size
   return (steps + 0.5) * per_step
 
 

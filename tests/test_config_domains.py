@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-from vit_accel import config_domains, train_step
+from vit_accel import config_checks, config_domains
 from vit_accel.errors import UserError
 
 RECIPES = [("fmnist_mocov3", None), ("fmnist_mocov3", "smoke"), ("fmnist_simclr", None),
@@ -79,7 +79,7 @@ def test_a_value_outside_its_domain_is_one_line_naming_key_value_and_range(name,
     node = node[p]
   node[leaf] = value
   with pytest.raises(UserError) as error:
-    train_step.validate_config(config)
+    config_checks.validate_config(config)
   message = str(error.value)
   assert words in message and "\n" not in message, message
   assert message.startswith(f"{key}="), message

@@ -23,3 +23,29 @@ def test_cost_table_rows():
   assert keep["measured_speedup"] == pytest.approx(full["ms_per_step"] / keep["ms_per_step"])
   table = cost_table.format_table(rows).splitlines()
   assert len(table) == 4 and table[3].startswith("keep0.25|keep0.25")
+
+
+def test_cost_mode_writes_its_files_and_never_imports_tensorflow(tmp_path):
+  """main.py --mode=cost times synthetic batches: TensorFlow (the input pipeline) is never loaded."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  probe = ("import atexit, runpy, sys\n"
+           "atexit.register(lambda: print('tensorflow loaded:', 'tensorflow' in sys.modules))\n"
+           "sys.argv = ['main.py'] + sys.argv[1:]\n"
+           "runpy.run_path('main.py', run_name='__main__')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(
+      [sys.executable, "-c", probe, "--config=configs/fmnist_mocov3.py:smoke",
+       f"--workdir={tmp_path}", "--mode=cost", "--config.batch_size=16",
+       "--config.compression.cost_candidates=('keep0.25|keep0.25',)",
+       "--config.compression.cost_repeats=5", "--config.compile_cache_dir="],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "tensorflow loaded: False" in proc.stdout, proc.stdout[-2000:]
+  rows = json.loads((tmp_path / "cost_table.json").read_text())
+  assert [r["strategy"] for r in rows] == ["full", "keep0.25|keep0.25"]
+  assert json.loads((tmp_path / "cost_table_meta.json").read_text())["batch_size"] == 16
+  assert json.loads((tmp_path / "config.cost.json").read_text())["batch_size"] == 16

@@ -15,7 +15,7 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import AxisType, Mesh
 import importlib
-from vit_accel import evaluation, sharding, train_step
+from vit_accel import evaluation, optimizer, sharding, state as state_lib
 from vit_accel.errors import UserError
 from vit_accel.evaluator import Evaluator
 rng = np.random.default_rng(0)
@@ -24,7 +24,7 @@ queries = rng.integers(0, 256, (29, 32, 32, 1), np.uint8)
 out = {}
 for recipe in ("fmnist_mocov3", "fmnist_simclr", "fmnist_dino"):
   config = importlib.import_module("configs." + recipe).get_config("smoke")
-  model = train_step.build_model(config)
+  model = state_lib.build_model(config)
   for n in (1, 2, 3, 4, 8):
     mesh = Mesh(np.array(jax.devices()[:n]).reshape(n, 1), sharding.BATCH_AXES,
                 axis_types=(AxisType.Auto, AxisType.Auto))
@@ -33,12 +33,12 @@ for recipe in ("fmnist_mocov3", "fmnist_simclr", "fmnist_dino"):
       train_ok = True
     except UserError:
       train_ok = False
-    init, _, shardings = train_step.state_layout(config, model, train_step.make_optimizer(config),
-                                                 mesh)
+    init, _, shardings = state_lib.state_layout(config, model, optimizer.make_optimizer(config),
+                                                mesh)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     evaluator = Evaluator(config, model, mesh, shardings, bank, queries)
-    result = evaluator(train_step.eval_params(config, state), final=True)
-    feats = evaluation.extract_features(evaluator.feature_fn, train_step.eval_params(config, state),
+    result = evaluator(state_lib.eval_params(config, state), final=True)
+    feats = evaluation.extract_features(evaluator.feature_fn, state_lib.eval_params(config, state),
                                         evaluator.arrays("test", -1)[0], evaluator.batch_size, mesh)
     out[f"{recipe}/{n}"] = [train_ok, config.eval.batch_size, evaluator.batch_size,
                             result["knn_queries"], feats.tolist(), result["knn_top1"]]

@@ -1,4 +1,5 @@
-"""Gradient-error estimators on a problem with closed-form bias and variance, and the planner."""
+"""Gradient-error estimators on a problem with closed-form bias and variance, and the schedule
+search."""
 import json
 import os
 
@@ -6,8 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_accel import grad_error, planner, schedule
+from vit_accel import grad_error, schedule_search, step_plan
 from vit_accel.errors import UserError
+from vit_accel.modes import grad_error as grad_error_mode
+from vit_accel.modes import pilot as pilot_mode
+from vit_accel.modes import search as search_mode
 
 MODEL = ml_collections.ConfigDict(dict(width=128, depth=4, mlp_ratio=4.0, patch_size=4,
                                        image_size=32))
@@ -98,67 +102,67 @@ def test_welford_matches_numpy():
   assert acc.variance == pytest.approx(np.sum(xs.var(0, ddof=1)), rel=1e-12)
 
 
-# ------------------------------------------------------------------------------------- planner
+# ----------------------------------------------------------------------------- schedule search
 def row(strategy, ca_mse, cost):
   return {"strategy": strategy, "ca_mse": ca_mse, "cost_units": cost}
 
 
-def test_planner_picks_the_lowest_ca_mse_and_breaks_ties_by_cost():
+def test_search_picks_the_lowest_ca_mse_and_breaks_ties_by_cost():
   rows = [row("full", 0.30, 8.0), row("keep0.5|keep0.5", 0.20, 4.0),
           row("keep0.25|keep0.25", 0.205, 2.0)]
-  assert planner.pick(rows, tie_tolerance=0.0)["strategy"] == "keep0.5|keep0.5"
-  assert planner.pick(rows, tie_tolerance=0.05)["strategy"] == "keep0.25|keep0.25"
+  assert schedule_search.pick(rows, tie_tolerance=0.0)["strategy"] == "keep0.5|keep0.5"
+  assert schedule_search.pick(rows, tie_tolerance=0.05)["strategy"] == "keep0.25|keep0.25"
 
 
-def test_plan_intervals_merge_and_round_trip_through_the_schedule_config(tmp_path):
-  tables = [  # given out of order: the planner sorts by progress
+def test_search_intervals_merge_and_round_trip_through_the_schedule_config(tmp_path):
+  tables = [  # given out of order: the search sorts by progress
       {"progress": 0.6, "rows": [row("full", 0.1, 8.0), row("patch8|patch8", 0.3, 2.0)]},
       {"progress": 0.1, "rows": [row("full", 0.5, 8.0), row("patch8|patch8", 0.2, 2.0)]},
       {"progress": 0.3, "rows": [row("full", 0.4, 8.0), row("patch8|patch8", 0.25, 2.0)]},
       {"progress": 0.9, "rows": [row("full", 0.05, 8.0), row("patch8|patch8", 0.4, 2.0)]}]
-  stages = planner.plan_stages(tables, tie_tolerance=0.0)
+  stages = schedule_search.search_stages(tables, tie_tolerance=0.0)
   assert [s["strategy"] for s in stages] == ["patch8|patch8", "full"]
   assert stages[0]["end"] == pytest.approx(0.45)  # half-way between the 30% and 60% checkpoints
-  text = planner.schedule_string(stages)
+  text = schedule_search.schedule_string(stages)
   assert text == "0.45:patch8|patch8; 1:full"
-  parsed = schedule.parse_schedule(text, 8, MODEL)
+  parsed = step_plan.parse_schedule(text, 8, MODEL)
   assert [s.end for s in parsed] == [0.45, 1.0]
   assert [s.strategies.spec for s in parsed] == ["patch8|patch8", "full"]
   # 45% of the budget at a quarter of the cost: 0.45 * 4 + 0.55 = 2.35x the baseline's samples
-  assert planner.samples_vs_baseline(stages, 8.0) == pytest.approx(2.35)
+  assert schedule_search.samples_vs_baseline(stages, 8.0) == pytest.approx(2.35)
   # final_full overrides only the last interval's winner.
   late_patch = [dict(t, rows=[row("full", 0.5, 8.0), row("patch8|patch8", 0.2, 2.0)]) for t in tables]
-  assert planner.schedule_string(planner.plan_stages(late_patch, 0.0)) == "1:patch8|patch8"
-  assert planner.schedule_string(planner.plan_stages(late_patch, 0.0, final_full=True)) == \
+  search = schedule_search.search_stages
+  assert schedule_search.schedule_string(search(late_patch, 0.0)) == "1:patch8|patch8"
+  assert schedule_search.schedule_string(search(late_patch, 0.0, final_full=True)) == \
       "0.75:patch8|patch8; 1:full"
 
 
-def test_plan_mode_writes_a_schedule_file_training_reads(tmp_path):
+def test_search_mode_writes_a_schedule_file_training_reads(tmp_path):
   from conftest import tiny_config
-  from vit_accel import train_step
   tables = [{"progress": 0.2, "rows": [row("full", 0.5, 8.0), row("keep0.25|keep0.25", 0.1, 2.0)]},
             {"progress": 0.8, "rows": [row("full", 0.1, 8.0), row("keep0.25|keep0.25", 0.3, 2.0)]}]
   (tmp_path / "grad_error.json").write_text(json.dumps({"tables": tables}))
   config = tiny_config()
-  text = planner.run(config, str(tmp_path))
+  text = search_mode.run(config, str(tmp_path))
   assert text == "0.5:keep0.25|keep0.25; 1:full"
   config.schedule_file = str(tmp_path / "schedule.txt")
-  stages = train_step.schedule_stages(config)
+  stages = step_plan.schedule_stages(config)
   assert [(s.end, s.strategies.spec) for s in stages] == [(0.5, "keep0.25|keep0.25"), (1.0, "full")]
   config.schedule_file = str(tmp_path / "nope.txt")
   with pytest.raises(UserError, match="cannot be read"):
-    train_step.schedule_stages(config)
+    step_plan.schedule_stages(config)
   os.remove(tmp_path / "grad_error.json")
   with pytest.raises(UserError, match="run --mode=grad_error"):
-    planner.run(config, str(tmp_path))
+    search_mode.run(config, str(tmp_path))
 
 
 
-def test_grad_error_then_plan_on_a_tiny_run(tmp_path, needs_fashion_mnist):
-  """--mode=grad_error on a run's milestone and final checkpoints, then --mode=plan, then the plan
-  is accepted by training's config."""
+def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
+  """--mode=grad_error on a run's milestone and final checkpoints, then --mode=search, then its
+  schedule is accepted by training's config."""
   from conftest import tiny_config
-  from vit_accel import train, train_step
+  from vit_accel import train
   workdir = str(tmp_path / "run")
   config = tiny_config(**{"checkpoint.at_progress": (0.3,), "checkpoint.every_steps": 100})
   train.train_and_evaluate(config, workdir)
@@ -167,10 +171,10 @@ def test_grad_error_then_plan_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   config.grad_error.reference_batches = 2
   config.grad_error.batches = 3
   config.grad_error.candidates = ("keep0.25|keep0.25",)
-  saved = grad_error.saved_steps(workdir)
+  saved = grad_error_mode.saved_steps(workdir)
   assert {s: os.path.basename(d) for s, d in saved.items()} == {2: "milestones", 6: "checkpoints"}
   config.grad_error.steps = (2, 6)  # by default only the milestones (when a run kept some)
-  result = grad_error.run(config, workdir)
+  result = grad_error_mode.run(config, workdir)
   assert [t["step"] for t in result["tables"]] == [2, 6]
   for table in result["tables"]:
     full, keep = table["rows"]
@@ -185,28 +189,27 @@ def test_grad_error_then_plan_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   assert saved["tables"][1]["rows"][1]["ca_mse"] == result["tables"][1]["rows"][1]["ca_mse"]
   assert (tmp_path / "run" / "grad_error.png").stat().st_size > 0
 
-  text = planner.run(config, workdir)
+  text = search_mode.run(config, workdir)
   config.schedule_file = os.path.join(workdir, "schedule.txt")
-  assert [s.strategies.spec for s in train_step.schedule_stages(config)] == [
+  assert [s.strategies.spec for s in step_plan.schedule_stages(config)] == [
       p.split(":")[1] for p in text.split("; ")]
-  train.make_step_plan(config, 60000)  # the plan is a valid step plan for this model and budget
+  step_plan.make_step_plan(config, 60000)  # the plan is a valid step plan for this model and budget
 
   config.grad_error.steps = (4,)
   with pytest.raises(UserError, match=r"grad_error.steps \[4\] not saved"):
-    grad_error.run(config, workdir)
+    grad_error_mode.run(config, workdir)
 
 
-def test_pilot_runs_measures_and_plans_in_one_call(tmp_path, needs_fashion_mnist):
+def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mnist):
   from conftest import tiny_config
-  from vit_accel import train
   config = tiny_config(**{"pilot.budget_fraction": 1.0, "pilot.at_progress": (0.3, 0.9),
                           "grad_error.reference_batches": 2, "grad_error.batches": 2,
                           "grad_error.candidates": ("keep0.25|keep0.25",)})
-  text = planner.pilot(config, str(tmp_path))
+  text = pilot_mode.run(config, str(tmp_path))
   pilot_dir = tmp_path / "pilot"
   assert sorted(os.listdir(pilot_dir / "milestones")) == ["2", "6"]  # 30% -> step 2, 90% -> 6
   measured = json.loads((pilot_dir / "grad_error.json").read_text())
   assert [t["step"] for t in measured["tables"]] == [2, 6]
   assert (tmp_path / "schedule.txt").read_text().strip().endswith(text)
   config.schedule_file = str(tmp_path / "schedule.txt")
-  train.make_step_plan(config, 60000)
+  step_plan.make_step_plan(config, 60000)

@@ -211,7 +211,7 @@ def test_nested_subfolders_are_used_with_the_top_folder_as_class(tmp_path, caplo
     source = pipeline.load_source(cfg, "train")
   assert source.num_examples == 72
   assert "hidden file(s) or folder(s)" in caplog.text
-  stream = pipeline.train_dataset(source, cfg, pipeline.HostSplit(0, 1, 16))
+  stream = pipeline.train_dataset(source, cfg, pipeline.HostShard(0, 1, 16))
   batch = next(stream.as_numpy_iterator())
   assert batch["views"][0].shape == (16, 32, 32, 3)
 

@@ -15,22 +15,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AOT_PROBE = """
 import jax
 from configs import {module} as recipe
-from vit_accel import schedule, sharding, train_step
+from vit_accel import config_checks, optimizer, sharding, state, step_plan, train_step
 
 config = recipe.get_config({arg!r})
 with config.unlocked():
   config.batch_size = 16          # 2 per device
   config.mesh.fsdp = {fsdp}
-train_step.validate_config(config)
+config_checks.validate_config(config)
 mesh = sharding.make_mesh(config)
-tx = train_step.make_optimizer(config)
-_, full, _ = train_step.state_layout(config, train_step.build_model(config), tx, mesh)
+tx = optimizer.make_optimizer(config)
+_, full, _ = state.state_layout(config, state.build_model(config), tx, mesh)
 backbone = sum(x.size for x in jax.tree.leaves(full.params["backbone"]))
 with config.unlocked():
   config.model.depth = 2
-model = train_step.build_model(config)
-_, abstract, shardings = train_step.state_layout(config, model, tx, mesh)
-stages = schedule.parse_schedule(config.schedule, config.compression.bucket, config.model)
+model = state.build_model(config)
+_, abstract, shardings = state.state_layout(config, model, tx, mesh)
+stages = step_plan.parse_schedule(config.schedule, config.compression.bucket, config.model)
 for stage in (stages[0], stages[-1]):
   compiled, seconds = train_step.compile_train_step(config, model, tx, stage.strategies, mesh,
                                                     abstract, shardings)

@@ -42,12 +42,12 @@ def test_eight_devices_match_one(tmp_path, needs_fashion_mnist):
 SHARDING_PROBE = """
 import jax
 from configs import fmnist_mocov3
-from vit_accel import sharding, train_step
+from vit_accel import optimizer, sharding, state
 c = fmnist_mocov3.get_config()
 c.mesh.fsdp = 2
 mesh = sharding.make_mesh(c)
-model = train_step.build_model(c)
-_, abstract, shardings = train_step.state_layout(c, model, train_step.make_optimizer(c), mesh)
+model = state.build_model(c)
+_, abstract, shardings = state.state_layout(c, model, optimizer.make_optimizer(c), mesh)
 fc1 = shardings.params['backbone']['block0']['mlp']['fc1']
 mu = shardings.opt_state[0].mu['backbone']['block0']['mlp']['fc1']['kernel']
 print(dict(mesh.shape), fc1['kernel'].spec, fc1['bias'].spec, mu.spec,

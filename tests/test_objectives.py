@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from vit_accel import objectives, train_step
+from vit_accel import config_checks, objectives, optimizer, step_plan
+from vit_accel import sharding as sharding_lib
+from vit_accel import state as state_lib
 from vit_accel.compression import FULL, BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.models.vit import VisionTransformer
@@ -141,7 +143,7 @@ def test_dino_koleo_matches_numpy_and_adds_to_the_loss_only_when_asked():
   c.dino.koleo_weight = -0.1
   with pytest.raises(UserError,
                      match=r"dino.koleo_weight=-0.1 is out of range: must be a number >= 0"):
-    train_step.validate_config(c)
+    config_checks.validate_config(c)
 
 
 def test_dino_teacher_temperature_warms_up_then_holds():
@@ -223,7 +225,7 @@ def test_dino_head_batchnorm_sees_every_view_as_dinos_multicrop_wrapper_does():
   with pytest.raises(UserError,
                      match="dino.head_batch='per_crop' is out of range: must be one of "
                            "'per_view', 'all_views'"):
-    train_step.validate_config(d)
+    config_checks.validate_config(d)
 
 
 def test_simclr_gradients_flow_through_both_views():
@@ -242,7 +244,7 @@ def test_cost_branches_count_views_and_local_crops():
   d = tiny_config(recipe="dino")
   full = BranchStrategies.parse("full")
   # SimCLR: two views with gradient (3 forwards each) + projector.
-  assert train_step.step_cost_units(s, full) == pytest.approx(6.0, rel=0.1)
+  assert step_plan.step_cost_units(s, full) == pytest.approx(6.0, rel=0.1)
   assert len(simclr.cost_branches(s, full)) == 2
   branches = dino.cost_branches(d, full)
   assert len(branches) == 2 + d.aug.local_crops + 2
@@ -252,48 +254,48 @@ def test_cost_branches_count_views_and_local_crops():
   # Compressing the student lowers the cost; the teacher stays at full length.
   cheap = dino.cost_branches(d, BranchStrategies.parse("keep0.5"))
   assert all(b.layout.seq_len == branches[-1].layout.seq_len for b in cheap if not b.with_grad)
-  assert train_step.step_cost_units(d, BranchStrategies.parse("keep0.5")) < \
-      train_step.step_cost_units(d, full)
+  assert step_plan.step_cost_units(d, BranchStrategies.parse("keep0.5")) < \
+      step_plan.step_cost_units(d, full)
 
 
 def test_objective_config_errors_are_one_line():
   c = tiny_config(recipe="simclr")
   c.objective = "byol"
   with pytest.raises(UserError, match="unknown objective='byol'; available: mocov3, simclr, dino"):
-    train_step.validate_config(c)
+    config_checks.validate_config(c)
   c.objective = "dino"     # no dino section in a SimCLR config
   with pytest.raises(UserError, match="needs a config section 'dino'"):
-    train_step.validate_config(c)
+    config_checks.validate_config(c)
   d = tiny_config(recipe="dino")
   d.aug.local_size = 10    # not a multiple of the patch size 4
   with pytest.raises(UserError, match="aug.local_size=10"):
-    train_step.validate_config(d)
+    config_checks.validate_config(d)
   d = tiny_config(recipe="dino")
   d.dino.centering = "softmax"
   with pytest.raises(UserError, match="dino.centering='softmax' is out of range: must be one of "
                                       "'ema', 'sinkhorn'"):
-    train_step.validate_config(d)
+    config_checks.validate_config(d)
   assert set(objectives.OBJECTIVES) == {"mocov3", "simclr", "dino"}
 
 
 def test_eval_weights_pick_the_objectives_copy_or_the_one_asked_for():
-  state = train_step.TrainState(step=0, params={"who": "online"}, ema_params={"who": "ema"},
-                                extra={}, opt_state=())
+  state = state_lib.TrainState(step=0, params={"who": "online"}, ema_params={"who": "ema"},
+                               extra={}, opt_state=())
   expected = {("dino", ""): "ema", ("dino", "online"): "online", ("mocov3", ""): "online",
               ("mocov3", "ema"): "ema", ("simclr", ""): "online", ("simclr", "online"): "online"}
   for (recipe, weights), who in expected.items():
     c = tiny_config(recipe=recipe)
     c.eval.weights = weights
-    train_step.validate_config(c)
-    assert train_step.eval_params(c, state)["who"] == who, (recipe, weights)
+    config_checks.validate_config(c)
+    assert state_lib.eval_params(c, state)["who"] == who, (recipe, weights)
   c = tiny_config(recipe="simclr")
   c.eval.weights = "ema"     # SimCLR keeps no EMA copy
   with pytest.raises(UserError, match="eval.weights='ema': objective simclr keeps no EMA copy"):
-    train_step.validate_config(c)
+    config_checks.validate_config(c)
   c.eval.weights = "teacher"
   with pytest.raises(UserError, match="eval.weights='teacher' is out of range: must be one of '', "
                                       "'online', 'ema'"):
-    train_step.validate_config(c)
+    config_checks.validate_config(c)
 
 
 @pytest.mark.parametrize("objective", ["simclr", "dino"])
@@ -318,10 +320,10 @@ def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective,
   train.train_and_evaluate(cfg_rest, str(tmp_path / "resumed"))
 
   def final_state(workdir):
-    model = train_step.build_model(cfg)
-    tx = train_step.make_optimizer(cfg)
-    mesh = train_step.sharding_lib.make_mesh(cfg)
-    _, abstract, shardings = train_step.state_layout(cfg, model, tx, mesh)
+    model = state_lib.build_model(cfg)
+    tx = optimizer.make_optimizer(cfg)
+    mesh = sharding_lib.make_mesh(cfg)
+    _, abstract, shardings = state_lib.state_layout(cfg, model, tx, mesh)
     ck = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=3, every_steps=1,
                                     async_save=False)
     try:

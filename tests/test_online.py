@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from vit_accel import grad_error, schedule, train
+from vit_accel import grad_error, step_plan, train
 from vit_accel.compression import BranchStrategies
 
 KEEP = "keep0.25|keep0.25"
@@ -16,7 +16,7 @@ KEEP = "keep0.25|keep0.25"
 def online_config(steps, **overrides):
   config = tiny_config(steps=steps, schedule="online", **{
       "online.every": 0.5, "online.reference_batches": 2, "online.batches": 2,
-      "online.candidates": (KEEP,), "plan.tie_tolerance": 0.0, **overrides})
+      "online.candidates": (KEEP,), "search.tie_tolerance": 0.0, **overrides})
   return config
 
 
@@ -28,13 +28,13 @@ def read_lines(workdir):
 def test_decisions_charge_their_measurement_and_project_the_rest():
   config = online_config(20)
   n = 60000
-  undecided = train.make_step_plan(config, n)
+  undecided = step_plan.make_step_plan(config, n)
   assert [s.spec for s in undecided.stages] == ["full", "full"]
   overhead = undecided.stages[0].start_units
-  per_sample = 2 * train.step_cost_units(config, BranchStrategies.parse("full|full")) + \
-      2 * train.step_cost_units(config, BranchStrategies.parse(KEEP))
+  per_sample = 2 * step_plan.step_cost_units(config, BranchStrategies.parse("full|full")) + \
+      2 * step_plan.step_cost_units(config, BranchStrategies.parse(KEEP))
   assert overhead == pytest.approx(per_sample * config.batch_size)  # R full + M keep gradients
-  one = train.make_step_plan(config, n, [{"strategy": KEEP, "overhead_units": overhead}])
+  one = step_plan.make_step_plan(config, n, [{"strategy": KEEP, "overhead_units": overhead}])
   assert [s.spec for s in one.stages] == [KEEP, KEEP]  # the rest projected with the last choice
   assert one.total_steps > undecided.total_steps
   for plan in (undecided, one):
@@ -91,7 +91,7 @@ def test_online_run_resumes_exactly(tmp_path, needs_fashion_mnist):
 
 
 def test_online_segments():
-  assert schedule.online_segments(0.25) == [0.25, 0.5, 0.75, 1.0]
-  assert schedule.online_segments(1.0) == [1.0]
+  assert step_plan.online_segments(0.25) == [0.25, 0.5, 0.75, 1.0]
+  assert step_plan.online_segments(1.0) == [1.0]
   with pytest.raises(Exception, match="online.every"):
-    schedule.online_segments(0.0)
+    step_plan.online_segments(0.0)

@@ -24,7 +24,7 @@ def take(ds, k):
 
 def test_batches_are_uint8_with_expected_shapes_and_range():
   cfg = tiny_config()
-  ds = pipeline.train_dataset(synthetic_images(), cfg, pipeline.HostSplit(0, 1, 16))
+  ds = pipeline.train_dataset(synthetic_images(), cfg, pipeline.HostShard(0, 1, 16))
   batch = take(ds, 1)[0]
   v0, v1 = batch["views"]
   for v in (v0, v1):
@@ -36,9 +36,9 @@ def test_batches_are_uint8_with_expected_shapes_and_range():
 
 def test_same_seed_same_stream_other_seed_other_stream():
   images = synthetic_images()
-  a = take(pipeline.train_dataset(images, tiny_config(), pipeline.HostSplit(0, 1, 16)), 3)
-  b = take(pipeline.train_dataset(images, tiny_config(), pipeline.HostSplit(0, 1, 16)), 3)
-  c = take(pipeline.train_dataset(images, tiny_config(seed=1), pipeline.HostSplit(0, 1, 16)), 3)
+  a = take(pipeline.train_dataset(images, tiny_config(), pipeline.HostShard(0, 1, 16)), 3)
+  b = take(pipeline.train_dataset(images, tiny_config(), pipeline.HostShard(0, 1, 16)), 3)
+  c = take(pipeline.train_dataset(images, tiny_config(seed=1), pipeline.HostShard(0, 1, 16)), 3)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["views"][0], y["views"][0])
   assert not np.array_equal(a[0]["views"][0], c[0]["views"][0])
@@ -46,7 +46,7 @@ def test_same_seed_same_stream_other_seed_other_stream():
 
 def test_resume_position_reproduces_the_stream_across_epochs():
   images = synthetic_images(n=40)  # 2 steps of 16 per epoch: stream crosses epoch boundaries
-  split = pipeline.HostSplit(0, 1, 16)
+  split = pipeline.HostShard(0, 1, 16)
   full = take(pipeline.train_dataset(images, tiny_config(), split), 7)
   resumed = take(pipeline.train_dataset(images, tiny_config(), split, start_step=3), 4)
   for x, y in zip(full[3:], resumed):
@@ -64,7 +64,7 @@ def test_hosts_read_disjoint_shards():
   cfg.aug.jitter_p = 0.0
   seen = []
   for host in range(2):
-    split = pipeline.HostSplit(host, 2, 16)
+    split = pipeline.HostShard(host, 2, 16)
     assert split.local_batch == 8
     batches = take(pipeline.train_dataset(images, cfg, split), 4)  # one epoch of the shard
     seen.append({int(v[0, 0, 0]) for b in batches for v in b["views"][0]})
@@ -73,7 +73,7 @@ def test_hosts_read_disjoint_shards():
 
 def test_batch_not_divisible_by_processes_is_a_clear_error():
   with pytest.raises(UserError, match="not divisible"):
-    pipeline.train_dataset(synthetic_images(), tiny_config(), pipeline.HostSplit(0, 3, 16))
+    pipeline.train_dataset(synthetic_images(), tiny_config(), pipeline.HostShard(0, 3, 16))
 
 
 @pytest.mark.parametrize("op", ["crop", "flip", "jitter", "blur", "solarize", "grey"])

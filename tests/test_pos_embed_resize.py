@@ -9,7 +9,7 @@ import pytest
 
 from configs import (fmnist_dino, fmnist_mocov3, fmnist_simclr, imagenet_common,
                      imagenet_dino_vit_b16, imagenet_mocov3_vit_b16, imagenet_simclr_vit_b16)
-from vit_accel import compression, schedule, train_step
+from vit_accel import compression, step_plan, train_step
 from vit_accel.compression import Strategy
 from vit_accel.models.vit import VisionTransformer
 
@@ -29,9 +29,9 @@ def _branch_strategies(config):
   the cost / grad_error / online candidates (each with full|full first), as the code parses them."""
   m, bucket = config.model, config.compression.bucket
   out = []
-  for preset in schedule.presets(m.patch_size):
-    out += [st.strategies for st in schedule.parse_schedule(preset, bucket, m)]
-  out += [st.strategies for st in train_step.schedule_stages(config)]
+  for preset in step_plan.presets(m.patch_size):
+    out += [st.strategies for st in step_plan.parse_schedule(preset, bucket, m)]
+  out += [st.strategies for st in step_plan.schedule_stages(config)]
   for key in ("compression.cost_candidates", "grad_error.candidates", "online.candidates"):
     section, name = key.split(".")
     out += compression.full_then_candidates(config[section][name], bucket, m, key)

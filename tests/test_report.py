@@ -5,14 +5,16 @@ import os
 import pytest
 
 from conftest import tiny_config
-from vit_accel import report, train
+from vit_accel import step_plan
 from vit_accel.errors import UserError
+from vit_accel.modes import Args
+from vit_accel.modes import report as report_mode
 
 
 def fake_run(directory, config, speed):
   """metrics.jsonl + plan.json as a run of `config` would write them."""
   os.makedirs(directory)
-  plan = train.make_step_plan(config, 60000)
+  plan = step_plan.make_step_plan(config, 60000)
   with open(os.path.join(directory, "plan.json"), "w") as f:
     f.write(plan.to_json())
   with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
@@ -31,7 +33,8 @@ def test_report_writes_plots_and_table(tmp_path, capsys, needs_fashion_mnist):
   fast = tiny_config(schedule="0.4:keep0.25|keep0.25; 0.7:patch8; 1:full")
   fake_run(str(tmp_path / "fast"), fast, speed=4.0)
   fake_run(str(tmp_path / "base"), tiny_config(), speed=1.0)
-  written = report.run(fast, str(tmp_path / "fast"), [str(tmp_path / "base")])
+  written = report_mode.run(fast, str(tmp_path / "fast"),
+                            Args(compare=(str(tmp_path / "base"),)))
   names = {os.path.basename(p) for p in written}
   assert {"schedule.png", "knn_vs_wall.png", "knn_vs_budget.png", "loss.png",
           "stages.png"} <= names
@@ -45,4 +48,4 @@ def test_report_writes_plots_and_table(tmp_path, capsys, needs_fashion_mnist):
 
 def test_report_on_a_directory_without_metrics_is_one_clear_error(tmp_path):
   with pytest.raises(UserError, match="no metrics.jsonl"):
-    report.run(tiny_config(), str(tmp_path), [])
+    report_mode.run(tiny_config(), str(tmp_path), Args())

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import tiny_config
 from input_pipeline import fingerprint, sources
-from vit_accel import checkpointing, io, run_identity, train
+from vit_accel import checkpointing, io, run_identity, step_plan, train
 from vit_accel.errors import StorageError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,10 +139,10 @@ def test_identity_is_every_key_but_the_free_ones_so_new_keys_are_covered():
 
 def test_a_plan_change_names_what_differs():
   config = tiny_config()
-  plan = train.make_step_plan(config, 1000)
+  plan = step_plan.make_step_plan(config, 1000)
   saved = run_identity.run_metadata(config, plan, {}, online=False)
   config.budget = config.budget * 1.01
-  current = run_identity.run_metadata(config, train.make_step_plan(config, 1000), {}, online=False)
+  current = run_identity.run_metadata(config, step_plan.make_step_plan(config, 1000), {}, online=False)
   with pytest.raises(UserError, match=r"\(step plan.s budget: [\d.]+ there, [\d.]+ now\).*"
                                       r"allow_schedule_change=True"):
     run_identity.check_resumable(saved, current, "/run/checkpoints", False)
@@ -216,7 +216,7 @@ def test_a_milestone_reached_again_after_a_kill_is_not_saved_twice(tmp_path, nee
   import shutil
   workdir = str(tmp_path / "run")
   # A milestone between two rolling checkpoints (every 2 steps): at an odd step.
-  plan = train.make_step_plan(tiny_config(), 60000)
+  plan = step_plan.make_step_plan(tiny_config(), 60000)
   fraction = next(f for f in (0.3, 0.4, 0.5, 0.6, 0.7) if plan.step_at_progress(f) % 2)
   milestone = plan.step_at_progress(fraction)
   overrides = {"checkpoint.at_progress": (fraction,)}
@@ -279,10 +279,10 @@ def test_a_failed_metrics_write_is_a_storage_error_and_the_checkpoints_are_whole
   from vit_accel import metric_writer
   original = metric_writer.MetricWriter.write
 
-  def write(self, step, metrics):
+  def write(self, step, metrics, *, kind):
     if step >= 4:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.jsonl")
-    return original(self, step, metrics)
+    return original(self, step, metrics, kind=kind)
 
   monkeypatch.setattr(metric_writer.MetricWriter, "write", write)
   workdir = str(tmp_path / "run")

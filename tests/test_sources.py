@@ -94,7 +94,7 @@ def test_image_folder_streams_views_and_eval_arrays_of_any_format(tmp_path):
   root = make_image_folder(str(tmp_path), corrupt=False)
   cfg = folder_config(root)
   source = pipeline.load_source(cfg, "train")
-  batch = next(pipeline.train_dataset(source, cfg, pipeline.HostSplit(0, 1, 16)).as_numpy_iterator())
+  batch = next(pipeline.train_dataset(source, cfg, pipeline.HostShard(0, 1, 16)).as_numpy_iterator())
   for view in batch["views"]:
     assert view.shape == (16, 32, 32, 3) and view.dtype == np.uint8 and view.max() > 100
   images, labels = pipeline.eval_arrays(source, 32, 20, seed=1)
@@ -174,13 +174,13 @@ def test_tfds_source_streams_host_shards_and_eval_arrays(tmp_path):
   with tfds.testing.mock_data(num_examples=64):
     source = sources.load(cfg, "train")
     assert source == sources.TfdsSplit("imagenet2012", str(tmp_path), "train", 64)
-    stream = pipeline.train_dataset(source, cfg, pipeline.HostSplit(1, 2, 16)).as_numpy_iterator()
+    stream = pipeline.train_dataset(source, cfg, pipeline.HostShard(1, 2, 16)).as_numpy_iterator()
     batch = next(stream)
     assert [v.shape for v in batch["views"]] == [(8, 32, 32, 3)] * 2   # 8 = 16 / 2 hosts
     # Same seed and start step -> the same stream; another start step -> another order.
-    again = next(pipeline.train_dataset(source, cfg, pipeline.HostSplit(1, 2, 16)).as_numpy_iterator())
+    again = next(pipeline.train_dataset(source, cfg, pipeline.HostShard(1, 2, 16)).as_numpy_iterator())
     np.testing.assert_array_equal(batch["views"][0], again["views"][0])
-    resumed = next(pipeline.train_dataset(source, cfg, pipeline.HostSplit(1, 2, 16),
+    resumed = next(pipeline.train_dataset(source, cfg, pipeline.HostShard(1, 2, 16),
                                           start_step=5).as_numpy_iterator())
     assert not np.array_equal(batch["views"][0], resumed["views"][0])
     images, labels = pipeline.eval_arrays(sources.load(cfg, "test"), 32, 10, seed=2)

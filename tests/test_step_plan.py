@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_accel import schedule
+from vit_accel import optimizer, step_plan
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.objectives import mocov3
@@ -17,11 +17,11 @@ COST = lambda st: st.query.layout(32, 4).seq_len / 65
 
 
 def stages(spec):
-  return schedule.parse_schedule(spec, 8, MODEL)
+  return step_plan.parse_schedule(spec, 8, MODEL)
 
 
 def test_presets_parse_and_dynamic_starts_compressed_and_ends_full():
-  for name in schedule.presets(4):
+  for name in step_plan.presets(4):
     assert stages(name)[-1].end == 1.0
   dyn = stages("dynamic")
   lens = [s.strategies.query.layout(32, 4).seq_len for s in dyn]
@@ -47,7 +47,7 @@ def test_bad_schedules_raise_one_clear_error(spec, match):
 
 def test_step_plan_arithmetic():
   st = stages("0.5:keep0.25|keep0.25; 1:full")
-  plan = schedule.make_plan(st, budget=10000.0, batch_size=10, cost_per_sample=COST, model_cfg=MODEL)
+  plan = step_plan.make_plan(st, budget=10000.0, batch_size=10, cost_per_sample=COST, model_cfg=MODEL)
   s0, s1 = plan.stages
   assert s0.units_per_step == pytest.approx(10 * 17 / 65)
   assert s0.num_steps == math.floor(0.5 * 10000 / (10 * 17 / 65))
@@ -73,19 +73,19 @@ def test_step_plan_arithmetic():
 
 
 def test_compressed_stage_takes_more_steps_for_the_same_budget():
-  full = schedule.make_plan(stages("none"), 5000.0, 10, COST, MODEL)
-  fast = schedule.make_plan(stages("1:keep0.25"), 5000.0, 10, COST, MODEL)
+  full = step_plan.make_plan(stages("none"), 5000.0, 10, COST, MODEL)
+  fast = step_plan.make_plan(stages("1:keep0.25"), 5000.0, 10, COST, MODEL)
   assert fast.total_steps > 3 * full.total_steps
   assert full.progress_at(full.total_steps) == pytest.approx(1.0)
 
 
 def test_every_stage_gets_a_step_or_a_clear_error():
   with pytest.raises(UserError, match="too small .* stage 1"):
-    schedule.make_plan(stages("0.99:keep0.25; 1:full"), 500.0, 10, COST, MODEL)
+    step_plan.make_plan(stages("0.99:keep0.25; 1:full"), 500.0, 10, COST, MODEL)
 
 
 def test_plan_round_trips_to_json():
-  plan = schedule.make_plan(stages("dynamic"), 1e5, 16, COST, MODEL)
+  plan = step_plan.make_plan(stages("dynamic"), 1e5, 16, COST, MODEL)
   d = plan.to_dict()
   assert d["total_steps"] == plan.total_steps
   assert [s["spec"] for s in d["stages"]] == [s.spec for s in plan.stages]
@@ -102,7 +102,7 @@ def _optim(**kw):
 
 def test_learning_rate_on_budget_progress():
   c = _optim()
-  lr = lambda p: float(schedule.learning_rate_at(c, p))
+  lr = lambda p: float(optimizer.learning_rate_at(c, p))
   assert lr(0.0) == 0.0
   assert lr(0.05) == pytest.approx(0.5e-3)
   assert lr(0.1) == pytest.approx(1e-3)

@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from vit_accel import evaluator, run_identity, train
+from vit_accel import run_identity, step_plan, train
+from vit_accel.modes import eval as eval_mode
 from vit_accel.errors import UserError
 
 
@@ -46,14 +47,14 @@ def test_smoke_run_writes_metrics_and_checkpoints(tmp_path, needs_fashion_mnist)
                 if d.isdigit())[-1] == 6
 
   # --mode=eval on the saved checkpoints: the last one reproduces the run's final evaluation.
-  again = evaluator.evaluate_checkpoint(config, workdir)
+  again = eval_mode.run(config, workdir)
   assert (again["checkpoint_step"], again["evaluated_by"]) == (6, "mode=eval")
   assert again["knn_top1"] == evals[-1]["knn_top1"]
   assert again["linear_top1"] == evals[-1]["linear_top1"]
   assert read_lines(workdir)[-1]["checkpoint_step"] == 6
   config.eval.checkpoint_step = 5
   with pytest.raises(UserError, match="saved steps: 2, 4, 6"):
-    evaluator.evaluate_checkpoint(config, workdir)
+    eval_mode.run(config, workdir)
 
 
 def test_resume_gives_identical_parameters(tmp_path, needs_fashion_mnist):
@@ -156,7 +157,7 @@ def multistage_straight(tmp_path_factory):
 def test_multistage_resume_gives_identical_parameters(tmp_path, where, multistage_straight,
                                                       needs_fashion_mnist):
   config = tiny_config(schedule=MULTI)
-  plan = train.make_step_plan(config, 60000)
+  plan = step_plan.make_step_plan(config, 60000)
   stop = plan.stages[1].start_step if where == "boundary" else plan.stages[1].start_step + 1
   assert plan.stages[1].num_steps > 1
   stopped = str(tmp_path / "stopped")
@@ -193,9 +194,8 @@ def test_corrupt_latest_checkpoint_is_reported_moved_aside_and_the_previous_one_
 
 
 def test_checkpoint_of_an_older_train_state_format_is_refused_before_restoring():
-  from vit_accel import train
   cfg = tiny_config()
-  current = run_identity.run_metadata(cfg, train.make_step_plan(cfg, 1000), {}, online=False)
+  current = run_identity.run_metadata(cfg, step_plan.make_step_plan(cfg, 1000), {}, online=False)
   run_identity.check_resumable(dict(current), current, "/run/checkpoints", False)
   older = {k: v for k, v in current.items() if k != "state_format"}   # written before format 2
   with pytest.raises(UserError, match="train-state format 1 .* use a new --workdir"):

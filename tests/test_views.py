@@ -73,11 +73,11 @@ def test_multicrop_batches_have_local_views_of_their_own_size():
   cfg.aug.local_crops = 3
   cfg.aug.local_size = 12
   images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)
-  ds = pipeline.train_dataset(images, cfg, pipeline.HostSplit(0, 1, 16))
+  ds = pipeline.train_dataset(images, cfg, pipeline.HostShard(0, 1, 16))
   batch = next(ds.as_numpy_iterator())
   assert len(batch["views"]) == 2 and len(batch["local_views"]) == 3
   assert all(v.shape == (16, 32, 32, 3) and v.dtype == np.uint8 for v in batch["views"])
   assert all(v.shape == (16, 12, 12, 3) and v.dtype == np.uint8 for v in batch["local_views"])
   # Resumable like the two-view stream: the same position gives the same local crops.
-  again = next(pipeline.train_dataset(images, cfg, pipeline.HostSplit(0, 1, 16)).as_numpy_iterator())
+  again = next(pipeline.train_dataset(images, cfg, pipeline.HostShard(0, 1, 16)).as_numpy_iterator())
   np.testing.assert_array_equal(batch["local_views"][2], again["local_views"][2])

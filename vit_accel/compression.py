@@ -323,7 +323,7 @@ def base_forward_flops(model_cfg) -> float:
   return backbone_forward_flops(model_cfg, full)
 
 
-def step_cost_units(model_cfg, branches) -> float:
+def branches_cost_units(model_cfg, branches) -> float:
   """Per-sample cost of a train step in base-forward units: the sum over its branches, each a
   forward (no gradient) or forward + backward (~3x forward)."""
   unit = base_forward_flops(model_cfg)

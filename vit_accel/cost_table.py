@@ -1,13 +1,13 @@
-"""`--mode=cost`: what each compression strategy really saves on this machine.
+"""The cost table: what each compression strategy really saves on this machine.
 
 For the full-length step and every candidate in `compression.cost_candidates`, compile the train step
 ahead of time, time it (median of `compression.cost_repeats` runs after two warm-up runs, synthetic
-uint8 batch, no input pipeline), and compare with the analytic cost model. Writes
-`WORKDIR/cost_table.json` and prints the same as a table.
+uint8 batch, no input pipeline, so no TensorFlow), and compare with the analytic cost model
+(step_plan.step_cost_units). --mode=cost (vit_accel/modes/cost.py) writes the rows to
+WORKDIR/cost_table.json and prints them as a table; bench/compression_cost.py as markdown.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -16,18 +16,12 @@ import time
 import jax
 import numpy as np
 
-from vit_accel import compression, train_step
+from vit_accel import compression, run_setup, step_plan, train_step
 from vit_accel import sharding as sharding_lib
-from vit_accel.compression import BranchStrategies
-
-
-def candidate_strategies(config) -> list[BranchStrategies]:
-  return compression.full_then_candidates(config.compression.cost_candidates,
-                                          config.compression.bucket, config.model,
-                                          "compression.cost_candidates")
 
 
 def machine_description() -> str:
+  """One line: CPU architecture and count, devices, JAX version."""
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
   return (f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.device_count()} x {kind} "
@@ -47,13 +41,10 @@ def compiled_flops(compiled) -> float | None:
 
 
 def measure(config, on_row=None) -> list[dict]:
-  """One row per candidate (full length first); `on_row(row)` sees each as soon as it is measured."""
-  train_step.validate_config(config)
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  model = train_step.build_model(config)
-  tx = train_step.make_optimizer(config)
-  init_state, abstract_state, state_shardings = train_step.state_layout(config, model, tx, mesh)
+  """One row per candidate (full length first); `on_row(row)` sees each as soon as it is measured.
+  Builds the run without data (run_setup.build(data=False)): synthetic batches, no TensorFlow."""
+  setup = run_setup.build(config, data=False)
+  mesh = setup.mesh
   batch_sharding = sharding_lib.batch_sharding(mesh)
   rng = np.random.default_rng(0)
   batch = {name: tuple(jax.device_put(rng.integers(0, 256, shape, np.uint8), batch_sharding)
@@ -63,11 +54,12 @@ def measure(config, on_row=None) -> list[dict]:
   repeats = max(5, int(config.compression.cost_repeats))
 
   rows = []
-  for strategies in candidate_strategies(config):
-    compiled, compile_s = train_step.compile_train_step(config, model, tx, strategies, mesh,
-                                                        abstract_state, state_shardings)
+  for strategies in step_plan.candidates(config, "compression.cost_candidates"):
+    compiled, compile_s = train_step.compile_train_step(config, setup.model, setup.tx, strategies,
+                                                        mesh, setup.abstract_state,
+                                                        setup.state_shardings)
     flops = compiled_flops(compiled)
-    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
+    state = setup.fresh_state()
     for _ in range(2):
       state, metrics = compiled(state, batch, progress)
     jax.block_until_ready(metrics)
@@ -78,12 +70,13 @@ def measure(config, on_row=None) -> list[dict]:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     q, k = strategies.layouts(config.model.image_size, config.model.patch_size)
+    units = step_plan.step_cost_units(config, strategies)
     row = {"strategy": strategies.spec, "query": strategies.query.spec,
            "key": strategies.key.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
-           "analytic_units": train_step.step_cost_units(config, strategies),
+           "analytic_units": units,
            # Per step: units x FLOPs of one base forward x batch (the cost model, 2 per mul-add).
-           "analytic_flops": (train_step.step_cost_units(config, strategies)
-                              * compression.base_forward_flops(config.model) * config.batch_size),
+           "analytic_flops": (units * compression.base_forward_flops(config.model)
+                              * config.batch_size),
            "ms_per_step": 1000.0 * statistics.median(times),
            "compile_s": compile_s, "xla_flops": flops}
     full = rows[0] if rows else row
@@ -98,6 +91,7 @@ def measure(config, on_row=None) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+  """The rows as printed text, one line per strategy."""
   head = (f"{'strategy (query|key)':<24} {'seq':>4} {'key':>4} {'units':>7} {'ms/step':>9} "
           f"{'speed-up':>9} {'analytic':>9} {'ratio':>6} {'compile':>8}")
   lines = [head, "-" * len(head)]
@@ -107,22 +101,3 @@ def format_table(rows: list[dict]) -> str:
                  f"{r['measured_speedup']:>8.2f}x {r['analytic_speedup']:>8.2f}x "
                  f"{r['efficiency']:>6.2f} {r['compile_s']:>7.1f}s")
   return "\n".join(lines)
-
-
-def run(config, workdir: str) -> list[dict]:
-  rows = measure(config)
-  os.makedirs(workdir, exist_ok=True)
-  m = config.model
-  meta = {"machine": machine_description(), "batch_size": int(config.batch_size),
-          "model": m.to_dict(), "objective": config.objective,
-          "objective_config": config[config.objective].to_dict()}
-  path = os.path.join(workdir, "cost_table.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(rows, f, indent=1)
-  os.replace(path + ".tmp", path)
-  with open(os.path.join(workdir, "cost_table_meta.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-  print(f"{meta['machine']}; batch {config.batch_size}, ViT width {m.width} depth {m.depth} "
-        f"patch {m.patch_size} on {m.image_size}px, {config.objective} {meta['objective_config']}")
-  print(format_table(rows), flush=True)
-  return rows

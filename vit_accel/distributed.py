@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import logging
 
 from vit_accel.errors import UserError
@@ -34,21 +35,21 @@ def _multi_process_environment() -> bool:
 
 def cluster_arguments(config) -> dict | None:
   """The arguments for jax.distributed.initialize, or None when this is a single-process run."""
-  d = config.get("distributed", {})
-  mode = d.get("initialize", "auto")
+  d = config.distributed
+  mode = d.initialize
   if mode not in MODES:
     raise UserError(f"distributed.initialize={mode!r}; use one of {', '.join(MODES)}")
   if mode == "never":
     return None
-  address = d.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  num = int(d.get("num_processes", -1))
-  pid = int(d.get("process_id", -1))
+  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num = int(d.num_processes)
+  pid = int(d.process_id)
   try:
     num = num if num > 0 else int(os.environ.get("JAX_NUM_PROCESSES", -1))
     pid = pid if pid >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
   except ValueError as e:
     raise UserError(f"JAX_NUM_PROCESSES / JAX_PROCESS_ID must be integers ({e})") from None
-  timeout = int(d.get("timeout_s", 300))
+  timeout = int(d.timeout_s)
   if address:
     if num <= 0 or not 0 <= pid < num:
       raise UserError(f"distributed.coordinator_address={address!r} needs distributed.num_processes "
@@ -63,7 +64,6 @@ def cluster_arguments(config) -> dict | None:
 
 def initialize(config) -> None:
   """Start the cluster if this run is multi-process (see the module doc); idempotent."""
-  import jax
   args = cluster_arguments(config)
   if args is None or jax.distributed.is_initialized():
     return

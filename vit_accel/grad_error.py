@@ -1,4 +1,4 @@
-"""`--mode=grad_error`: how good is each compression strategy's gradient, at a given point of training?
+"""Gradient error: how good is each compression strategy's gradient, at a given point of training?
 
 For each checkpoint (step) analysed: the reference gradient g* is the mean of R uncompressed batch
 gradients; every candidate strategy then gives M batch gradients on the *same* M further batches
@@ -16,23 +16,20 @@ NeurIPS 2024):
   cosine    between mean_m g_m and g*.
 
 Gradients are flattened with ravel_pytree on device and accumulated on the host in float64 with
-Welford's update: one mean vector per strategy, never M copies. Writes WORKDIR/grad_error.json and
-WORKDIR/grad_error.png (strategies x progress).
+Welford's update: one mean vector per strategy, never M copies.
+
+The maths only: --mode=grad_error (vit_accel/modes/grad_error.py) runs it at a run's checkpoints and
+writes WORKDIR/grad_error.json (+ the heat-map, report.grad_error_heatmap); the online schedule
+(online.py) runs it during training.
 """
 from __future__ import annotations
 
-import json
-import os
-import time
-
 import jax
 import numpy as np
-from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from vit_accel import checkpointing, compression
 from vit_accel import sharding as sharding_lib
-from vit_accel.compression import BranchStrategies
+from vit_accel import train_step
 from vit_accel.errors import UserError
 
 
@@ -81,28 +78,9 @@ def error_terms(reference: GradientMoments, candidate: GradientMoments, cost_uni
 
 
 # ---------------------------------------------------------------------------- on a real model
-def candidate_strategies(config) -> list[BranchStrategies]:
-  """Full length first (the reference), then grad_error.candidates."""
-  return compression.full_then_candidates(config.grad_error.candidates, config.compression.bucket,
-                                          config.model, "grad_error.candidates")
-
-
-def saved_steps(workdir: str) -> dict[int, str]:
-  """step -> checkpoint directory, over the rolling checkpoints and the milestones."""
-  found = {}
-  for sub in (checkpointing.MILESTONES, "checkpoints"):
-    directory = os.path.join(workdir, sub)
-    if os.path.isdir(directory):
-      for name in os.listdir(directory):
-        if name.isdigit():
-          found.setdefault(int(name), directory)
-  return found
-
-
 def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
   """strategies -> jitted (state, batch, rng, progress) -> flat float32 gradient of the objective
   w.r.t. the trained parameters (replicated)."""
-  from vit_accel import train_step
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   grad_fns = {}
@@ -148,91 +126,8 @@ def measure(config, state, global_batches, reference_batches: int, grad_fns: dic
   return rows
 
 
-def measurement_units(config, strategies, reference_batches: int, batches: int) -> float:
-  """Budget units one `measure` call spends: a gradient costs what a train step of its strategy
-  costs (forward + backward of the gradient branch, forward of the other)."""
-  from vit_accel import train_step
-  full, others = strategies[0], strategies[1:]
-  per_sample = (reference_batches * train_step.step_cost_units(config, full)
-                + batches * sum(train_step.step_cost_units(config, st) for st in others))
-  return per_sample * config.batch_size
-
-
-def run(config, workdir: str) -> dict:
-  """Measures the table at every requested checkpoint of the run in `workdir`."""
-  from input_pipeline import pipeline  # TensorFlow only here: batches come from tf.data
-  from vit_accel import train, train_step
-
-  train_step.validate_config(config)
-  ge = config.grad_error
-  strategies = candidate_strategies(config)
-  available = saved_steps(workdir)
-  if not available:
-    raise UserError(f"no checkpoints in {workdir}/checkpoints or {workdir}/"
-                    f"{checkpointing.MILESTONES}; train first (checkpoint.at_progress keeps "
-                    f"checkpoints at chosen budget fractions)")
-  milestones = {s for s, d in available.items() if d.endswith(checkpointing.MILESTONES)}
-  if len(ge.steps):
-    steps = sorted(int(s) for s in ge.steps)
-  else:  # the milestones when the run kept some (they span the run), else the rolling checkpoints
-    steps = sorted(milestones or available)
-  missing = [s for s in steps if s not in available]
-  if missing:
-    raise UserError(f"grad_error.steps {missing} not saved in {workdir}; saved: "
-                    f"{', '.join(map(str, sorted(available)))}")
-
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  train_source = pipeline.load_source(config, "train")
-  plan = train.make_step_plan(config, train_source.num_examples)
-  model = train_step.build_model(config)
-  tx = train_step.make_optimizer(config)
-  _, abstract_state, state_shardings = train_step.state_layout(config, model, tx, mesh)
-  target = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
-  split = pipeline.HostSplit(jax.process_index(), jax.process_count(), config.batch_size)
-
-  grad_fns = make_grad_fns(config, model, strategies, state_shardings, mesh)
-  costs = {st: train_step.step_cost_units(config, st) for st in strategies}
-
-  t_start = time.time()
-  tables = []
-  for step in steps:
-    t0 = time.time()
-    ckpt = checkpointing.Checkpointer(available[step], keep=None, every_steps=1, async_save=False,
-                                      read_only=True)
-    try:
-      ckpt.check_compatible(step, target)   # a config of other shapes: one line, nothing read
-      state, _ = ckpt.restore(step, target)
-    finally:
-      ckpt.close()
-    # The batches this run would have seen next: R for g*, then the same M for every strategy.
-    stream = pipeline.train_dataset(train_source, config, split, start_step=step)
-    batches = stream.as_numpy_iterator()
-    global_batches = [sharding_lib.host_to_global(next(batches), mesh)
-                      for _ in range(ge.reference_batches + ge.batches)]
-    rows = measure(config, state, global_batches, ge.reference_batches, grad_fns, costs,
-                   jax.random.fold_in(jax.random.key(config.seed), 7919 + step),
-                   plan.progress_at(step))
-    tables.append({"step": step, "progress": plan.progress_at(step), "rows": rows,
-                   "seconds": time.time() - t0})
-    logging.info("grad_error at step %d (%.0f%% of the budget) in %.0fs", step,
-                 100 * plan.progress_at(step), time.time() - t0)
-    print(format_table(tables[-1]), flush=True)
-
-  result = {"workdir": workdir, "batch_size": int(config.batch_size),
-            "reference_batches": int(ge.reference_batches), "batches": int(ge.batches),
-            "tables": tables, "seconds": time.time() - t_start}
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "grad_error.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    heatmap(tables, os.path.join(workdir, "grad_error.png"))
-    print(f"wrote {path} and grad_error.png ({result['seconds']:.0f}s)", flush=True)
-  return result
-
-
 def format_table(table: dict) -> str:
+  """One checkpoint's table ({step, progress, rows}) as printed text."""
   head = (f"step {table['step']} ({100 * table['progress']:.0f}% of the budget), values / "
           f"||g*||^2 = {table['rows'][0]['grad_norm2']:.3g}\n"
           f"{'strategy':<22} {'bias2':>9} {'variance':>9} {'cost':>6} {'CA-MSE':>9} {'cosine':>7}")
@@ -241,27 +136,3 @@ def format_table(table: dict) -> str:
     lines.append(f"{r['strategy']:<22} {r['bias2']:>9.4f} {r['variance']:>9.4f} "
                  f"{r['cost_units']:>6.2f} {r['ca_mse']:>9.4f} {r['cosine']:>7.3f}")
   return "\n".join(lines)
-
-
-def heatmap(tables: list[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  names = [r["strategy"] for r in tables[0]["rows"]]
-  cols = [f"{100 * t['progress']:.0f}%" for t in tables]
-  fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(cols) * 3, 0.5 * len(names) + 2))
-  for ax, key in zip(axes, ("bias2", "variance", "ca_mse")):
-    values = np.array([[next(r[key] for r in t["rows"] if r["strategy"] == n) for t in tables]
-                       for n in names])
-    image = ax.imshow(np.log10(np.maximum(values, 1e-6)), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
-    ax.set_xlabel("budget progress of the checkpoint")
-    ax.set_title(f"{key} / ||g*||^2 (log10)")
-    for i in range(len(names)):
-      for j in range(len(cols)):
-        ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", color="w", fontsize=7)
-    fig.colorbar(image, ax=ax, fraction=0.04)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)

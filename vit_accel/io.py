@@ -7,6 +7,7 @@ Standard library only: main.py calls `check_workdir` before JAX or TensorFlow ar
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 
@@ -63,3 +64,9 @@ def atomic_write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def atomic_write_json(path: str, obj, *, indent: int | None = 1) -> None:
+  """`obj` as JSON (json.dumps, `indent`), written atomically (atomic_write_text). Raises OSError,
+  or TypeError for an object JSON cannot hold."""
+  atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")

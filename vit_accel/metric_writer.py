@@ -1,6 +1,7 @@
 """Metrics sinks: DIR/metrics.jsonl (the contract other tools read) and TensorBoard events.
 
-Only process 0 writes. Lines are appended, so a resumed run continues the same file.
+Only process 0 writes. Lines are appended, so a resumed run continues the same file. Every line is
+{"step": int, "kind": KIND, ...}; KINDS says what each kind carries.
 """
 from __future__ import annotations
 
@@ -8,13 +9,24 @@ import json
 import math
 import os
 
-import jax
+
+
+# kind -> what its lines carry.
+KINDS = {
+    "train": "the step's scalars (loss, lr, momentum, grad_norm, the objective's own), stage, "
+             "sequence lengths, budget progress, wall-clock, images/s",
+    "eval": "kNN top-1 and linear probe of the evaluated weights (training's own evaluations, and "
+            "--mode=eval's with evaluated_by='mode=eval')",
+    "online": "an online schedule's decision: the chosen strategy and the measured CA-MSE",
+}
 
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
-    self.enabled = jax.process_index() == 0
+  def __init__(self, workdir: str, *, primary: bool, tensorboard: bool = True):
+    """`primary`: whether this process writes (process 0 of a multi-process run; the others'
+    writers do nothing)."""
+    self.enabled = primary
     self._jsonl = None
     self._tb = None
     if not self.enabled:
@@ -38,11 +50,14 @@ class MetricWriter:
     os.replace(path + ".tmp", path)
     self._jsonl = open(path, "a", buffering=1)
 
-  def write(self, step: int, metrics: dict) -> None:
+  def write(self, step: int, metrics: dict, *, kind: str) -> None:
+    """Appends one line {"step", "kind", **metrics}; `kind` one of KINDS (ValueError otherwise)."""
+    if kind not in KINDS:
+      raise ValueError(f"metrics kind {kind!r}; one of {', '.join(KINDS)}")
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
     if self._tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -64,9 +79,15 @@ def _plain(v):
   return v
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict]:
+  """The lines of WORKDIR/metrics.jsonl in order ([] when there is none), only those of `kind` when
+  given. Lines written before kinds existed get theirs from their fields."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [json.loads(line) for line in f if line.strip()]
+  for m in lines:
+    if "kind" not in m:
+      m["kind"] = ("eval" if "knn_top1" in m else "online" if "online_choice" in m else "train")
+  return [m for m in lines if kind is None or m["kind"] == kind]

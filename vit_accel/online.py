@@ -4,7 +4,7 @@ The budget is cut into segments of `online.every`. At the first step of each seg
 measures, at the current parameters, the gradient error of full length and of `online.candidates`
 (grad_error.measure on `online.reference_batches` + `online.batches` batches drawn from a stream
 separate from training's), and the segment runs the strategy with the lowest CA-MSE (ties within
-`plan.tie_tolerance` -> the cheaper). The measurement's compute is charged to the budget before the
+`search.tie_tolerance` -> the cheaper). The measurement's compute is charged to the budget before the
 segment (its units are known in advance), so an online run spends the same budget as any other.
 
 Deterministic and identical on every host: the measurement batches are a pure function of (seed,
@@ -19,54 +19,43 @@ import time
 import jax
 from absl import logging
 
-from vit_accel import compression, grad_error, planner
+from input_pipeline import pipeline
+from vit_accel import grad_error, rng_streams, schedule_search, step_plan
 from vit_accel import sharding as sharding_lib
-from vit_accel.compression import BranchStrategies
-
-# Measurement batches come from the training stream's positions far beyond any run's end: same
-# distribution, never the batches training uses.
-MEASUREMENT_STREAM_OFFSET = 10**9
-
-
-def candidate_strategies(config) -> list[BranchStrategies]:
-  return compression.full_then_candidates(config.online.candidates, config.compression.bucket,
-                                          config.model, "online.candidates")
-
-
-def overhead_units(config) -> float:
-  """Budget units one decision's measurement costs."""
-  return grad_error.measurement_units(config, candidate_strategies(config),
-                                      config.online.reference_batches, config.online.batches)
 
 
 class OnlineScheduler:
+  """Measures and takes the decisions of an online schedule for the run `run` (run_setup.RunSetup)."""
 
-  def __init__(self, config, model, mesh, state_shardings, train_source, split):
-    from vit_accel import train_step
+  def __init__(self, run):
+    config = run.config
     self.config = config
-    self.mesh = mesh
-    self.train_source = train_source
-    self.split = split
-    self.strategies = candidate_strategies(config)
-    self.grad_fns = grad_error.make_grad_fns(config, model, self.strategies, state_shardings, mesh)
-    self.costs = {st: train_step.step_cost_units(config, st) for st in self.strategies}
-    self.overhead = overhead_units(config)
+    self.run = run
+    self.strategies = step_plan.candidates(config, "online.candidates")
+    self.grad_fns = grad_error.make_grad_fns(config, run.model, self.strategies,
+                                             run.state_shardings, run.mesh)
+    self.costs = {st: step_plan.step_cost_units(config, st) for st in self.strategies}
+    self.overhead = step_plan.online_overhead_units(config)
+
+  @staticmethod
+  def due(step: int, plan: step_plan.StepPlan, decisions: list) -> bool:
+    """Whether the next segment's decision is taken at `step` (its first step)."""
+    return len(decisions) < len(plan.stages) and step == plan.stages[len(decisions)].start_step
 
   def decide(self, state, step: int, segment: int, progress: float) -> dict:
     """The decision for `segment`, measured at `state` (the parameters after `step` steps, at budget
     `progress`)."""
-    from input_pipeline import pipeline
     t0 = time.time()
     cfg = self.config.online
-    stream = pipeline.train_dataset(self.train_source, self.config, self.split,
-                                    start_step=MEASUREMENT_STREAM_OFFSET + step).as_numpy_iterator()
-    batches = [sharding_lib.host_to_global(next(stream), self.mesh)
+    stream = pipeline.train_dataset(
+        self.run.train_source, self.config, self.run.host_shard,
+        start_step=rng_streams.MEASUREMENT_STREAM_OFFSET + step).as_numpy_iterator()
+    batches = [sharding_lib.host_to_global(next(stream), self.run.mesh)
                for _ in range(cfg.reference_batches + cfg.batches)]
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), rng_streams.ONLINE + step)
     rows = grad_error.measure(self.config, state, batches, cfg.reference_batches, self.grad_fns,
-                              self.costs,
-                              jax.random.fold_in(jax.random.key(self.config.seed), 104729 + step),
-                              progress)
-    winner = planner.pick(rows, float(self.config.plan.tie_tolerance))
+                              self.costs, rng, progress)
+    winner = schedule_search.pick(rows, float(self.config.search.tie_tolerance))
     decision = {"segment": segment, "step": step, "strategy": winner["strategy"],
                 "overhead_units": self.overhead,
                 "ca_mse": {r["strategy"]: r["ca_mse"] for r in rows},
@@ -76,3 +65,11 @@ class OnlineScheduler:
                  winner["strategy"], {k: round(v, 4) for k, v in decision["ca_mse"].items()},
                  decision["seconds"])
     return decision
+
+
+def metrics_line(decision: dict) -> dict:
+  """The `online` metrics line of a decision."""
+  return {"online_segment": decision["segment"], "online_choice": decision["strategy"],
+          "online_overhead_units": decision["overhead_units"],
+          "online_measure_s": decision["seconds"],
+          **{f"ca_mse/{k}": v for k, v in decision["ca_mse"].items()}}

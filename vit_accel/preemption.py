@@ -8,6 +8,7 @@ import signal
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 
 class StopRequest:
@@ -50,7 +51,6 @@ class StopRequest:
       return self.signal is not None
     if step % self.check_every_steps:
       return False
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
     if np.any(flags) and self.signal is None:
       self.signal = signal.SIGTERM  # another host was preempted

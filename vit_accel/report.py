@@ -1,13 +1,18 @@
-"""`--mode=report`: plots and a table from one or more run directories (no display needed).
+"""Plots and tables of runs (no display needed): what --mode=report (vit_accel/modes/report.py) draws
+from one or more run directories, and --mode=grad_error's heat-map.
 
-Writes into WORKDIR/report/:
+draw_runs writes into a folder (WORKDIR/report/ for --mode=report):
   schedule.png          gradient-branch sequence length vs budget progress, per run
   knn_vs_wall.png       kNN top-1 vs wall-clock, per run
   knn_vs_budget.png     kNN top-1 vs budget units, per run
   loss.png              training loss vs budget units and vs wall-clock, per run
   stages.png            what each stage of the first run feeds the model: sample images with the
                         stage's patch grid, the tokens its dropout drops greyed out
-and prints a table: per run, final kNN, budget units, wall-clock, steps, stages.
+summary_table: per run, final kNN, budget units, wall-clock, steps, stages.
+grad_error_heatmap: bias2 / variance / CA-MSE of each strategy at each analysed checkpoint.
+
+Importing this module needs neither JAX nor TensorFlow; only stages.png does (the stage's token
+draws and the sample images), imported when it is drawn.
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_accel.compression import BranchStrategies  # noqa: E402
 from vit_accel.errors import UserError  # noqa: E402
 from vit_accel.metric_writer import read_metrics  # noqa: E402
 
 
 def load_run(workdir: str) -> dict:
+  """A run directory's name, plan.json (None when absent), train lines and training-time
+  evaluations."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise UserError(f"{workdir} has no metrics.jsonl; point --workdir (or --compare) at a run "
@@ -34,14 +40,14 @@ def load_run(workdir: str) -> dict:
   if os.path.exists(os.path.join(workdir, "plan.json")):
     with open(os.path.join(workdir, "plan.json")) as f:
       plan = json.load(f)
-  lines = read_metrics(workdir)
   return {"name": os.path.basename(os.path.normpath(workdir)), "dir": workdir, "plan": plan,
-          "train": [l for l in lines if "loss" in l],
+          "train": read_metrics(workdir, kind="train"),
           # --mode=eval lines (evaluated_by) are extra measurements of saved checkpoints, not curve points
-          "evals": [l for l in lines if "knn_top1" in l and "evaluated_by" not in l]}
+          "evals": [m for m in read_metrics(workdir, kind="eval") if "evaluated_by" not in m]}
 
 
-def _plot(runs, x_key, y_key, which, xlabel, ylabel, title, path, step=False):
+def plot_curves(runs, x_key, y_key, which, xlabel, ylabel, title, path, step=False):
+  """y_key against x_key of every run's `which` lines ('train' or 'evals'), one line per run."""
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   for run in runs:
     rows = [r for r in run[which] if x_key in r and y_key in r]
@@ -64,7 +70,9 @@ def _plot(runs, x_key, y_key, which, xlabel, ylabel, title, path, step=False):
 
 def plot_stages(run: dict, config, path: str, num_images: int = 3) -> None:
   """Sample test images with each stage's patch grid; dropped tokens greyed out."""
+  # Lazy: the only part of a report that needs JAX (token draws) and the input pipeline (TF).
   import jax
+
   from input_pipeline import pipeline
   from vit_accel import compression
 
@@ -75,7 +83,7 @@ def plot_stages(run: dict, config, path: str, num_images: int = 3) -> None:
   fig, axes = plt.subplots(num_images, len(stages), figsize=(2.2 * len(stages), 2.2 * num_images),
                            squeeze=False)
   for j, st in enumerate(stages):
-    strategy = BranchStrategies.parse(st["spec"], config.compression.bucket).query
+    strategy = compression.BranchStrategies.parse(st["spec"], config.compression.bucket).query
     lay = strategy.layout(m.image_size, m.patch_size)
     idx = np.asarray(compression.keep_indices(jax.random.key(j), num_images, lay.num_patches,
                                               lay.kept))
@@ -103,6 +111,7 @@ def plot_stages(run: dict, config, path: str, num_images: int = 3) -> None:
 
 
 def summary_table(runs) -> str:
+  """Per run: final kNN, budget units, wall-clock, steps and stages, as printed text."""
   head = f"{'run':<24} {'final kNN':>9} {'budget units':>13} {'wall':>8} {'steps':>6}  stages"
   lines = [head, "-" * len(head)]
   for run in runs:
@@ -116,33 +125,54 @@ def summary_table(runs) -> str:
   return "\n".join(lines)
 
 
-def run(config, workdir: str, compare: list[str]) -> list[str]:
-  runs = [load_run(d) for d in [workdir, *compare]]
-  out = os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
+def draw_runs(runs: list[dict], config, out: str) -> list[str]:
+  """Every plot of `runs` (load_run) into the folder `out`; stages.png from the first run's plan
+  when it has one (skipped, with a line saying why, when its data is not on this machine). Returns
+  the paths written."""
   written = []
 
   def target(name):
     written.append(os.path.join(out, name))
     return written[-1]
 
-  _plot(runs, "budget_progress", "seq_len", "train", "budget progress (units spent / budget)",
-        "gradient-branch tokens per view", "compression schedule", target("schedule.png"),
-        step=True)
-  _plot(runs, "wall_s", "knn_top1", "evals", "wall-clock (s)", "kNN top-1",
-        "kNN accuracy vs wall-clock", target("knn_vs_wall.png"))
-  _plot(runs, "budget_units", "knn_top1", "evals", "budget units (base forwards)", "kNN top-1",
-        "kNN accuracy vs compute", target("knn_vs_budget.png"))
-  _plot(runs, "budget_units", "loss", "train", "budget units (base forwards)", "loss",
-        "training loss vs compute", target("loss.png"))
-  _plot(runs, "wall_s", "loss", "train", "wall-clock (s)", "loss", "training loss vs wall-clock",
-        target("loss_vs_wall.png"))
+  plot_curves(runs, "budget_progress", "seq_len", "train", "budget progress (units spent / budget)",
+              "gradient-branch tokens per view", "compression schedule", target("schedule.png"),
+              step=True)
+  plot_curves(runs, "wall_s", "knn_top1", "evals", "wall-clock (s)", "kNN top-1",
+              "kNN accuracy vs wall-clock", target("knn_vs_wall.png"))
+  plot_curves(runs, "budget_units", "knn_top1", "evals", "budget units (base forwards)",
+              "kNN top-1", "kNN accuracy vs compute", target("knn_vs_budget.png"))
+  plot_curves(runs, "budget_units", "loss", "train", "budget units (base forwards)", "loss",
+              "training loss vs compute", target("loss.png"))
+  plot_curves(runs, "wall_s", "loss", "train", "wall-clock (s)", "loss",
+              "training loss vs wall-clock", target("loss_vs_wall.png"))
   if runs[0]["plan"]:
     try:
       plot_stages(runs[0], config, target("stages.png"))
     except UserError as e:  # e.g. the dataset is not on this machine: the other plots still stand
       written.pop()
       print(f"stages.png skipped: {e}")
-  print(summary_table(runs))
-  print("wrote " + ", ".join(written), flush=True)
   return written
+
+
+def grad_error_heatmap(tables: list[dict], path: str) -> None:
+  """bias2, variance and CA-MSE (each / ||g*||^2, log colour scale) of every strategy (rows) at
+  every analysed checkpoint (columns, by budget progress) of --mode=grad_error's tables."""
+  names = [r["strategy"] for r in tables[0]["rows"]]
+  cols = [f"{100 * t['progress']:.0f}%" for t in tables]
+  fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(cols) * 3, 0.5 * len(names) + 2))
+  for ax, key in zip(axes, ("bias2", "variance", "ca_mse")):
+    values = np.array([[next(r[key] for r in t["rows"] if r["strategy"] == n) for t in tables]
+                       for n in names])
+    image = ax.imshow(np.log10(np.maximum(values, 1e-6)), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
+    ax.set_xlabel("budget progress of the checkpoint")
+    ax.set_title(f"{key} / ||g*||^2 (log10)")
+    for i in range(len(names)):
+      for j in range(len(cols)):
+        ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

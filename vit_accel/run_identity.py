@@ -31,7 +31,7 @@ STATE_FORMAT = 2
 FREE = (
     "schedule", "schedule_file", "budget", "budget_epochs", "allow_schedule_change",  # the plan
     "compile_cache_dir", "stop_at_step", "log_every_steps", "preemption_check_every_steps",
-    "tensorboard", "compression.", "grad_error.", "plan.", "online.", "pilot.",
+    "tensorboard", "compression.", "grad_error.", "search.", "online.", "pilot.",
     "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
     "model.dtype",      # compute dtype only: parameters are float32 either way
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",

@@ -1,9 +1,15 @@
-"""Budget -> stages -> step plan, and the schedules that run on budget progress.
+"""The step plan, from the config: budget -> stages -> StepPlan (and the loop's marks on it).
+
+The one home of everything that decides how many steps of which compression a run takes: schedule
+presets and parsing, the per-step cost of a strategy pair (analytic cost model), the budget, the
+online schedule's projection and the cost of its measurements. Pure Python (no JAX arrays), so
+every host and every mode derives the same plan.
 
 Progress is measured in compute, not steps: the budget is in base-forward units (1 = one forward pass
 of the uncompressed backbone on one sample, see compression.py), each stage of the schedule ends at a
 fraction of it, and a compressed stage - cheaper per step - takes more steps for the same share.
-Learning rate and EMA momentum are functions of progress = units spent / budget.
+Learning rate and EMA momentum are functions of progress = units spent / budget (optimizer.py,
+objectives/ema.py).
 
 A schedule is a preset name or a stage list "END:SPEC; END:SPEC; ...", END the budget fraction where the
 stage ends (increasing, the last one 1) and SPEC the branch strategies ('QUERY' or 'QUERY|KEY').
@@ -14,9 +20,9 @@ import dataclasses
 import json
 import math
 
-import jax.numpy as jnp
+import os
 
-from vit_accel import compression
+from vit_accel import compression, objectives
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 
@@ -199,15 +205,108 @@ def online_stages(every: float, decisions: list[dict], bucket: int, model_cfg,
   return stages, overheads
 
 
-# --------------------------------------------------------------------- schedules on progress
-def learning_rate_at(config, progress):
-  """Linear warmup to the peak lr over `warmup_fraction` of the budget, then cosine decay to
-  `lr_end_factor` x peak. Peak follows MoCo-v3 / DINO's linear scaling: base_lr x batch / 256."""
-  peak = config.optim.base_lr * config.batch_size / 256.0
-  warmup = config.optim.warmup_fraction
-  end = peak * config.optim.lr_end_factor
-  progress = jnp.clip(progress, 0.0, 1.0)
-  warm = peak * progress / max(warmup, 1e-12)
-  t = jnp.clip((progress - warmup) / max(1.0 - warmup, 1e-12), 0.0, 1.0)
-  decay = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * t))
-  return jnp.where(progress < warmup, warm, decay)
+# ------------------------------------------------------------------------- from the config
+def step_cost_units(config, strategies: BranchStrategies) -> float:
+  """Per-sample cost of one train step in base-forward units (1 = one uncompressed backbone forward
+  on one image), from the analytic cost model (compression.branches_cost_units) over the branches
+  the objective runs."""
+  branches = objectives.get(config.objective).cost_branches(config, strategies)
+  return compression.branches_cost_units(config.model, branches)
+
+
+def candidates(config, key: str) -> list[BranchStrategies]:
+  """Full length first (the reference every comparison needs), then the distinct specs of the
+  config key `key` ('online.candidates', 'grad_error.candidates' or
+  'compression.cost_candidates'), each checked against the model; errors name the key."""
+  section, name = key.split(".")
+  return compression.full_then_candidates(config[section][name], config.compression.bucket,
+                                          config.model, key)
+
+
+def schedule_text(config) -> str:
+  """The schedule: the contents of `schedule_file` when set (e.g. written by --mode=search), else
+  `schedule` (a preset name or 'END:SPEC; ...'). Raises UserError for an unreadable or empty
+  file."""
+  path = config.schedule_file
+  if not path:
+    return config.schedule
+  try:
+    with open(os.path.expanduser(path)) as f:
+      text = " ".join(line.split("#")[0].strip() for line in f)
+  except OSError as e:
+    raise UserError(f"schedule_file={path!r} cannot be read ({e.strerror}); write one with "
+                    f"--mode=search or clear schedule_file") from None
+  if not text.strip():
+    raise UserError(f"schedule_file={path!r} holds no schedule")
+  return text
+
+
+def is_online(config) -> bool:
+  return schedule_text(config).strip() == ONLINE
+
+
+def schedule_stages(config) -> list[Stage]:
+  """The stages of a fixed schedule; an online schedule's before any decision (all full length)."""
+  if is_online(config):
+    candidates(config, "online.candidates")   # checked at config time
+    return online_stages(config.online.every, [], config.compression.bucket, config.model, 0.0)[0]
+  return parse_schedule(schedule_text(config), config.compression.bucket, config.model)
+
+
+def budget_units(config, num_train_examples: int) -> float:
+  """`budget` (base-forward units) when set, else `budget_epochs` full-cost epochs: that many passes
+  over the train split with the uncompressed step."""
+  if config.budget > 0:
+    return float(config.budget)
+  full = BranchStrategies.parse("full|full")
+  return float(config.budget_epochs) * num_train_examples * step_cost_units(config, full)
+
+
+def measurement_units(config, strategies: list[BranchStrategies], reference_batches: int,
+                      batches: int) -> float:
+  """Budget units one gradient-error measurement spends (grad_error.measure): a gradient costs
+  what a train step of its strategy costs (forward + backward of the gradient branch, forward of
+  the other); `reference_batches` at full length (strategies[0]), `batches` per other strategy."""
+  full, others = strategies[0], strategies[1:]
+  per_sample = (reference_batches * step_cost_units(config, full)
+                + batches * sum(step_cost_units(config, st) for st in others))
+  return per_sample * config.batch_size
+
+
+def online_overhead_units(config) -> float:
+  """Budget units one online decision's measurement costs."""
+  return measurement_units(config, candidates(config, "online.candidates"),
+                           config.online.reference_batches, config.online.batches)
+
+
+def make_step_plan(config, num_train_examples: int, decisions=()) -> StepPlan:
+  """The step plan; for an online schedule, from the decisions taken so far (the rest projected).
+  Raises UserError when the budget cannot give every stage a step."""
+  budget = budget_units(config, num_train_examples)
+  cost = lambda st: step_cost_units(config, st)  # noqa: E731
+  if is_online(config):
+    stages, overheads = online_stages(config.online.every, list(decisions),
+                                      config.compression.bucket, config.model,
+                                      online_overhead_units(config))
+    return make_plan(stages, budget, config.batch_size, cost, config.model, overheads)
+  return make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanMarks:
+  """The steps a plan fixes for the loop: its end, where this invocation stops (stop_at_step), and
+  where the extra evaluations (eval.at_progress) and milestone checkpoints fall. Derived again
+  whenever the plan changes (an online schedule's decisions)."""
+  total_steps: int
+  stop_at: int
+  eval_steps: frozenset
+  milestone_steps: frozenset
+
+
+def plan_marks(config, plan: StepPlan) -> PlanMarks:
+  total = plan.total_steps
+  at = lambda fractions: frozenset(plan.step_at_progress(f) for f in fractions)  # noqa: E731
+  return PlanMarks(total_steps=total,
+                   stop_at=total if config.stop_at_step <= 0 else min(total, config.stop_at_step),
+                   eval_steps=at(config.eval.at_progress),
+                   milestone_steps=at(config.checkpoint.at_progress))

@@ -12,7 +12,7 @@ from vit_accel.metric_writer import read_metrics
 
 def eval_curve(workdir: str, x_key: str, y_key: str = "knn_top1") -> list[tuple[float, float]]:
   """(x, y) of a run's training-time evaluations, in step order (--mode=eval lines left out)."""
-  rows = [m for m in read_metrics(workdir)
+  rows = [m for m in read_metrics(workdir, kind="eval")
           if y_key in m and x_key in m and "evaluated_by" not in m]
   rows.sort(key=lambda m: m["step"])
   return [(float(m[x_key]), float(m[y_key])) for m in rows]

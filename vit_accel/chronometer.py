@@ -1,0 +1,102 @@
+"""Where a run's time goes: wall-clock, training and evaluation seconds over all its invocations, the
+step-time laps behind images/s, and the time left.
+
+The totals are saved in every checkpoint's metadata (`wall_s`, `eval_wall_s`), so a resumed run
+continues its clock: `train_wall_s` (wall-clock without evaluations) is what time-to-accuracy
+counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+
+class Chronometer:
+  """The run's clock. `saved`: a checkpoint's metadata (its wall_s / eval_wall_s), {} for a new run."""
+
+  def __init__(self, saved: dict | None = None):
+    saved = saved or {}
+    self.wall_before = float(saved.get("wall_s", 0.0))      # earlier invocations, evals included
+    self.eval_before = float(saved.get("eval_wall_s", 0.0))
+    self.train_s = 0.0   # this invocation: seconds of logged step intervals
+    self.eval_s = 0.0    # this invocation: seconds inside evaluations
+    self.start()
+
+  def start(self) -> None:
+    """Starts (or restarts) this invocation's clock and the first lap."""
+    self._t0 = self._lap_t0 = time.time()
+    self._lap_steps = 0
+
+  def wall(self) -> float:
+    """Wall-clock seconds of the run's loop (training + evaluations) over all its invocations."""
+    return self.wall_before + time.time() - self._t0
+
+  def fields(self) -> dict:
+    """wall_s, and train_wall_s = wall_s without evaluations (what time-to-accuracy counts)."""
+    wall = self.wall()
+    return {"wall_s": wall, "train_wall_s": wall - self.eval_before - self.eval_s}
+
+  def meta(self) -> dict:
+    """The totals a checkpoint saves (and Chronometer(saved) reads back)."""
+    return {"wall_s": self.wall(), "eval_wall_s": self.eval_before + self.eval_s}
+
+  def step_done(self) -> None:
+    self._lap_steps += 1
+
+  def lap(self) -> tuple[float, int]:
+    """(seconds, steps) since the last lap, evaluations excluded; counted as training time."""
+    seconds, steps = time.time() - self._lap_t0, self._lap_steps
+    self.train_s += seconds
+    self._lap_t0, self._lap_steps = time.time(), 0
+    return seconds, steps
+
+  @contextlib.contextmanager
+  def evaluating(self):
+    """Times an evaluation: its seconds count as evaluation, not as the current lap's steps."""
+    t0 = time.time()
+    try:
+      yield
+    finally:
+      seconds = time.time() - t0
+      self.eval_s += seconds
+      self._lap_t0 += seconds
+
+
+class EtaEstimator:
+  """Time left from measured per-stage step times; a stage not yet run is estimated from a measured
+  one scaled by the cost model (a step's time ~ its units)."""
+
+  def __init__(self, plan):
+    self.plan = plan   # step_plan.StepPlan; replaced when an online schedule decides
+    self.seconds_per_step = {}
+
+  def record(self, stage, seconds: float, steps: int) -> None:
+    if steps > 0:
+      self.seconds_per_step[stage.index] = seconds / steps
+
+  def remaining(self, step: int, stop_at: int) -> float:
+    """Seconds from `step` to `stop_at` (0 before any stage was measured)."""
+    if not self.seconds_per_step:
+      return 0.0
+    ref = self.plan.stages[max(self.seconds_per_step)]
+    sec_per_unit = self.seconds_per_step[ref.index] / ref.units_per_step
+    total = 0.0
+    for s in self.plan.stages:
+      left = max(0, min(s.end_step, stop_at) - max(s.start_step, step))
+      per_step = self.seconds_per_step.get(s.index, sec_per_unit * s.units_per_step)
+      total += left * per_step
+    return total
+
+
+def format_duration(seconds: float) -> str:
+  """'1h02m03s' / '2m03s'."""
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def itstime(step: int, every: int, total: int | None = None) -> bool:
+  """Whether a periodic action `every` steps is due after `step` steps (never when every <= 0), or,
+  with `total`, at the last step (big_vision's cadence helper)."""
+  return (every > 0 and step % every == 0) or (total is not None and step == total)

@@ -1,0 +1,38 @@
+"""Config checks that run before anything compiles: every value in its domain (config_domains), then
+the rules that tie keys together. Each failure is a UserError naming the key and the fix."""
+from __future__ import annotations
+
+from vit_accel import config_domains, objectives, step_plan
+from vit_accel.errors import UserError
+from vit_accel.train_step import num_local_crops
+
+
+def validate_config(config) -> None:
+  """Cheap checks that fail before anything compiles, each naming the key and the fix: every value
+  in its domain (config_domains.DOMAINS), then the rules that tie keys together."""
+  config_domains.check(config)
+  objective = objectives.get(config.objective)
+  if config.objective not in config:
+    raise UserError(f"objective={config.objective!r} needs a config section "
+                    f"'{config.objective}'; start from configs/fmnist_{config.objective}.py")
+  if hasattr(objective, "validate_config"):
+    objective.validate_config(config)
+  if config.eval.weights == "ema" and "backbone" not in objective.EMA_PARTS:
+    raise UserError(f"eval.weights='ema': objective {config.objective} keeps no EMA copy of the "
+                    f"backbone; use 'online' or ''")
+  m = config.model
+  if m.patch_size <= 0 or m.image_size % m.patch_size:
+    raise UserError(f"model.patch_size={m.patch_size} does not tile model.image_size="
+                    f"{m.image_size}; use a divisor of {m.image_size}")
+  if m.width % m.num_heads:
+    raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+  if num_local_crops(config):
+    local = config.aug.local_size
+    if local <= 0 or local % m.patch_size or local > m.image_size:
+      raise UserError(f"aug.local_size={local} must be a positive multiple of model.patch_size="
+                      f"{m.patch_size} and at most model.image_size={m.image_size}")
+  step_plan.schedule_stages(config)
+  if config.budget <= 0 and config.budget_epochs <= 0:
+    raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
+  for key in ("compression.cost_candidates", "grad_error.candidates"):
+    step_plan.candidates(config, key)

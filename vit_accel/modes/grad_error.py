@@ -1,0 +1,110 @@
+"""--mode=grad_error: the gradient-error tables (vit_accel/grad_error.py) at the checkpoints of the run
+in WORKDIR -> WORKDIR/grad_error.json, and their heat-map WORKDIR/grad_error.png (strategies x
+budget progress).
+
+Steps analysed: `grad_error.steps`, or by default the run's milestones (checkpoint.at_progress)
+when it kept some, else its rolling checkpoints. At each, the batches are the ones the run would
+have trained on next (the training stream from that step): R for the reference g*, then the same
+M for every strategy.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+from absl import logging
+
+from input_pipeline import pipeline
+from vit_accel import checkpointing, grad_error, io, report, rng_streams, run_setup, step_plan
+from vit_accel import sharding as sharding_lib
+from vit_accel.errors import UserError
+from vit_accel.modes import Args, save_config
+
+
+def saved_steps(workdir: str) -> dict[int, str]:
+  """step -> checkpoint directory, over the rolling checkpoints and the milestones."""
+  found = {}
+  for sub in (checkpointing.MILESTONES, "checkpoints"):
+    directory = os.path.join(workdir, sub)
+    if os.path.isdir(directory):
+      for name in os.listdir(directory):
+        if name.isdigit():
+          found.setdefault(int(name), directory)
+  return found
+
+
+def steps_to_analyse(config, workdir: str, available: dict[int, str]) -> list[int]:
+  """`grad_error.steps`, else the milestones when the run kept some (they span the run), else the
+  rolling checkpoints; UserError when nothing is saved or a requested step is not."""
+  if not available:
+    raise UserError(f"no checkpoints in {workdir}/checkpoints or {workdir}/"
+                    f"{checkpointing.MILESTONES}; train first (checkpoint.at_progress keeps "
+                    f"checkpoints at chosen budget fractions)")
+  milestones = {s for s, d in available.items() if d.endswith(checkpointing.MILESTONES)}
+  if len(config.grad_error.steps):
+    steps = sorted(int(s) for s in config.grad_error.steps)
+  else:
+    steps = sorted(milestones or available)
+  missing = [s for s in steps if s not in available]
+  if missing:
+    raise UserError(f"grad_error.steps {missing} not saved in {workdir}; saved: "
+                    f"{', '.join(map(str, sorted(available)))}")
+  return steps
+
+
+def restore(directory: str, step: int, target):
+  """The state saved at `step` in `directory`, read-only; a config of other shapes is one line
+  (UserError) and nothing is read."""
+  ckpt = checkpointing.Checkpointer(directory, keep=None, every_steps=1, async_save=False,
+                                    read_only=True)
+  try:
+    ckpt.check_compatible(step, target)
+    return ckpt.restore(step, target)[0]
+  finally:
+    ckpt.close()
+
+
+def run(config, workdir: str, args: Args = Args()) -> dict:
+  """Measures the table at every requested checkpoint of the run in `workdir`; returns what
+  grad_error.json holds."""
+  del args
+  ge = config.grad_error
+  available = saved_steps(workdir)
+  steps = steps_to_analyse(config, workdir, available)
+  setup = run_setup.build(config)
+  strategies = step_plan.candidates(config, "grad_error.candidates")
+  grad_fns = grad_error.make_grad_fns(config, setup.model, strategies, setup.state_shardings,
+                                      setup.mesh)
+  costs = {st: step_plan.step_cost_units(config, st) for st in strategies}
+
+  t_start = time.time()
+  tables = []
+  for step in steps:
+    t0 = time.time()
+    state = restore(available[step], step, setup.restore_target)
+    # The batches this run would have seen next: R for g*, then the same M for every strategy.
+    batches = pipeline.train_dataset(setup.train_source, config, setup.host_shard,
+                                     start_step=step).as_numpy_iterator()
+    global_batches = [sharding_lib.host_to_global(next(batches), setup.mesh)
+                      for _ in range(ge.reference_batches + ge.batches)]
+    progress = setup.plan.progress_at(step)
+    rng = jax.random.fold_in(jax.random.key(config.seed), rng_streams.GRAD_ERROR + step)
+    rows = grad_error.measure(config, state, global_batches, ge.reference_batches, grad_fns, costs,
+                              rng, progress)
+    tables.append({"step": step, "progress": progress, "rows": rows,
+                   "seconds": time.time() - t0})
+    logging.info("grad_error at step %d (%.0f%% of the budget) in %.0fs", step, 100 * progress,
+                 time.time() - t0)
+    print(grad_error.format_table(tables[-1]), flush=True)
+
+  result = {"workdir": workdir, "batch_size": int(config.batch_size),
+            "reference_batches": int(ge.reference_batches), "batches": int(ge.batches),
+            "tables": tables, "seconds": time.time() - t_start}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "grad_error.json")
+    io.atomic_write_json(path, result)
+    report.grad_error_heatmap(tables, os.path.join(workdir, "grad_error.png"))
+    save_config(config, workdir, "grad_error", primary=jax.process_index() == 0)
+    print(f"wrote {path} and grad_error.png ({result['seconds']:.0f}s)", flush=True)
+  return result

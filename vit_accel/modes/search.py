@@ -1,0 +1,52 @@
+"""--mode=search: a compression schedule from the gradient-error tables of --mode=grad_error
+(schedule_search.py) -> WORKDIR/schedule.txt, which training reads with
+--config.schedule_file=WORKDIR/schedule.txt. Reads `search.grad_error_file` (default
+WORKDIR/grad_error.json); needs neither JAX nor TensorFlow."""
+from __future__ import annotations
+
+import json
+import os
+
+from vit_accel import io, schedule_search
+from vit_accel.errors import UserError
+from vit_accel.modes import Args
+
+
+def read_tables(path: str) -> list[dict]:
+  """The tables of a grad_error.json; UserError when it is missing or unreadable."""
+  if not os.path.exists(path):
+    raise UserError(f"{path} does not exist; run --mode=grad_error on this workdir first (or set "
+                    f"search.grad_error_file)")
+  try:
+    with open(path) as f:
+      return json.load(f)["tables"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path} is not a readable grad_error.json ({type(e).__name__}: {e}); "
+                    f"re-run --mode=grad_error") from None
+
+
+def run(config, workdir: str, args: Args = Args()) -> str:
+  """The schedule string written to WORKDIR/schedule.txt."""
+  del args
+  search = config.search
+  path = search.grad_error_file or os.path.join(workdir, "grad_error.json")
+  tables = read_tables(path)
+  stages = schedule_search.search_stages(tables, float(search.tie_tolerance),
+                                         bool(search.final_full))
+  text = schedule_search.schedule_string(stages)
+  full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
+  out = os.path.join(workdir, "schedule.txt")
+  os.makedirs(workdir, exist_ok=True)
+  io.atomic_write_text(out, f"# found by --mode=search from {path}\n{text}\n")
+  print("searched schedule (budget fraction where each stage ends : strategy):")
+  start = 0.0
+  for s in stages:
+    print(f"  {start:5.1%} - {s['end']:5.1%}  {s['strategy']:<22} cost {s['cost_units']:.2f} units"
+          f"/sample ({s['cost_units'] / full_cost:.2f} of full); chosen at progress "
+          f"{', '.join(f'{p:.0%}' for p in s['progress_points'])}")
+    start = s["end"]
+  ratio = schedule_search.samples_vs_baseline(stages, full_cost)
+  print(f"for the same budget it trains on {ratio:.2f}x the samples of the uncompressed baseline "
+        f"(the baseline's sample count would cost it {1 / ratio:.0%} of the budget)")
+  print(f"wrote {out}; train with: --config.schedule_file={out}", flush=True)
+  return text
