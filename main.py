@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from input_pipeline import sources  # numpy only: the data check runs before JAX/TF start
-from vit_accel import io, modes  # standard library only: nothing heavy before the checks
+from vit_accel import errors, io, modes  # standard library only: nothing heavy before the checks
 from vit_accel.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, StorageError, UserError
 
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
@@ -90,10 +90,9 @@ def main(argv):
   except (StorageError, OSError) as e:
     message = str(e)
     if isinstance(e, OSError):   # a file-system failure outside the training loop's own handling
-      from vit_accel import checkpointing  # lazy: imports JAX (see above)
-      if e.errno not in checkpointing.STORAGE_ERRNOS:
+      if e.errno not in errors.STORAGE_ERRNOS:
         raise
-      message = (f"{checkpointing.storage_cause(e)}{': ' + str(e.filename) if e.filename else ''}"
+      message = (f"{errors.storage_cause(e)}{': ' + str(e.filename) if e.filename else ''}"
                  f"; fix the file system or free space, then re-run the same command")
     print(f"error: {message}", file=sys.stderr, flush=True)
     logging.flush()

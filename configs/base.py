@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --mode=grad_error (vit_accel/grad_error.py): gradient bias / variance / CA-MSE per strategy at
   # saved checkpoints; R reference batches for g*, then M batches per strategy (global batch_size).
   c.grad_error = ml_collections.ConfigDict()
-  c.grad_error.steps = ()        # checkpoint steps to analyse; () = every saved one (+ milestones)
+  c.grad_error.steps = ()        # checkpoint steps to analyse; () = the milestones, else every saved one
   c.grad_error.reference_batches = 8
   c.grad_error.batches = 6
   c.grad_error.candidates = ("keep0.5|keep0.5", "keep0.25|keep0.25", "patch8|patch8", "keep0.5",
@@ -66,8 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
   # The last interval at full length whatever it measured (evaluation is at full length; CA-MSE
   # only scores gradients at the compressed length).
   c.search.final_full = True
-  # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
-  # fractions of its own budget, then grad_error and search on it, all in WORKDIR.
   # schedule="online" (vit_accel/online.py): every `every` of the budget, measure CA-MSE of full
   # length and these candidates at the current parameters (R + M batches, charged to the budget)
   # and run the best until the next decision.
@@ -76,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.online.reference_batches = 3
   c.online.batches = 2
   c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
+  # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
+  # fractions of its own budget, then grad_error and search on it, all in WORKDIR.
   c.pilot = ml_collections.ConfigDict()
   c.pilot.budget_fraction = 0.15
   c.pilot.at_progress = (0.1, 0.35, 0.6, 0.9)

@@ -26,10 +26,11 @@ def get_config(arg: str | None = None):
   c.optim.grad_clip = 3.0
   c.dino = ml_collections.ConfigDict(dict(
       out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3,
-      norm_last_layer=not small, head_bn=False,
+      norm_last_layer=not small, head_bn=False, head_batch="per_view",
       student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
       warmup_teacher_temp_fraction=warmup_teacher / epochs,
-      center_momentum=0.9, centering="ema", base_momentum=0.996, final_momentum=1.0,
+      center_momentum=0.9, centering="ema", koleo_weight=0.0, base_momentum=0.996,
+      final_momentum=1.0,
       freeze_last_layer_fraction=(1 if small else 3) / epochs))
   c.aug = recipes.dino_multicrop(image_size=224, local_crops=10, local_size=96,
                                  global_scale=(0.4, 1.0) if small else (0.25, 1.0),

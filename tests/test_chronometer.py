@@ -20,16 +20,23 @@ def test_clock_continues_from_a_checkpoint_and_excludes_evaluations(monkeypatch)
   clock = Chronometer({"wall_s": 50.0, "eval_wall_s": 5.0})
   now[0] += 10.0
   clock.step_done()
-  with clock.evaluating():
-    now[0] += 3.0
+  with clock.lap_paused():
+    with clock.evaluating():
+      now[0] += 3.0
+    now[0] += 0.5                                # the eval's metrics line: not step time
   now[0] += 2.0
   clock.step_done()
-  assert clock.lap() == (12.0, 2)                # the 3 s evaluation is not step time
-  assert clock.fields() == {"wall_s": 65.0, "train_wall_s": 57.0}
-  assert clock.meta() == {"wall_s": 65.0, "eval_wall_s": 8.0}
+  assert clock.lap() == (12.0, 2)                # the evaluation is not step time
+  now[0] += 1.0                                  # writing the log line: not step time either
+  clock.restart_lap()
+  now[0] += 4.0
+  clock.step_done()
+  assert clock.lap() == (4.0, 1)
+  assert clock.fields() == {"wall_s": 70.5, "train_wall_s": 62.5}
+  assert clock.meta() == {"wall_s": 70.5, "eval_wall_s": 8.0}
   resumed = Chronometer(clock.meta())
-  assert resumed.fields() == {"wall_s": 65.0, "train_wall_s": 57.0}
-  assert (clock.train_s, clock.eval_s) == (12.0, 3.0)
+  assert resumed.fields() == {"wall_s": 70.5, "train_wall_s": 62.5}
+  assert (clock.train_s, clock.eval_s) == (16.0, 3.0)
 
 
 def test_a_new_run_starts_at_zero():

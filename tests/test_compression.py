@@ -185,8 +185,8 @@ def _model_cfg(**kw):
 def test_one_uncompressed_forward_is_one_unit():
   m = _model_cfg()
   full = compression.FULL.layout(32, 4)
-  assert compression.step_cost_units(m, [compression.Branch(full, 0.0, False)]) == pytest.approx(1)
-  assert compression.step_cost_units(m, [compression.Branch(full, 0.0, True)]) == pytest.approx(3)
+  assert compression.branches_cost_units(m, [compression.Branch(full, 0.0, False)]) == pytest.approx(1)
+  assert compression.branches_cost_units(m, [compression.Branch(full, 0.0, True)]) == pytest.approx(3)
 
 
 def test_backbone_flops_by_hand():
@@ -200,7 +200,7 @@ def test_backbone_flops_by_hand():
 
 def test_compressed_costs_less_and_attention_is_quadratic():
   m = _model_cfg()
-  units = {s: compression.step_cost_units(
+  units = {s: compression.branches_cost_units(
       m, [compression.Branch(Strategy.parse(s).layout(32, 4), 0.0, False)])
       for s in ["full", "keep0.5", "keep0.25", "patch8"]}
   assert units["full"] > units["keep0.5"] > units["keep0.25"]

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import tiny_config
 from input_pipeline import fingerprint, sources
-from vit_accel import checkpointing, io, run_identity, step_plan, train
+from vit_accel import checkpointing, errors, io, optimizer, run_identity, sharding, state, step_plan
+from vit_accel import train
 from vit_accel.errors import StorageError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +58,7 @@ MISMATCHES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allow_schedule_change", [False, True])
 @pytest.mark.parametrize("overrides,key", MISMATCHES, ids=[k for _, k in MISMATCHES])
 def test_a_config_of_another_run_is_refused_naming_the_key_and_nothing_moves(
@@ -71,6 +73,7 @@ def test_a_config_of_another_run_is_refused_naming_the_key_and_nothing_moves(
   assert not os.path.exists(os.path.join(saved_run, "checkpoints.corrupt"))
 
 
+@pytest.mark.slow
 def test_the_objective_of_another_run_is_refused(saved_run, needs_fashion_mnist):
   before = snapshot(saved_run)
   with pytest.raises(UserError, match="objective='mocov3', this config has objective='simclr'"):
@@ -78,6 +81,7 @@ def test_the_objective_of_another_run_is_refused(saved_run, needs_fashion_mnist)
   assert snapshot(saved_run) == before
 
 
+@pytest.mark.slow
 def test_free_keys_may_change_on_resume(saved_run, tmp_path, needs_fashion_mnist):
   """Evaluation, logging and the optimiser's hyperparameters are not the run's identity."""
   import shutil
@@ -89,12 +93,13 @@ def test_free_keys_may_change_on_resume(saved_run, tmp_path, needs_fashion_mnist
   assert 5 in checkpointing.Checkpointer(f"{copy}/checkpoints", keep=3, every_steps=1).all_steps()
 
 
+@pytest.mark.slow
 def test_a_shape_mismatch_the_metadata_does_not_name_is_refused_not_quarantined(saved_run):
   """Checkpoints of an older version carry no identity: the saved array shapes decide."""
   config = tiny_config(**{"mocov3.out_dim": 32})
-  model = train.build_model(config)
-  _, abstract, _ = train.state_layout(config, model, train.make_optimizer(config),
-                                      train.sharding_lib.make_mesh(config))
+  model = state.build_model(config)
+  _, abstract, _ = state.state_layout(config, model, optimizer.make_optimizer(config),
+                                      sharding.make_mesh(config))
   before = snapshot(saved_run)
   ckpt = checkpointing.Checkpointer(f"{saved_run}/checkpoints", keep=3, every_steps=2)
   try:
@@ -187,6 +192,7 @@ def test_a_fashion_mnist_run_fingerprints_the_pixels():
   assert a["train_sha256"] != b["train_sha256"] and a["train_examples"] == 4
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_previous_version_resumes_and_is_still_checked(saved_run, tmp_path,
                                                                          needs_fashion_mnist):
   """Older checkpoints' metadata holds objective, model, batch_size and seed at the top; no run."""
@@ -212,6 +218,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_is_still_checked(saved
   assert max(int(d) for d in os.listdir(os.path.join(copy, "checkpoints"))) == 5
 
 
+@pytest.mark.slow
 def test_a_milestone_reached_again_after_a_kill_is_not_saved_twice(tmp_path, needs_fashion_mnist):
   import shutil
   workdir = str(tmp_path / "run")
@@ -255,6 +262,7 @@ def fail_from_second_save(monkeypatch, code=errno.ENOSPC):
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [True, False])
 def test_a_failed_save_names_the_cause_and_the_last_complete_checkpoint_and_resumes_cleanly(
     tmp_path, monkeypatch, async_save, needs_fashion_mnist):
@@ -274,6 +282,7 @@ def test_a_failed_save_names_the_cause_and_the_last_complete_checkpoint_and_resu
   assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]
 
 
+@pytest.mark.slow
 def test_a_failed_metrics_write_is_a_storage_error_and_the_checkpoints_are_whole(
     tmp_path, monkeypatch, needs_fashion_mnist):
   from vit_accel import metric_writer
@@ -303,8 +312,8 @@ def test_a_save_that_fails_for_another_reason_is_not_called_a_storage_failure(tm
   monkeypatch.setattr(ckpt._manager, "save", broken)
   with pytest.raises(TypeError, match="a bug"):
     ckpt.save(1, {"x": np.zeros(2)}, {})
-  assert checkpointing.is_storage_failure(ValueError("RESOURCE_EXHAUSTED: Error writing x"))
-  assert checkpointing.storage_cause(ValueError("...: No space left on device")) == \
+  assert errors.is_storage_failure(ValueError("RESOURCE_EXHAUSTED: Error writing x"))
+  assert errors.storage_cause(ValueError("...: No space left on device")) == \
       "No space left on device"
   ckpt.close()
 
@@ -330,6 +339,7 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_cli_a_failed_save_is_one_error_line_exit_4_and_no_traceback(tmp_path,
                                                                        needs_fashion_mnist):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")

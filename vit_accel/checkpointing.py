@@ -20,6 +20,7 @@ import jax
 from absl import logging
 import orbax.checkpoint as ocp
 
+from vit_accel import errors
 from vit_accel.errors import StorageError, UserError, first_line
 
 
@@ -66,7 +67,7 @@ class Checkpointer:
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                         meta=ocp.args.JsonSave(meta)), force=force)
     except Exception as e:  # noqa: BLE001 - Orbax/TensorStore wrap OS errors in their own types
-      if not is_storage_failure(e):
+      if not errors.is_storage_failure(e):
         raise
       raise self._write_failure(e) from None
 
@@ -147,7 +148,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      if not is_storage_failure(e):
+      if not errors.is_storage_failure(e):
         raise
       raise self._write_failure(e) from None
 
@@ -180,7 +181,7 @@ class Checkpointer:
     self.remove_unfinished()
     if first:
       logging.warning("checkpoint write failed: %r", error)
-    return StorageError(f"writing a checkpoint to {self.directory} failed ({storage_cause(error)});"
+    return StorageError(f"writing a checkpoint to {self.directory} failed ({errors.storage_cause(error)});"
                         f" {self._resumed_from.last_complete_text()}; free space or fix the file "
                         f"system, then re-run the same command to resume")
 
@@ -200,45 +201,6 @@ class Checkpointer:
 
 # Orbax writes a checkpoint under `<step><TMP_SUFFIX>...` and renames it when complete.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-# Causes named in a StorageError, found in an exception chain (errno) or in its message (TensorStore
-# reports "RESOURCE_EXHAUSTED: ... No space left on device" as a ValueError).
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM,
-                  errno.ENOENT, errno.EFBIG)
-
-
-# TensorStore's status codes for a write the storage refused.
-TENSORSTORE_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "DATA_LOSS", "UNAVAILABLE")
-
-
-def _os_error(error: BaseException) -> OSError | None:
-  seen = error
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.errno:
-      return seen
-    seen = seen.__cause__ or seen.__context__
-  return None
-
-
-def is_storage_failure(error: BaseException) -> bool:
-  """Whether a save's exception means the storage failed (an OS error in its chain, or TensorStore
-  naming one), as opposed to a bug, which is re-raised as it is."""
-  text = str(error)
-  return (_os_error(error) is not None or any(code in text for code in TENSORSTORE_WRITE_FAILURES)
-          or any(os.strerror(code) in text for code in STORAGE_ERRNOS))
-
-
-def storage_cause(error: BaseException) -> str:
-  """A short human cause of a failed write: the OS error's text when one is in the exception chain
-  or named in its message, else the first line of the message (at most 160 characters)."""
-  os_error = _os_error(error)
-  if os_error is not None:
-    return os.strerror(os_error.errno)
-  for code in STORAGE_ERRNOS:
-    if os.strerror(code) in str(error):
-      return os.strerror(code)
-  return first_line(error)
-
 
 def _layout(tree) -> dict:
   """{path: (shape, dtype name)} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""

@@ -44,22 +44,32 @@ class Chronometer:
     self._lap_steps += 1
 
   def lap(self) -> tuple[float, int]:
-    """(seconds, steps) since the last lap, evaluations excluded; counted as training time."""
-    seconds, steps = time.time() - self._lap_t0, self._lap_steps
+    """(seconds, steps) of the current lap, counted as training time; restart_lap() begins the
+    next one (after the log line, so writing it counts in neither)."""
+    seconds = time.time() - self._lap_t0
     self.train_s += seconds
+    return seconds, self._lap_steps
+
+  def restart_lap(self) -> None:
     self._lap_t0, self._lap_steps = time.time(), 0
-    return seconds, steps
 
   @contextlib.contextmanager
   def evaluating(self):
-    """Times an evaluation: its seconds count as evaluation, not as the current lap's steps."""
+    """Times an evaluation: its seconds count as evaluation time."""
     t0 = time.time()
     try:
       yield
     finally:
-      seconds = time.time() - t0
-      self.eval_s += seconds
-      self._lap_t0 += seconds
+      self.eval_s += time.time() - t0
+
+  @contextlib.contextmanager
+  def lap_paused(self):
+    """What runs inside (an evaluation, its metrics line) is not the current lap's step time."""
+    t0 = time.time()
+    try:
+      yield
+    finally:
+      self._lap_t0 += time.time() - t0
 
 
 class EtaEstimator:

@@ -5,10 +5,10 @@ one line naming the key, the value and the allowed range, e.g.
 
   mocov3.temperature=0 is out of range: must be a number > 0
 
-Keys a recipe does not have (another objective's section, DINO's multi-crop keys) are skipped.
+Keys a config does not have (another objective's section) are skipped.
 Every key of every shipped recipe must have an entry here (tests/test_config_domains.py checks it),
 so a key added later cannot go unchecked. Cross-key rules (patch size tiles the image, batch divides
-the devices, schedule strings parse) live with the code that owns them (train_step.validate_config).
+the devices, schedule strings parse) live in config_checks.validate_config.
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ def compiled_flops(compiled) -> float | None:
 
 def measure(config, on_row=None) -> list[dict]:
   """One row per candidate (full length first); `on_row(row)` sees each as soon as it is measured.
-  Builds the run without data (run_setup.build(data=False)): synthetic batches, no TensorFlow."""
-  setup = run_setup.build(config, data=False)
+  Builds the run without data (run_setup.build(splits=())): synthetic batches, no TensorFlow."""
+  setup = run_setup.build(config, splits=())
   mesh = setup.mesh
   batch_sharding = sharding_lib.batch_sharding(mesh)
   rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def measure(config, on_row=None) -> list[dict]:
                                                         mesh, setup.abstract_state,
                                                         setup.state_shardings)
     flops = compiled_flops(compiled)
-    state = setup.fresh_state()
+    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)(jax.random.key(0))
     for _ in range(2):
       state, metrics = compiled(state, batch, progress)
     jax.block_until_ready(metrics)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from vit_accel import io
 
 
 # kind -> what its lines carry.
@@ -45,9 +46,7 @@ class MetricWriter:
     path = self._jsonl.name
     self._jsonl.close()
     kept = [m for m in read_metrics(os.path.dirname(path)) if m["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(m) + "\n" for m in kept)
-    os.replace(path + ".tmp", path)
+    io.atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
     self._jsonl = open(path, "a", buffering=1)
 
   def write(self, step: int, metrics: dict, *, kind: str) -> None:

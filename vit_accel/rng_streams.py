@@ -6,7 +6,7 @@ same command draw the same numbers. The constants below separate the streams; ch
 every result that depends on it (and the `:smoke` runs' logged values).
 
   stream                    key / seed                                         used by
-  parameter init            jax.random.key(seed)                               state.py
+  parameter init            jax.random.key(seed)                               run_setup.fresh_state
   token keep (per step)     fold_in(fold_in(key(seed), TOKEN_KEEP), step)      train_step.dropout_rng
   gradient error            fold_in(key(seed), GRAD_ERROR + step), then batch  modes/grad_error.py
   online decision           fold_in(key(seed), ONLINE + step), then batch      online.py

@@ -19,8 +19,8 @@ from vit_accel import sharding as sharding_lib
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
-  """What every mode shares. `train_source` / `test_source` / `host_shard` / `plan` are None for a
-  set-up built without data (`--mode=cost` times steps on synthetic batches)."""
+  """What every mode shares. The sources, host shard and plan are None where build() was asked not
+  to make them (see build)."""
   config: Any
   mesh: jax.sharding.Mesh
   model: Any                     # flax module: backbone + the objective's heads
@@ -44,24 +44,27 @@ class RunSetup:
         jax.random.key(self.config.seed))
 
 
-def build(config, *, data: bool = True) -> RunSetup:
-  """Checks the config (UserError naming the key), then builds the mesh, and with `data` the
-  sources (read before anything compiles: a bad image folder fails here), the host shard and the
-  step plan; then model, optimiser and state layout. Identical on every host."""
+def build(config, *, splits: tuple[str, ...] = ("train", "test"), training: bool = True) -> RunSetup:
+  """Checks the config (UserError naming the key), reads the data `splits` (before anything
+  compiles: a bad image folder fails here), builds the mesh, and with `training` checks the batch
+  against the devices and, given the train split, makes the host shard and the step plan; then
+  model, optimiser and state layout. Identical on every host. `--mode=eval` builds without
+  `training` (any device count evaluates), `--mode=cost` without splits (no TensorFlow)."""
   config_checks.validate_config(config)
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch(config.batch_size, mesh)
-  logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
-               jax.devices()[0].platform, jax.process_count())
   inputs = {}
-  if data:
+  if splits:
     # Lazy: the input pipeline imports TensorFlow, which --mode=cost and the GPU benchmark avoid.
     from input_pipeline import pipeline
-    train_source = pipeline.load_source(config, "train")
-    inputs = dict(train_source=train_source, test_source=pipeline.load_source(config, "test"),
-                  host_shard=pipeline.HostShard(jax.process_index(), jax.process_count(),
-                                                config.batch_size),
-                  plan=step_plan.make_step_plan(config, train_source.num_examples))
+    inputs = {f"{split}_source": pipeline.load_source(config, split) for split in splits}
+  mesh = sharding_lib.make_mesh(config)
+  if training:
+    sharding_lib.check_batch(config.batch_size, mesh)
+    if "train_source" in inputs:
+      inputs["host_shard"] = pipeline.HostShard(jax.process_index(), jax.process_count(),
+                                                config.batch_size)
+      inputs["plan"] = step_plan.make_step_plan(config, inputs["train_source"].num_examples)
+  logging.info("mesh %s on %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform, jax.process_count())
   model = state.build_model(config)
   tx = optimizer.make_optimizer(config)
   init_state, abstract_state, state_shardings = state.state_layout(config, model, tx, mesh)

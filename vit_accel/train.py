@@ -18,6 +18,7 @@ from vit_accel import state
 from vit_accel import sharding as sharding_lib
 from vit_accel import step_plan
 from vit_accel.chronometer import Chronometer, EtaEstimator, format_duration, itstime
+from vit_accel import errors
 from vit_accel.errors import Preempted, StorageError, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
@@ -27,9 +28,10 @@ from vit_accel.train_step import compile_train_step
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) pretraining in `workdir`; returns the final evaluation metrics ({} when this
   invocation stops before the end, stop_at_step). Raises UserError (bad input, a NaN), Preempted
-  (SIGTERM/SIGINT, after a checkpoint) or StorageError (a failed write)."""
-  use_compilation_cache(config)
+  (SIGTERM/SIGINT, after a checkpoint), StorageError (a failed write in the loop) or OSError (a
+  failed write of config.json / plan.json / metrics.jsonl before it)."""
   run = run_setup.build(config)
+  use_compilation_cache(config)
   plan = run.plan
   logging.info("%s", plan.describe())
   meta = run_identity.run_metadata(
@@ -74,25 +76,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   scheduler = online.OnlineScheduler(run) if step_plan.is_online(config) else None
   compiled_steps = _compile_steps(run, plan, start_step, online=scheduler is not None)
   writer = closer.add(MetricWriter(workdir, primary=jax.process_index() == 0,
-                                         tensorboard=config.tensorboard))
+                                   tensorboard=config.tensorboard), first=True)
   writer.drop_after(start_step)
   evaluator = Evaluator(config, run.model, run.mesh, run.state_shardings, run.train_source,
                         run.test_source)
   marks = step_plan.plan_marks(config, plan)
   eta = EtaEstimator(plan)
   replicated = sharding_lib.replicated(run.mesh)
-  batches = pipeline.train_dataset(run.train_source, config, run.host_shard,
-                                   start_step).as_numpy_iterator()
   clock = Chronometer(saved)
   # Late-binding closures: they see the loop's current state and plan.
   evaluate = lambda step, final: _evaluate(  # noqa: E731
       evaluator, writer, clock, config, state.eval_params(config, train_state), plan, step, final)
   saved_meta = lambda: {**meta, **clock.meta(), "online_decisions": decisions}  # noqa: E731
+  if start_step == 0 and config.eval.at_start:
+    evaluate(0, final=True)
+  batches = pipeline.train_dataset(run.train_source, config, run.host_shard,
+                                   start_step).as_numpy_iterator()
+  clock.restart_lap()
   result, step = {}, start_step
   # SIGTERM / SIGINT: finish the step, checkpoint, raise Preempted (see preemption.py).
   with preemption.StopRequest(config.preemption_check_every_steps) as stop_request, closer:
-    if start_step == 0 and config.eval.at_start:
-      evaluate(0, final=True)
     while step < marks.stop_at:
       # Decide: an online schedule measures at the first step of each segment.
       if scheduler is not None and scheduler.due(step, plan, decisions):
@@ -143,6 +146,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step >= marks.total_steps:
       result = evaluate(step, final=True)
       _print_summary(workdir, clock, result)
+  closer.close()
   return result
 
 
@@ -205,6 +209,7 @@ def _log_step(writer, eta, clock, config, plan, marks, stage, step: int, metrics
                step, marks.total_steps, 100.0 * line["budget_progress"], stage.index, stage.spec,
                stage.seq_len, line["loss"], line["lr"], line["images_per_s"],
                format_duration(eta.remaining(step, marks.stop_at)))
+  clock.restart_lap()
 
 
 def _evaluate(evaluator, writer, clock, config, params, plan, step: int, final: bool) -> dict:
@@ -212,14 +217,15 @@ def _evaluate(evaluator, writer, clock, config, params, plan, step: int, final: 
   # Steps are dispatched asynchronously: let the queued ones finish first, so their time counts as
   # training, not as evaluation.
   jax.block_until_ready(params)
-  with clock.evaluating():
+  with clock.lap_paused():
     walls = clock.fields()
-    result = evaluator(params, final=final)
+    with clock.evaluating():
+      result = evaluator(params, final=final)
     writer.write(step, {**result, **walls, "budget_units": plan.units_at(step),
                         "budget_progress": plan.progress_at(step)}, kind="eval")
-  logging.info("step %d: kNN top-1 %.4f, linear probe %.4f (bank %d, queries %d, %.1fs)", step,
-               result["knn_top1"], result["linear_top1"], result["knn_bank"],
-               result["knn_queries"], result["eval_s"])
+    logging.info("step %d: kNN top-1 %.4f, linear probe %.4f (bank %d, queries %d, %.1fs)", step,
+                 result["knn_top1"], result["linear_top1"], result["knn_bank"],
+                 result["knn_queries"], result["eval_s"])
   return result
 
 
@@ -239,10 +245,11 @@ def _print_summary(workdir: str, clock: Chronometer, result: dict) -> None:
 
 
 class _Closer:
-  """Closes the run's writers and checkpointers, once: in order on success (a pending save that
-  fails then is a StorageError like any other); on any exception - a stop request, a NaN, a failed
-  write, a crash - quietly, letting a pending async save finish, so a second failure cannot hide
-  the first; a file-system failure of our own writes becomes one StorageError line."""
+  """Closes the run's metrics writer and checkpointers, once, in that order: close() on success (a
+  pending save that fails then is a StorageError like any other); as a context manager, on any
+  exception - a stop request, a NaN, a failed write, a crash - quietly, letting a pending async save
+  finish, so a second failure cannot hide the first; a file-system failure of our own writes
+  becomes one StorageError line."""
 
   def __init__(self, workdir: str, ckpt):
     self.workdir = workdir
@@ -250,15 +257,15 @@ class _Closer:
     self.closables = [ckpt]
     self.closed = False
 
-  def add(self, closable):
+  def add(self, closable, *, first: bool = False):
     if closable is not None:
-      self.closables.append(closable)
+      self.closables.insert(0 if first else len(self.closables), closable)
     return closable
 
   def close(self) -> None:
     if not self.closed:
       self.closed = True
-      for c in reversed(self.closables):   # the metrics first, the checkpoints last
+      for c in self.closables:
         c.close()
 
   def __enter__(self):
@@ -266,16 +273,15 @@ class _Closer:
 
   def __exit__(self, kind, error, traceback) -> bool:
     if error is None:
-      self.close()
       return False
     self.closed = True
-    for c in reversed(self.closables):
+    for c in self.closables:
       try:
         c.close()
       except Exception:  # noqa: BLE001 - the propagating exception is the one to report
         logging.warning("while stopping: closing %s failed", type(c).__name__, exc_info=False)
-    if isinstance(error, OSError) and checkpointing.is_storage_failure(error):  # metrics, plan
-      raise StorageError(f"writing to {self.workdir} failed ({checkpointing.storage_cause(error)}"
+    if isinstance(error, OSError) and errors.is_storage_failure(error):  # metrics, plan
+      raise StorageError(f"writing to {self.workdir} failed ({errors.storage_cause(error)}"
                          f"{': ' + str(error.filename) if getattr(error, 'filename', None) else ''}"
                          f"); {self.ckpt.last_complete_text()}; free space or fix the file system, then "
                          f"re-run the same command to resume") from None

@@ -56,7 +56,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   del args
   # The data first (run_setup.build reads the sources): a bad image folder is reported before any
   # checkpoint is touched.
-  setup = run_setup.build(config)
+  setup = run_setup.build(config, training=False)   # any device count evaluates
   step, state, meta = restore_checkpoint(config, workdir, setup.restore_target)
   save_config(config, workdir, "eval", primary=jax.process_index() == 0)
   evaluator = Evaluator(config, setup.model, setup.mesh, setup.state_shardings,

@@ -16,7 +16,8 @@ import jax
 from absl import logging
 
 from input_pipeline import pipeline
-from vit_accel import checkpointing, grad_error, io, report, rng_streams, run_setup, step_plan
+from vit_accel import checkpointing, config_checks, grad_error, io, report, rng_streams, run_setup
+from vit_accel import step_plan
 from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
@@ -70,9 +71,10 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   grad_error.json holds."""
   del args
   ge = config.grad_error
+  config_checks.validate_config(config)   # the config first, then which checkpoints, then the data
   available = saved_steps(workdir)
   steps = steps_to_analyse(config, workdir, available)
-  setup = run_setup.build(config)
+  setup = run_setup.build(config, splits=("train",))
   strategies = step_plan.candidates(config, "grad_error.candidates")
   grad_fns = grad_error.make_grad_fns(config, setup.model, strategies, setup.state_shardings,
                                       setup.mesh)

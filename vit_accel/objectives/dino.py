@@ -180,7 +180,7 @@ def build(config, backbone: VisionTransformer) -> DINOModel:
   h = config.dino
   return DINOModel(backbone=backbone, head=DINOHead(
       out_dim=h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
-      num_layers=h.head_layers, norm_last_layer=h.norm_last_layer, use_bn=h.get("head_bn", False)))
+      num_layers=h.head_layers, norm_last_layer=h.norm_last_layer, use_bn=h.head_bn))
 
 
 def init_extra(config) -> dict:
@@ -189,7 +189,7 @@ def init_extra(config) -> dict:
 
 def momentum(config, progress):
   h = config.dino
-  return ema.momentum_at(progress, h.base_momentum, h.get("final_momentum", 1.0))
+  return ema.momentum_at(progress, h.base_momentum, h.final_momentum)
 
 
 def loss(model, params, ema_params, extra, views, config, strategies: BranchStrategies, rng,
@@ -201,8 +201,8 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
       model, params, ema_params, extra["center"], views["views"], views.get("local_views", ()),
       student_temp=h.student_temp, teacher_temp=teacher_temp, center_momentum=h.center_momentum,
       freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng,
-      centering=h.get("centering", "ema"), koleo_weight=float(h.get("koleo_weight", 0.0)),
-      joint_head=h.get("head_batch", "per_view") == "all_views")
+      centering=h.centering, koleo_weight=float(h.koleo_weight),
+      joint_head=h.head_batch == "all_views")
   # Collapse diagnostics: a collapsed teacher has per-sample entropy ~0 (one dimension dominates)
   # or ~log(out_dim) (uniform).
   p = jnp.concatenate(probs, axis=0)
