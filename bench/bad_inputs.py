@@ -27,6 +27,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from test_cli import CASES  # noqa: E402  (the CLI cases the tests check, run here one by one)
+from test_sources import make_image_folder  # noqa: E402
+from vit_accel import io  # noqa: E402
+
 SMOKE = "--config=configs/fmnist_mocov3.py:smoke"
 SMALL = ["--config.batch_size=16", "--config.budget=4000", "--config.checkpoint.every_steps=2",
          "--config.tensorboard=False",
@@ -78,8 +83,6 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="bench/results/bad_inputs.md")
   args = parser.parse_args()
-  from test_cli import CASES
-  from test_sources import make_image_folder
 
   scratch = tempfile.mkdtemp(prefix="bad_inputs_")
   base = os.path.join(scratch, "base")
@@ -217,8 +220,7 @@ def main():
       "| --- | --- | --- | --- |",
   ]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write("\n".join(header + rows) + "\n")
+  io.atomic_write_text(args.out, "\n".join(header + rows) + "\n")
   shutil.rmtree(scratch, ignore_errors=True)
   print(f"wrote {args.out}")
 

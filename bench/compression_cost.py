@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from vit_accel import cost_table, io, state, train_step  # noqa: E402
+
 config_flags.DEFINE_config_file("config", "configs/fmnist_mocov3.py", "recipe")
 flags.DEFINE_string("out", "", "markdown file to write (default: print only)")
 FLAGS = flags.FLAGS
@@ -25,7 +27,6 @@ FLAGS = flags.FLAGS
 
 def feature_rate(config, batches: int = 3) -> float:
   """Images/s of full-length backbone features at eval.batch_size (a kNN pass)."""
-  from vit_accel import state, train_step
   model = state.build_model(config)
   s = config.model.image_size
   params = model.init(jax.random.key(0), np.zeros((2, s, s, 3), np.float32))["params"]
@@ -42,7 +43,6 @@ def feature_rate(config, batches: int = 3) -> float:
 
 
 def main(_):
-  from vit_accel import cost_table
   config = FLAGS.config
   rows = cost_table.measure(config)
   m = config.model
@@ -73,7 +73,6 @@ def main(_):
   text = "\n".join(lines) + "\n"
   print(text)
   if FLAGS.out:
-    from vit_accel import io
     io.atomic_write_text(FLAGS.out, text)
 
 

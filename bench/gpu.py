@@ -28,7 +28,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import fmnist_mocov3, imagenet_mocov3_vit_b16  # noqa: E402
-from vit_accel import cost_table  # noqa: E402
+from vit_accel import cost_table, io  # noqa: E402
 
 flags.DEFINE_string("out_dir", "bench/results", "Where gpu_<device>.json / .md go.")
 flags.DEFINE_bool("tiny", False, "Tiny models and batches: checks the code path on a CPU.")
@@ -121,8 +121,7 @@ def main(argv):
   if FLAGS.rerender:
     with open(FLAGS.rerender) as f:
       text = markdown(json.load(f))
-    with open(FLAGS.rerender[:-5] + ".md", "w") as f:
-      f.write(text)
+    io.atomic_write_text(FLAGS.rerender[:-5] + ".md", text)
     print(text)
     return
   os.makedirs(FLAGS.out_dir, exist_ok=True)
@@ -140,10 +139,8 @@ def main(argv):
               ("embedded default, bf16", default_config(FLAGS.default_batch, "bfloat16"))]
 
   def save():
-    with open(json_path, "w") as f:
-      json.dump(results, f, indent=1)
-    with open(json_path[:-5] + ".md", "w") as f:
-      f.write(markdown(results))
+    io.atomic_write_json(json_path, results)
+    io.atomic_write_text(json_path[:-5] + ".md", markdown(results))
 
   for model_name, config in models:
     config.compression.cost_repeats = FLAGS.repeats

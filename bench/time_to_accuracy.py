@@ -26,7 +26,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import flax  # noqa: E402
+import jax  # noqa: E402
+import matplotlib  # noqa: E402
+import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 from vit_accel import io  # noqa: E402
 from vit_accel import time_to_accuracy as tta  # noqa: E402
@@ -99,9 +106,6 @@ def summarise(name: str, schedule: str, workdir: str) -> dict:
 
 
 def plot(runs: list[dict], target: float, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, key, label in ((axes[0], "wall_curve", "training wall-clock (s)"),
                          (axes[1], "budget_curve", "budget units (base forwards)")):
@@ -188,9 +192,6 @@ def main(argv):
     r["vs_baseline_budget"] = tta.speedup(base["budget_curve"], r["budget_curve"])
 
   # Versions only; the runs themselves were separate processes.
-  import flax
-  import jax
-  import optax
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stem = os.path.join(FLAGS.out_dir, f"time_to_accuracy_{FLAGS.objective}{suffix}")
   results = {

@@ -20,9 +20,8 @@ import os
 
 import numpy as np
 from absl import logging
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from input_pipeline.tf_runtime import tf
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from input_pipeline import sources
 from input_pipeline import views as views_lib

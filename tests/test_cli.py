@@ -54,6 +54,7 @@ def test_bad_input_is_one_line_exit_2_and_the_run_directory_is_untouched(name, t
   assert (workdir / "checkpoints" / "7" / "marker").read_text() == "saved work"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fail", "skip"])
 def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_counted(policy, tmp_path):
   from test_sources import make_image_folder

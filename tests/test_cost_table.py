@@ -1,4 +1,9 @@
 """--mode=cost: one row per distinct strategy, full length first, speed-ups relative to it."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from conftest import tiny_config
@@ -27,10 +32,6 @@ def test_cost_table_rows():
 
 def test_cost_mode_writes_its_files_and_never_imports_tensorflow(tmp_path):
   """main.py --mode=cost times synthetic batches: TensorFlow (the input pipeline) is never loaded."""
-  import json
-  import os
-  import subprocess
-  import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   probe = ("import atexit, runpy, sys\n"
            "atexit.register(lambda: print('tensorflow loaded:', 'tensorflow' in sys.modules))\n"

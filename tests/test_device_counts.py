@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +47,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_every_recipe_evaluates_on_1_2_3_4_8_devices_and_the_train_batch_is_checked(
     needs_fashion_mnist):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -66,6 +68,7 @@ def test_every_recipe_evaluates_on_1_2_3_4_8_devices_and_the_train_batch_is_chec
       assert rows[n][5] == rows[1][5], (recipe, n)
 
 
+@pytest.mark.slow
 def test_smoke_trains_with_fsdp_on_8_devices_then_resumes_on_1(tmp_path, needs_fashion_mnist):
   workdir = str(tmp_path / "run")
 

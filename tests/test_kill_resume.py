@@ -10,6 +10,9 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+
+pytestmark = pytest.mark.slow   # subprocess runs killed and re-run: minutes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two stages (25% tokens on both branches, then full length), ~24 steps at batch 16, a checkpoint

@@ -55,6 +55,7 @@ def test_ema_update_matches_numpy_and_skips_predictor():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_gradient_reaches_query_not_key():
   from vit_accel.models.vit import VisionTransformer
   model = mocov3.MoCoV3Model(VisionTransformer(width=16, depth=1, num_heads=2, patch_size=4,

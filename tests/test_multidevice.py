@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow   # full smoke runs on 1, 4 and 8 simulated devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smoke recipe's two stages (token keep 25% on both branches, then full length) at batch 16:

@@ -111,6 +111,7 @@ def numpy_koleo(x):
   return float(-np.log(d.min(1)).mean())
 
 
+@pytest.mark.slow
 def test_dino_koleo_matches_numpy_and_adds_to_the_loss_only_when_asked():
   rng = np.random.default_rng(3)
   x = rng.normal(size=(10, 6))
@@ -167,6 +168,7 @@ def grad_mass(tree):
   return float(jax.tree.reduce(lambda a, b: a + jnp.abs(b).sum(), tree, 0.0))
 
 
+@pytest.mark.slow
 def test_dino_gradients_reach_the_student_only_and_local_crops_have_their_own_length():
   model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
                                                         bottleneck_dim=8))
@@ -298,6 +300,7 @@ def test_eval_weights_pick_the_objectives_copy_or_the_one_asked_for():
     config_checks.validate_config(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["simclr", "dino"])
 def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective, tmp_path,
                                                                       needs_fashion_mnist):

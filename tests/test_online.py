@@ -44,6 +44,7 @@ def test_decisions_charge_their_measurement_and_project_the_rest():
     assert plan.units_at(plan.total_steps) <= plan.budget + 1e-6
 
 
+@pytest.mark.slow
 def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
                                                          needs_fashion_mnist):
   """Constructed measurements: compressed wins (equal CA-MSE, cheaper) in the first half, full
@@ -71,6 +72,7 @@ def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
   assert train_lines[-1]["budget_progress"] <= 1.0 + 1e-9
 
 
+@pytest.mark.slow
 def test_online_run_resumes_exactly(tmp_path, needs_fashion_mnist):
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
   train.train_and_evaluate(online_config(10), straight)

@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import (fmnist_dino, fmnist_mocov3, fmnist_simclr, imagenet_common,
-                     imagenet_dino_vit_b16, imagenet_mocov3_vit_b16, imagenet_simclr_vit_b16)
+from configs import (
+  fmnist_dino,
+  fmnist_mocov3,
+  fmnist_simclr,
+  imagenet_common,
+  imagenet_dino_vit_b16,
+  imagenet_mocov3_vit_b16,
+  imagenet_simclr_vit_b16,
+)
 from vit_accel import compression, step_plan, train_step
 from vit_accel.compression import Strategy
 from vit_accel.models.vit import VisionTransformer
@@ -109,6 +116,7 @@ def test_old_bilinear_left_vectors_without_gradient():
   assert len(_unreached(_old_bilinear, 8, 2)) == 48     # Fashion-MNIST 16 px crops at patch 8
 
 
+@pytest.mark.slow
 def test_dino_local_crop_reaches_every_position_vector_through_the_model():
   vit = VisionTransformer(width=8, depth=1, num_heads=2, patch_size=16, image_size=224)
   params = vit.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))

@@ -13,8 +13,17 @@ import pytest
 
 from conftest import tiny_config
 from input_pipeline import fingerprint, sources
-from vit_accel import checkpointing, errors, io, optimizer, run_identity, sharding, state, step_plan
-from vit_accel import train
+from vit_accel import (
+  checkpointing,
+  errors,
+  io,
+  optimizer,
+  run_identity,
+  sharding,
+  state,
+  step_plan,
+  train,
+)
 from vit_accel.errors import StorageError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import tiny_config
 from vit_accel import run_identity, step_plan, train
-from vit_accel.modes import eval as eval_mode
 from vit_accel.errors import UserError
+from vit_accel.metric_writer import read_metrics
+from vit_accel.modes import eval as eval_mode
 
 
 def read_lines(workdir):
@@ -57,6 +58,7 @@ def test_smoke_run_writes_metrics_and_checkpoints(tmp_path, needs_fashion_mnist)
     eval_mode.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_parameters(tmp_path, needs_fashion_mnist):
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
   train.train_and_evaluate(tiny_config(), straight)
@@ -80,6 +82,7 @@ def test_invalid_config_fails_before_compiling(tmp_path):
   assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path, needs_fashion_mnist):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(stop_at_step=2), workdir)
@@ -112,6 +115,7 @@ def test_resume_drops_metrics_logged_past_the_checkpoint(tmp_path, needs_fashion
 MULTI = "0.4:keep0.25|keep0.25; 0.7:keep0.5; 1:full"
 
 
+@pytest.mark.slow
 def test_multistage_run_compiles_one_step_per_stage_and_logs_stages(tmp_path, needs_fashion_mnist):
   compiles = []
 
@@ -153,6 +157,7 @@ def multistage_straight(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["boundary", "mid_stage"])
 def test_multistage_resume_gives_identical_parameters(tmp_path, where, multistage_straight,
                                                       needs_fashion_mnist):
@@ -168,6 +173,7 @@ def test_multistage_resume_gives_identical_parameters(tmp_path, where, multistag
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_changing_the_schedule_of_a_run_is_refused_unless_allowed(tmp_path, needs_fashion_mnist):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(stop_at_step=2), workdir)
@@ -178,6 +184,7 @@ def test_changing_the_schedule_of_a_run_is_refused_unless_allowed(tmp_path, need
   assert "knn_top1" in result
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_reported_moved_aside_and_the_previous_one_used(
     tmp_path, capsys, needs_fashion_mnist):
   straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
@@ -200,3 +207,18 @@ def test_checkpoint_of_an_older_train_state_format_is_refused_before_restoring()
   older = {k: v for k, v in current.items() if k != "state_format"}   # written before format 2
   with pytest.raises(UserError, match="train-state format 1 .* use a new --workdir"):
     run_identity.check_resumable(older, current, "/run/checkpoints", False)
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "dino"])
+def test_each_objective_trains_a_compressed_then_full_run(tmp_path, recipe, needs_fashion_mnist):
+  """With the MoCo-v3 smoke run above, the fast tier's real train step of every objective: two
+  stages (token keep, then full length), finite losses logged per stage, a final evaluation."""
+  config = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", recipe=recipe,
+                       **{"eval.at_start": False})
+  workdir = str(tmp_path / recipe)
+  result = train.train_and_evaluate(config, workdir)
+  lines = read_metrics(workdir, kind="train")
+  assert {l["stage"] for l in lines} == {0, 1}
+  assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in lines)
+  assert lines[0]["seq_len"] < lines[-1]["seq_len"]
+  assert 0.0 < result["knn_top1"] <= 1.0

@@ -11,18 +11,16 @@ checkpoint written on one topology restores onto another. Three outcomes are kep
 """
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import shutil
 
 import jax
-from absl import logging
 import orbax.checkpoint as ocp
+from absl import logging
 
 from vit_accel import errors
 from vit_accel.errors import StorageError, UserError, first_line
-
 
 # WORKDIR/<this>: checkpoints kept at chosen budget fractions (checkpoint.at_progress), for analysis.
 MILESTONES = "milestones"

@@ -6,7 +6,6 @@ import errno
 import os
 
 
-
 def first_line(error: BaseException, limit: int = 160) -> str:
   """The first line of an exception's message (at most `limit` characters), or its type name:
   what a one-line report quotes of a library's multi-line error."""
@@ -69,9 +68,9 @@ def is_storage_failure(error: BaseException) -> bool:
 def storage_cause(error: BaseException) -> str:
   """A short human cause of a failed write: the OS error's text when one is in the exception chain
   or named in its message, else the first line of the message (at most 160 characters)."""
-  os_error = os_error(error)
-  if os_error is not None:
-    return os.strerror(os_error.errno)
+  chained = os_error(error)
+  if chained is not None:
+    return os.strerror(chained.errno)
   for code in STORAGE_ERRNOS:
     if os.strerror(code) in str(error):
       return os.strerror(code)

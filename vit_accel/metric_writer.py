@@ -11,7 +11,6 @@ import os
 
 from vit_accel import io
 
-
 # kind -> what its lines carry.
 KINDS = {
     "train": "the step's scalars (loss, lr, momentum, grad_norm, the objective's own), stage, "

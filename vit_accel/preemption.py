@@ -8,8 +8,9 @@ import signal
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from absl import logging
+from jax.experimental import multihost_utils
+
 
 class StopRequest:
   """Installs SIGTERM / SIGINT handlers for the duration of a run (`with StopRequest(...)`)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-
 import os
 
 from vit_accel import compression, objectives

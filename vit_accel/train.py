@@ -13,12 +13,20 @@ import numpy as np
 from absl import logging
 
 from input_pipeline import fingerprint, pipeline
-from vit_accel import checkpointing, io, modes, online, preemption, run_identity, run_setup
-from vit_accel import state
+from vit_accel import (
+  checkpointing,
+  errors,
+  io,
+  modes,
+  online,
+  preemption,
+  run_identity,
+  run_setup,
+  state,
+  step_plan,
+)
 from vit_accel import sharding as sharding_lib
-from vit_accel import step_plan
 from vit_accel.chronometer import Chronometer, EtaEstimator, format_duration, itstime
-from vit_accel import errors
 from vit_accel.errors import Preempted, StorageError, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics

@@ -16,8 +16,16 @@ import jax
 from absl import logging
 
 from input_pipeline import pipeline
-from vit_accel import checkpointing, config_checks, grad_error, io, report, rng_streams, run_setup
-from vit_accel import step_plan
+from vit_accel import (
+  checkpointing,
+  config_checks,
+  grad_error,
+  io,
+  report,
+  rng_streams,
+  run_setup,
+  step_plan,
+)
 from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config

@@ -8,8 +8,9 @@ momentum schedules are the full run's, compressed in time).
 """
 from __future__ import annotations
 
-import jax
 import os
+
+import jax
 
 from input_pipeline import pipeline
 from vit_accel import step_plan, train
