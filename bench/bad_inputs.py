@@ -7,7 +7,7 @@ Each case runs `main.py` against a copy of one real run directory (the smoke rec
 4, holding genuine checkpoints at steps 2 and 4); "untouched" compares every file's bytes before and
 after. The file-system cases mount small tmpfs file systems (a read-only one; one too small for the
 next checkpoint), which needs root; without it they are reported as not run. The tests
-(tests/test_cli.py, test_run_safety.py, test_config_domains.py, test_device_counts.py,
+(tests/test_main.py, test_run_safety.py, test_config_domains.py, test_device_counts.py,
 test_train.py, test_kill_resume.py, test_sources.py) assert the same behaviours; this script is the
 human-readable record.
 """
@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from test_cli import CASES  # noqa: E402  (the CLI cases the tests check, run here one by one)
+from test_main import CASES  # noqa: E402  (the CLI cases the tests check, run here one by one)
 from test_sources import make_image_folder  # noqa: E402
 from vit_accel import io  # noqa: E402
 

@@ -46,9 +46,9 @@ def test_same_seed_same_stream_other_seed_other_stream():
 
 def test_resume_position_reproduces_the_stream_across_epochs():
   images = synthetic_images(n=40)  # 2 steps of 16 per epoch: stream crosses epoch boundaries
-  split = pipeline.HostShard(0, 1, 16)
-  full = take(pipeline.train_dataset(images, tiny_config(), split), 7)
-  resumed = take(pipeline.train_dataset(images, tiny_config(), split, start_step=3), 4)
+  shard = pipeline.HostShard(0, 1, 16)
+  full = take(pipeline.train_dataset(images, tiny_config(), shard), 7)
+  resumed = take(pipeline.train_dataset(images, tiny_config(), shard, start_step=3), 4)
   for x, y in zip(full[3:], resumed):
     np.testing.assert_array_equal(x["views"][0], y["views"][0])
     np.testing.assert_array_equal(x["views"][1], y["views"][1])
@@ -64,9 +64,9 @@ def test_hosts_read_disjoint_shards():
   cfg.aug.jitter_p = 0.0
   seen = []
   for host in range(2):
-    split = pipeline.HostShard(host, 2, 16)
-    assert split.local_batch == 8
-    batches = take(pipeline.train_dataset(images, cfg, split), 4)  # one epoch of the shard
+    shard = pipeline.HostShard(host, 2, 16)
+    assert shard.local_batch == 8
+    batches = take(pipeline.train_dataset(images, cfg, shard), 4)  # one epoch of the shard
     seen.append({int(v[0, 0, 0]) for b in batches for v in b["views"][0]})
   assert seen[0] == set(range(32)) and seen[1] == set(range(32, 64))
 
