@@ -75,10 +75,7 @@ def main(argv):
     mode = modes.MODES[FLAGS.mode]
     if mode.reads_data:
       sources.check_source(config)
-    if mode.needs_jax:
-      from vit_accel import distributed  # lazy: imports JAX, which report/search never need
-      distributed.initialize(config)  # multi-host: before anything touches a device
-      logging.info("config:\n%s", config)
+    logging.info("config:\n%s", config)
     args = modes.Args(compare=tuple(os.path.abspath(d) for d in FLAGS.compare))
     modes.load(FLAGS.mode).run(config, os.path.abspath(FLAGS.workdir), args)
   except UserError as e:

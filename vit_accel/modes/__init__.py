@@ -3,8 +3,8 @@
 A driver (`vit_accel/modes/<name>.py`) exposes `run(config, workdir, args=Args())` and is thin: it
 builds the run where it needs a model or state (run_setup.build), calls the maths (grad_error,
 cost_table, schedule_search, evaluator, report, the trainer) and writes its files through
-vit_accel.io. main.py checks the workdir, the data source (`reads_data`) and starts JAX's
-multi-process runtime (`needs_jax`) before it loads the driver.
+vit_accel.io. main.py checks the workdir and the data source (`reads_data`) before it loads the
+driver; drivers that use JAX start its multi-process runtime first (distributed.initialize).
 
 Standard library only, like io.py: main.py reads the registry before JAX or TensorFlow is imported.
 """
@@ -21,7 +21,6 @@ from vit_accel import io
 class Mode:
   module: str                 # the driver: a module with run(config, workdir, args)
   reads_data: bool            # main checks the data source first (a bad path fails in seconds)
-  needs_jax: bool             # main starts the multi-process runtime before the driver loads
   help: str                   # one line for --help
   # The file in WORKDIR recording the config the mode ran with, None = none. Drivers write it with
   # save_config once their inputs are checked; train's config.json (the run's own record) is written
@@ -37,26 +36,26 @@ class Args:
 
 
 MODES = {
-    "train": Mode("vit_accel.modes.train", reads_data=True, needs_jax=True,
+    "train": Mode("vit_accel.modes.train", reads_data=True,
                   config_record="config.json",
                   help="pretrain (or resume) in WORKDIR"),
-    "eval": Mode("vit_accel.modes.eval", reads_data=True, needs_jax=True,
+    "eval": Mode("vit_accel.modes.eval", reads_data=True,
                  config_record="config.eval.json",
                  help="kNN + linear probe of a checkpoint in WORKDIR, appended to "
                       "WORKDIR/metrics.jsonl"),
-    "cost": Mode("vit_accel.modes.cost", reads_data=False, needs_jax=True,
+    "cost": Mode("vit_accel.modes.cost", reads_data=False,
                  config_record="config.cost.json",
                  help="time the train step per compression strategy -> WORKDIR/cost_table.json"),
-    "grad_error": Mode("vit_accel.modes.grad_error", reads_data=True, needs_jax=True,
+    "grad_error": Mode("vit_accel.modes.grad_error", reads_data=True,
                        config_record="config.grad_error.json",
                        help="gradient bias/variance/CA-MSE per strategy at WORKDIR's checkpoints "
                             "-> WORKDIR/grad_error.json"),
-    "search": Mode("vit_accel.modes.search", reads_data=False, needs_jax=False,
+    "search": Mode("vit_accel.modes.search", reads_data=False,
                    help="a schedule from WORKDIR/grad_error.json -> WORKDIR/schedule.txt"),
-    "pilot": Mode("vit_accel.modes.pilot", reads_data=True, needs_jax=True,
+    "pilot": Mode("vit_accel.modes.pilot", reads_data=True,
                   config_record="config.pilot.json",
                   help="short uncompressed run + grad_error + search in one go"),
-    "report": Mode("vit_accel.modes.report", reads_data=False, needs_jax=False,
+    "report": Mode("vit_accel.modes.report", reads_data=False,
                    help="plots and a table of WORKDIR (and --compare runs) into WORKDIR/report/"),
 }
 

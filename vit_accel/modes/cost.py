@@ -7,13 +7,14 @@ import os
 
 import jax
 
-from vit_accel import cost_table, io
+from vit_accel import cost_table, distributed, io
 from vit_accel.modes import Args, save_config
 
 
 def run(config, workdir: str, args: Args = Args()) -> list[dict]:
   """The table's rows (see cost_table.measure)."""
   del args
+  distributed.initialize(config)   # multi-host: before anything touches a device
   rows = cost_table.measure(config)
   m = config.model
   meta = {"machine": cost_table.machine_description(), "batch_size": int(config.batch_size),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from vit_accel import checkpointing, run_setup
+from vit_accel import checkpointing, distributed, run_setup
 from vit_accel.errors import UserError, first_line
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter
@@ -54,6 +54,7 @@ def restore_checkpoint(config, workdir: str, target) -> tuple[int, object, dict]
 def run(config, workdir: str, args: Args = Args()) -> dict:
   """The metrics line written (the evaluation, the checkpoint's step and clocks)."""
   del args
+  distributed.initialize(config)   # multi-host: before anything touches a device
   # The data first (run_setup.build reads the sources): a bad image folder is reported before any
   # checkpoint is touched.
   setup = run_setup.build(config, training=False)   # any device count evaluates

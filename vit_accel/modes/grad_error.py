@@ -19,6 +19,7 @@ from input_pipeline import pipeline
 from vit_accel import (
   checkpointing,
   config_checks,
+  distributed,
   grad_error,
   io,
   report,
@@ -78,6 +79,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   """Measures the table at every requested checkpoint of the run in `workdir`; returns what
   grad_error.json holds."""
   del args
+  distributed.initialize(config)   # multi-host: before anything touches a device
   ge = config.grad_error
   config_checks.validate_config(config)   # the config first, then which checkpoints, then the data
   available = saved_steps(workdir)

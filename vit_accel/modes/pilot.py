@@ -13,7 +13,7 @@ import os
 import jax
 
 from input_pipeline import pipeline
-from vit_accel import step_plan, train
+from vit_accel import distributed, step_plan, train
 from vit_accel.modes import Args, save_config
 from vit_accel.modes import grad_error as grad_error_mode
 from vit_accel.modes import search as search_mode
@@ -38,6 +38,7 @@ def pilot_config(config, num_train: int):
 def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
+  distributed.initialize(config)   # multi-host: before anything touches a device
   num_train = pipeline.load_source(config, "train").num_examples
   pilot = pilot_config(config, num_train)
   pilot_dir = os.path.join(workdir, "pilot")
