@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sequence compression (vit_accel/compression.py). A strategy spec is 'full', 'keep0.25' (random
   # token keep), 'count16', 'patch8' (flexible patch size), 'patch8,keep0.5', 'res16' (resolution
-  # scaling); 'QUERY|KEY' sets both branches, a single spec compresses the query only.
+  # scaling); 'QUERY|KEY' sets both branches, a single spec compresses the query only; multi-crop
+  # recipes (DINO) may add the local crops' own: 'QUERY|KEY|LOCAL'.
   c.compression = ml_collections.ConfigDict()
   c.compression.bucket = 8       # kept-token counts round to a multiple of this
   # --mode=cost times the train step for each of these (full length is always measured first).

@@ -11,7 +11,8 @@ values, except where the config says why; out_dim 1024 instead of 65536 for 10 c
 images). Multi-crop: 2 global crops at
 32 px (scale 0.4-1) + 4 local crops at 16 px (scale 0.05-0.4): DINO's 224/96 px scaled to this data.
 Compression applies to the student's views; the teacher stays at full length (the schedule's specs
-have no '|KEY' part).
+have no '|KEY' part). A stage spec may give each branch its own strategy: 'STUDENT|TEACHER|LOCAL'
+(the third part for the local crops; without it they run the student's strategy at 16 px).
 """
 from configs import base
 from input_pipeline import recipes

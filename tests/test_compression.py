@@ -161,7 +161,7 @@ def test_layout_arithmetic():
     (lambda: Strategy(resolution=2).layout(32, 4), "smaller than one base patch"),
     (lambda: Strategy.parse("drop0.5"), "cannot read"),
     (lambda: Strategy.parse("keepx"), "cannot read"),
-    (lambda: BranchStrategies.parse("full|full|full"), "QUERY|KEY"),
+    (lambda: BranchStrategies.parse("full|full|full|full"), "QUERY|KEY"),
 ])
 def test_invalid_strategies_raise_a_clear_error(make, match):
   with pytest.raises(UserError, match=match):

@@ -260,6 +260,64 @@ def test_cost_branches_count_views_and_local_crops():
       step_plan.step_cost_units(d, full)
 
 
+def test_dino_branches_each_take_their_own_strategy_and_cost():
+  d = tiny_config(recipe="dino")
+  cost = lambda spec: step_plan.step_cost_units(d, BranchStrategies.parse(spec))  # noqa: E731
+  # Without a third part the local crops run the student's strategy, as an explicit one does.
+  assert cost("keep0.5") == pytest.approx(cost("keep0.5|full|keep0.5"))
+  # Each part moves only its own branches' cost.
+  assert cost("keep0.5|full|full") > cost("keep0.5") > cost("keep0.5|full|patch8")
+  assert cost("keep0.5|keep0.5") < cost("keep0.5|full")
+  branches = dino.cost_branches(d, BranchStrategies.parse("full|keep0.5|count8"))
+  kept = [b.layout.kept for b in branches]
+  full_global = branches[0].layout.kept
+  assert kept[:2] == [full_global] * 2                               # student, global
+  assert kept[2:2 + d.aug.local_crops] == [8] * d.aug.local_crops    # student, local
+  assert kept[-2:] == [full_global // 2] * 2                         # teacher
+
+
+def test_dino_local_strategy_changes_only_the_local_crops_forward():
+  model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
+                                                        bottleneck_dim=8))
+  g = [jax.random.normal(jax.random.key(i), (4, 8, 8, 3)) for i in range(2)]
+  local = [jax.random.normal(jax.random.key(5), (4, 8, 8, 3))]
+  params = model.init(jax.random.key(1), g[0])["params"]
+  teacher = ema.init(params, dino.EMA_PARTS)
+
+  def loss(spec):
+    return float(dino.loss_fn(model, params, teacher, jnp.zeros((32,)), g, local,
+                              student_temp=0.1, teacher_temp=0.04, center_momentum=0.9,
+                              strategies=BranchStrategies.parse(spec),
+                              rng=jax.random.key(7))[0])
+
+  assert loss("patch8") == loss("patch8|full|patch8")   # implicit == explicit local strategy
+  assert loss("patch8|full|full") != loss("patch8")     # the local part is used
+  assert loss("full|full|patch8") != loss("full")
+  outputs = model.apply({"params": params}, tuple(g) + tuple(local), (FULL, FULL, FULL),
+                        [None] * 3, method=dino.DINOModel.forward_views)[0]
+  again = model.apply({"params": params}, tuple(g) + tuple(local), FULL, [None] * 3,
+                      method=dino.DINOModel.forward_views)[0]
+  for a, b in zip(outputs, again):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_local_crop_part_needs_local_crops_that_it_fits():
+  m = tiny_config(schedule="0.5:keep0.5|keep0.5|keep0.5; 1:full")
+  with pytest.raises(UserError, match=r"schedule: 'keep0.5\|keep0.5\|keep0.5' has a third part "
+                                      r"for local crops, but this recipe has none"):
+    config_checks.validate_config(m)
+  d = tiny_config(recipe="dino", **{"grad_error.candidates": ("patch8|full|patch32",)})
+  with pytest.raises(UserError, match=r"grad_error.candidates: 'patch8\|full\|patch32' on the "
+                                      r"16px local crops: .*patch 32 is larger"):
+    config_checks.validate_config(d)
+  with pytest.raises(UserError, match="use 'QUERY', 'QUERY|KEY' or 'QUERY|KEY|LOCAL'"):
+    BranchStrategies.parse("full|full|full|full")
+  st = BranchStrategies.parse("patch8|keep0.5|full")
+  assert (st.query.spec, st.key.spec, st.local.spec, st.spec) == \
+      ("patch8", "keep0.5", "full", "patch8|keep0.5|full")
+  assert BranchStrategies.parse(st.spec) == st and BranchStrategies.parse("patch8").local is None
+
+
 def test_objective_config_errors_are_one_line():
   c = tiny_config(recipe="simclr")
   c.objective = "byol"

@@ -209,11 +209,14 @@ def test_checkpoint_of_an_older_train_state_format_is_refused_before_restoring()
     run_identity.check_resumable(older, current, "/run/checkpoints", False)
 
 
-@pytest.mark.parametrize("recipe", ["simclr", "dino"])
-def test_each_objective_trains_a_compressed_then_full_run(tmp_path, recipe, needs_fashion_mnist):
+@pytest.mark.parametrize("recipe,compressed", [("simclr", "keep0.5"),
+                                                ("dino", "keep0.5|keep0.5|patch8")])
+def test_each_objective_trains_a_compressed_then_full_run(tmp_path, recipe, compressed,
+                                                          needs_fashion_mnist):
   """With the MoCo-v3 smoke run above, the fast tier's real train step of every objective: two
-  stages (token keep, then full length), finite losses logged per stage, a final evaluation."""
-  config = tiny_config(steps=4, schedule="0.5:keep0.5; 1:full", recipe=recipe,
+  stages (compressed - for DINO every branch: student, teacher, local crops - then full length),
+  finite losses logged per stage, a final evaluation."""
+  config = tiny_config(steps=4, schedule=f"0.5:{compressed}; 1:full", recipe=recipe,
                        **{"eval.at_start": False})
   workdir = str(tmp_path / recipe)
   result = train.train_and_evaluate(config, workdir)

@@ -7,7 +7,8 @@ A `Strategy` says how one branch's view is turned into a shorter token sequence:
     of sequence lengths (= compiled programs) stays small.
 Specs are short strings so they fit configs and stage lists: "full", "keep0.25", "count16",
 "patch8", "patch8,keep0.5", "res16". A branch pair is "QUERY|KEY"; a single spec means the query
-(gradient) branch, with the key branch at full length.
+(gradient) branch, with the key branch at full length; multi-crop recipes may add a third part for
+the local crops, "QUERY|KEY|LOCAL".
 
 Cost is in base-forward units: 1 = one forward pass of the uncompressed backbone on one sample.
 """
@@ -132,23 +133,38 @@ FULL = Strategy()
 
 @dataclasses.dataclass(frozen=True)
 class BranchStrategies:
-  """Strategies for the gradient branch (MoCo query / SimCLR views / DINO student) and the
-  no-gradient branch (MoCo key / DINO teacher)."""
+  """Strategies for the gradient branch (MoCo query / SimCLR views / DINO student's global views),
+  the no-gradient branch (MoCo key / DINO teacher) and, for multi-crop recipes, the student's local
+  crops (`local`; None = the same strategy as the gradient branch, applied at the crops' size).
+
+  Spec: 'QUERY', 'QUERY|KEY' or 'QUERY|KEY|LOCAL' (the third part only with local crops), e.g. DINO
+  'patch8|keep0.5|full': student global views at patch 8, teacher at 50% token keep, local crops at
+  full length."""
   query: Strategy = FULL
   key: Strategy = FULL
+  local: Strategy | None = None
 
   @classmethod
   def parse(cls, spec: str, bucket: int = 8) -> BranchStrategies:
-    """'Q' (key at full length) or 'Q|K'."""
+    """'Q' (key at full length), 'Q|K' or 'Q|K|L'; raises UserError for anything else."""
     parts = str(spec).split("|")
-    if len(parts) > 2:
-      raise UserError(f"cannot read branch strategies {spec!r}; use 'QUERY' or 'QUERY|KEY'")
+    if len(parts) > 3:
+      raise UserError(f"cannot read branch strategies {spec!r}; use 'QUERY', 'QUERY|KEY' or "
+                      f"'QUERY|KEY|LOCAL'")
     query = Strategy.parse(parts[0], bucket)
-    key = Strategy.parse(parts[1], bucket) if len(parts) == 2 else FULL
-    return cls(query=query, key=key)
+    key = Strategy.parse(parts[1], bucket) if len(parts) >= 2 else FULL
+    local = Strategy.parse(parts[2], bucket) if len(parts) == 3 else None
+    return cls(query=query, key=key, local=local)
+
+  @property
+  def local_strategy(self) -> Strategy:
+    """What the local crops run: `local`, or the gradient branch's strategy when unset."""
+    return self.query if self.local is None else self.local
 
   @property
   def spec(self) -> str:
+    if self.local is not None:
+      return f"{self.query.spec}|{self.key.spec}|{self.local.spec}"
     return self.query.spec if self.key == FULL else f"{self.query.spec}|{self.key.spec}"
 
   def layouts(self, image_size: int, base_patch: int) -> tuple[Layout, Layout]:

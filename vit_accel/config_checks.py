@@ -31,8 +31,27 @@ def validate_config(config) -> None:
     if local <= 0 or local % m.patch_size or local > m.image_size:
       raise UserError(f"aug.local_size={local} must be a positive multiple of model.patch_size="
                       f"{m.patch_size} and at most model.image_size={m.image_size}")
-  step_plan.schedule_stages(config)
   if config.budget <= 0 and config.budget_epochs <= 0:
     raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
-  for key in ("compression.cost_candidates", "grad_error.candidates"):
-    step_plan.candidates(config, key)
+  specs = {key: step_plan.candidates(config, key)
+           for key in ("compression.cost_candidates", "grad_error.candidates", "online.candidates")}
+  specs["schedule"] = [s.strategies for s in step_plan.schedule_stages(config)]
+  for key, strategies in specs.items():
+    for st in strategies:
+      check_local_crops(config, st, key)
+
+
+def check_local_crops(config, strategies, key: str) -> None:
+  """A strategy's local-crop part ('QUERY|KEY|LOCAL') needs a multi-crop recipe, and the strategy
+  the local crops run must apply to their size; UserError naming `key` otherwise."""
+  if not num_local_crops(config):
+    if strategies.local is not None:
+      raise UserError(f"{key}: {strategies.spec!r} has a third part for local crops, but this "
+                      f"recipe has none (aug.local_crops=0); use 'QUERY' or 'QUERY|KEY'")
+    return
+  try:
+    strategies.local_strategy.layout(config.aug.local_size, config.model.patch_size)
+  except UserError as e:
+    raise UserError(f"{key}: {strategies.spec!r} on the {config.aug.local_size}px local crops: "
+                    f"{e}; give the local crops their own strategy as a third part, e.g. "
+                    f"'{strategies.query.spec}|{strategies.key.spec}|full'") from None

@@ -12,7 +12,8 @@ Learning rate and EMA momentum are functions of progress = units spent / budget 
 objectives/ema.py).
 
 A schedule is a preset name or a stage list "END:SPEC; END:SPEC; ...", END the budget fraction where the
-stage ends (increasing, the last one 1) and SPEC the branch strategies ('QUERY' or 'QUERY|KEY').
+stage ends (increasing, the last one 1) and SPEC the branch strategies ('QUERY', 'QUERY|KEY', or
+with local crops 'QUERY|KEY|LOCAL'; compression.BranchStrategies).
 """
 from __future__ import annotations
 

@@ -78,11 +78,14 @@ class DINOModel(nn.Module):
   def __call__(self, images, strategy: Strategy = FULL, rng=None, freeze_last=False):
     return self.head(self.features(images, strategy, rng), freeze_last)
 
-  def forward_views(self, views, strategy: Strategy, rngs, freeze_last=False, joint_head=False):
-    """(head outputs, backbone features), one per view. The backbone runs per view (views differ
-    in length); with `joint_head` the head runs once on all views' features, so its BatchNorm
+  def forward_views(self, views, strategies, rngs, freeze_last=False, joint_head=False):
+    """(head outputs, backbone features), one per view, view i compressed by strategies[i] (or by
+    `strategies` itself when it is one Strategy). The backbone runs per view (views differ in
+    length); with `joint_head` the head runs once on all views' features, so its BatchNorm
     (`head_bn`) normalises over every view of the batch, as DINO's multi-crop wrapper does."""
-    features = [self.features(v, strategy, r) for v, r in zip(views, rngs)]
+    if isinstance(strategies, Strategy):
+      strategies = (strategies,) * len(views)
+    features = [self.features(v, s, r) for v, s, r in zip(views, strategies, rngs)]
     if not joint_head:
       return [self.head(f, freeze_last) for f in features], features
     out = self.head(jnp.concatenate(features, axis=0), freeze_last)
@@ -159,12 +162,16 @@ def loss_fn(model: DINOModel, params, teacher_params, center, global_views, loca
   views = tuple(global_views) + tuple(local_views)
   rngs = (jax.random.split(rng, len(views) + len(global_views)) if rng is not None
           else [None] * (len(views) + len(global_views)))
+  # Student: global views at strategies.query, local crops at strategies.local_strategy; teacher:
+  # global views at strategies.key (token keep draws its own tokens, as MoCo's key branch does).
+  student_strategies = ((strategies.query,) * len(global_views)
+                        + (strategies.local_strategy,) * len(local_views))
   student_out, student_features = model.apply(
-      {"params": params}, views, strategies.query, rngs[:len(views)], freeze_last, joint_head,
+      {"params": params}, views, student_strategies, rngs[:len(views)], freeze_last, joint_head,
       method=DINOModel.forward_views)
   teacher_out, _ = model.apply(
-      {"params": teacher_params}, tuple(global_views), strategies.key, rngs[len(views):],
-      joint_head=joint_head, method=DINOModel.forward_views)
+      {"params": teacher_params}, tuple(global_views), (strategies.key,) * len(global_views),
+      rngs[len(views):], joint_head=joint_head, method=DINOModel.forward_views)
   teacher_out = [jax.lax.stop_gradient(t) for t in teacher_out]
   value, probs = dino_loss(student_out, teacher_out, center, student_temp, teacher_temp, centering)
   if koleo_weight:
@@ -211,12 +218,13 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
 
 
 def cost_branches(config, strategies: BranchStrategies):
-  """Student: 2 global + local crops with gradient; teacher: 2 global views without."""
+  """Student: 2 global views (strategies.query) + local crops (strategies.local_strategy) with
+  gradient; teacher: 2 global views (strategies.key) without."""
   m, h = config.model, config.dino
   head = (compression.mlp_flops([m.width] + [h.hidden_dim] * (h.head_layers - 1)
                                 + [h.bottleneck_dim]) + 2.0 * h.bottleneck_dim * h.out_dim)
   q_global = strategies.query.layout(m.image_size, m.patch_size)
-  q_local = strategies.query.layout(config.aug.local_size, m.patch_size)
+  q_local = strategies.local_strategy.layout(config.aug.local_size, m.patch_size)
   k_global = strategies.key.layout(m.image_size, m.patch_size)
   return (2 * [compression.Branch(q_global, head, with_grad=True)]
           + config.aug.local_crops * [compression.Branch(q_local, head, with_grad=True)]
