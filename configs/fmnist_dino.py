@@ -25,9 +25,14 @@ def get_config(arg: str | None = None):
   # The accelerated schedule on the student only: patch x2, then 50% token keep, then full length.
   c.schedule = "0.55:patch8; 0.8:keep0.5; 1:full"
   c.online.candidates = ("patch8", "keep0.5")
-  c.grad_error.candidates = ("patch8", "keep0.5", "keep0.25", "patch8|patch8")
+  # Every branch combination (STUDENT|TEACHER|LOCAL): the student alone (global views only, or
+  # with its local crops), the teacher alone, the local crops alone, and all of them.
+  c.grad_error.candidates = (
+      "patch8", "patch8|full|full", "patch8|patch8", "patch8|patch8|full", "full|patch8",
+      "keep0.5", "keep0.5|full|full", "keep0.5|keep0.5", "full|keep0.5", "full|full|keep0.5",
+      "keep0.25|keep0.25")
   c.compression.cost_candidates = ("patch8", "keep0.5", "keep0.25", "patch8|patch8",
-                                   "keep0.5|keep0.5")
+                                   "keep0.5|keep0.5", "patch8|patch8|full", "full|full|keep0.5")
   # Short-run settings, chosen by measurement (see the README): with the paper's ViT head (no BN,
   # normalised last layer), 0.04 -> 0.07 teacher warm-up and momentum 0.996, the teacher drifted to
   # a uniform output within 200 steps and kNN fell below the initial network's. BatchNorm in the
