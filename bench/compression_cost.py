@@ -60,10 +60,10 @@ def main(_):
       "`units` = analytic per-sample step cost in base-forward units (1 = one uncompressed backbone "
       "forward; a gradient branch costs ~3 forwards, a key branch 1; heads included). "
       "`ratio` = measured / analytic speed-up.", "",
-      "| strategy (query\\|key) | tokens q/k | units | ms/step | measured speed-up | analytic "
+      "| strategy | tokens q/k | units | ms/step | measured speed-up | analytic "
       "speed-up | ratio | compile s |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| `{r['query']}\\|{r['key']}` | {r['seq_len']}/{r['key_seq_len']} | "
+    lines.append(f"| `{r['strategy'].replace('|', chr(92) + '|')}` | {r['seq_len']}/{r['key_seq_len']} | "
                  f"{r['analytic_units']:.2f} | {r['ms_per_step']:.0f} | "
                  f"{r['measured_speedup']:.2f}x | {r['analytic_speedup']:.2f}x | "
                  f"{r['efficiency']:.2f} | {r['compile_s']:.1f} |")

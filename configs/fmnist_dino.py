@@ -25,8 +25,9 @@ def get_config(arg: str | None = None):
   # The accelerated schedule on the student only: patch x2, then 50% token keep, then full length.
   c.schedule = "0.55:patch8; 0.8:keep0.5; 1:full"
   c.online.candidates = ("patch8", "keep0.5")
-  # Every branch combination (STUDENT|TEACHER|LOCAL): the student alone (global views only, or
-  # with its local crops), the teacher alone, the local crops alone, and all of them.
+  # Branch combinations (STUDENT|TEACHER|LOCAL) for patch 8 and 50% keep: the student's global views
+  # alone, with its local crops, with the teacher, with both; the teacher alone; (keep) the local
+  # crops alone; and 25% keep everywhere. 11 candidates: --mode=grad_error measures each.
   c.grad_error.candidates = (
       "patch8", "patch8|full|full", "patch8|patch8", "patch8|patch8|full", "full|patch8",
       "keep0.5", "keep0.5|full|full", "keep0.5|keep0.5", "full|keep0.5", "full|full|keep0.5",

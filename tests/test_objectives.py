@@ -1,6 +1,7 @@
 """SimCLR and DINO: losses against NumPy references, centring and temperature schedules, which
 parameters get gradients, the cost model's branches, config checks, and a short run of each."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -304,13 +305,18 @@ def test_dino_local_strategy_changes_only_the_local_crops_forward():
 def test_a_local_crop_part_needs_local_crops_that_it_fits():
   m = tiny_config(schedule="0.5:keep0.5|keep0.5|keep0.5; 1:full")
   with pytest.raises(UserError, match=r"schedule: 'keep0.5\|keep0.5\|keep0.5' has a third part "
-                                      r"for local crops, but this recipe has none"):
+                                      r"for local crops, but this run has none \(mocov3, "
+                                      r"aug.local_crops=0\)"):
+    config_checks.validate_config(m)
+  # MoCo-v3 never reads local crops, even where a recipe sets some: the part is refused, not ignored.
+  m.aug.local_crops, m.aug.local_size = 2, 16
+  with pytest.raises(UserError, match=r"but this run has none \(mocov3, aug.local_crops=2\)"):
     config_checks.validate_config(m)
   d = tiny_config(recipe="dino", **{"grad_error.candidates": ("patch8|full|patch32",)})
   with pytest.raises(UserError, match=r"grad_error.candidates: 'patch8\|full\|patch32' on the "
                                       r"16px local crops: .*patch 32 is larger"):
     config_checks.validate_config(d)
-  with pytest.raises(UserError, match="use 'QUERY', 'QUERY|KEY' or 'QUERY|KEY|LOCAL'"):
+  with pytest.raises(UserError, match=re.escape("use 'QUERY', 'QUERY|KEY' or 'QUERY|KEY|LOCAL'")):
     BranchStrategies.parse("full|full|full|full")
   st = BranchStrategies.parse("patch8|keep0.5|full")
   assert (st.query.spec, st.key.spec, st.local.spec, st.spec) == \

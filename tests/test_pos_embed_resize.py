@@ -56,7 +56,7 @@ def _recipe_grids(config):
     grids.add((base, s.query.layout(m.image_size, m.patch_size).grid))
     grids.add((base, s.key.layout(m.image_size, m.patch_size).grid))
     if train_step.num_local_crops(config):
-      grids.add((base, s.query.layout(config.aug.local_size, m.patch_size).grid))
+      grids.add((base, s.local_strategy.layout(config.aug.local_size, m.patch_size).grid))
   return grids
 
 

@@ -156,6 +156,11 @@ class BranchStrategies:
     local = Strategy.parse(parts[2], bucket) if len(parts) == 3 else None
     return cls(query=query, key=key, local=local)
 
+  def canonical(self) -> BranchStrategies:
+    """The same strategies with an explicit local part equal to the query's dropped: two specs that
+    run the same program compare equal."""
+    return self if self.local != self.query else dataclasses.replace(self, local=None)
+
   @property
   def local_strategy(self) -> Strategy:
     """What the local crops run: `local`, or the gradient branch's strategy when unset."""
@@ -188,7 +193,7 @@ def full_then_candidates(specs, bucket: int, model_cfg, key: str) -> list[Branch
   out = [BranchStrategies.parse("full|full", bucket)]
   for spec in specs:
     s = parse_checked(spec, bucket, model_cfg, key)
-    if s not in out:
+    if s.canonical() not in [o.canonical() for o in out]:
       out.append(s)
   return out
 

@@ -42,12 +42,14 @@ def validate_config(config) -> None:
 
 
 def check_local_crops(config, strategies, key: str) -> None:
-  """A strategy's local-crop part ('QUERY|KEY|LOCAL') needs a multi-crop recipe, and the strategy
-  the local crops run must apply to their size; UserError naming `key` otherwise."""
-  if not num_local_crops(config):
+  """A strategy's local-crop part ('QUERY|KEY|LOCAL') needs an objective that uses local crops and a
+  recipe that has some, and the strategy the local crops run must apply to their size; UserError
+  naming `key` otherwise."""
+  if not (objectives.get(config.objective).LOCAL_CROPS and num_local_crops(config)):
     if strategies.local is not None:
       raise UserError(f"{key}: {strategies.spec!r} has a third part for local crops, but this "
-                      f"recipe has none (aug.local_crops=0); use 'QUERY' or 'QUERY|KEY'")
+                      f"run has none ({config.objective}, aug.local_crops="
+                      f"{config.aug.local_crops}); use 'QUERY' or 'QUERY|KEY'")
     return
   try:
     strategies.local_strategy.layout(config.aug.local_size, config.model.patch_size)

@@ -92,11 +92,11 @@ def measure(config, on_row=None) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
   """The rows as printed text, one line per strategy."""
-  head = (f"{'strategy (query|key)':<24} {'seq':>4} {'key':>4} {'units':>7} {'ms/step':>9} "
+  head = (f"{'strategy':<24} {'seq':>4} {'key':>4} {'units':>7} {'ms/step':>9} "
           f"{'speed-up':>9} {'analytic':>9} {'ratio':>6} {'compile':>8}")
   lines = [head, "-" * len(head)]
   for r in rows:
-    lines.append(f"{r['query'] + '|' + r['key']:<24} {r['seq_len']:>4} {r['key_seq_len']:>4} "
+    lines.append(f"{r['strategy']:<24} {r['seq_len']:>4} {r['key_seq_len']:>4} "
                  f"{r['analytic_units']:>7.2f} {r['ms_per_step']:>9.1f} "
                  f"{r['measured_speedup']:>8.2f}x {r['analytic_speedup']:>8.2f}x "
                  f"{r['efficiency']:>6.2f} {r['compile_s']:>7.1f}s")

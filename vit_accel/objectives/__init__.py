@@ -3,6 +3,7 @@
 Each objective module is a set of pure functions the trainer calls; none of them owns state:
   EMA_PARTS                   parameter subtrees an EMA copy tracks (MoCo key / DINO teacher; () = none)
   EVAL_ON                     "params" or "ema_params": which weights evaluation reads (DINO: teacher)
+  LOCAL_CROPS                 whether the objective uses local crops (multi-crop; a spec's LOCAL part)
   build(config, backbone)     -> linen module with `features(images, strategy, rng)` (the CLS feature)
   init_extra(config)          -> dict of non-parameter state carried between steps (DINO: centre)
   momentum(config, progress)  -> the EMA momentum at this budget progress

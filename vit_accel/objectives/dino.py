@@ -3,8 +3,9 @@ centred, sharpened output distribution across views.
 
 - Teacher: EMA of the student's backbone + head, momentum cosine from `dino.base_momentum` (0.996)
   to 1; it sees the 2 global views only, uncompressed unless the stage spec says 'QUERY|KEY'.
-- Student: all views, the 2 global crops and `aug.local_crops` local crops (their own, smaller side,
-  hence their own sequence length), under the stage's gradient-branch strategy.
+- Student: all views, the 2 global crops (the stage's 'QUERY' strategy) and `aug.local_crops` local
+  crops (their own, smaller side, hence their own sequence length; the spec's third part
+  'QUERY|KEY|LOCAL', else the 'QUERY' strategy).
 - Loss: cross-entropy H(teacher_i, student_v) averaged over every pair with v != i; teacher softmax at
   a temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp`, after subtracting a
   centre (EMA of the teacher's batch-mean output, momentum `center_momentum`); student at
@@ -37,6 +38,7 @@ from vit_accel.objectives import ema
 
 EMA_PARTS = ("backbone", "head")
 EVAL_ON = "ema_params"   # DINO evaluates the teacher
+LOCAL_CROPS = True       # the student sees aug.local_crops local crops (multi-crop)
 
 
 class DINOHead(nn.Module):

@@ -21,6 +21,7 @@ from vit_accel.objectives.ema import momentum_at  # noqa: F401  (re-exported: Mo
 KEY_ENCODER_PARTS = ("backbone", "projector")
 EMA_PARTS = KEY_ENCODER_PARTS
 EVAL_ON = "params"   # the query (base) encoder, as in MoCo-v3's linear evaluation
+LOCAL_CROPS = False  # two views only
 
 
 class MoCoV3Model(nn.Module):

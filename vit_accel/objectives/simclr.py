@@ -20,6 +20,7 @@ from vit_accel.models.vit import VisionTransformer
 
 EMA_PARTS = ()       # no momentum encoder
 EVAL_ON = "params"
+LOCAL_CROPS = False  # two views only
 
 
 class SimCLRModel(nn.Module):
