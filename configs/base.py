@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
       "keep0.5", "keep0.25", "patch8", "keep0.5|keep0.5", "keep0.25|keep0.25",
       "patch8|patch8", "res16|res16")
   c.compression.cost_repeats = 7
+  # True: a compressed stage's EMA momentum per step is m ** (step cost / full step cost), so the
+  # momentum encoder (MoCo-v3's key, DINO's teacher) averages over the same share of the budget at
+  # every stage; False: the same per-step momentum whatever the step costs (MoCo-v3's, DINO's own).
+  c.compression.ema_per_budget = False
 
   # --mode=grad_error (vit_accel/grad_error.py): gradient bias / variance / CA-MSE per strategy at
   # saved checkpoints; R reference batches for g*, then M batches per strategy (global batch_size).

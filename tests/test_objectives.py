@@ -410,3 +410,25 @@ def test_short_run_of_each_objective_logs_knn_and_resumes_identically(objective,
     assert set(a.ema_params) == {"backbone", "head"}
   else:
     assert not jax.tree.leaves(a.ema_params) and not jax.tree.leaves(a.extra)   # nothing to carry
+
+
+def test_ema_per_budget_raises_the_momentum_to_the_step_cost_ratio():
+  from vit_accel import run_setup, train_step
+  config = tiny_config(recipe="dino")
+  cheap = BranchStrategies.parse("patch8|patch8|full", config.compression.bucket)
+  assert train_step.ema_exponent(config, cheap) == 1.0   # off by default: the paper's EMA
+  config.compression.ema_per_budget = True
+  ratio = (step_plan.step_cost_units(config, cheap)
+           / step_plan.step_cost_units(config, BranchStrategies()))
+  assert 0.2 < ratio < 0.8
+  assert train_step.ema_exponent(config, cheap) == ratio
+  assert train_step.ema_exponent(config, BranchStrategies()) == 1.0
+  # In the step: the logged (and applied) momentum is the schedule's to that power.
+  setup = run_setup.build(config, splits=())
+  step = jax.jit(train_step.make_train_step(config, setup.model, setup.tx, cheap))
+  batch = {name: tuple(np.zeros(shape, np.uint8) for shape in shapes)
+           for name, shapes in train_step.batch_shapes(config).items()}
+  state, metrics = step(setup.fresh_state(), batch, jnp.float32(0.0))
+  want = float(config.dino.base_momentum) ** ratio
+  np.testing.assert_allclose(float(metrics["momentum"]), want, rtol=1e-6)
+  assert float(metrics["momentum"]) > config.dino.base_momentum

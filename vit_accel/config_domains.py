@@ -189,6 +189,7 @@ DOMAINS = {
     "compression.bucket": COUNT,
     "compression.cost_candidates": Each(TEXT),
     "compression.cost_repeats": COUNT,
+    "compression.ema_per_budget": FLAG,
     "grad_error.steps": Each(NON_NEGATIVE_INT),
     "grad_error.reference_batches": Number(2, integer=True),
     "grad_error.batches": Number(2, integer=True),

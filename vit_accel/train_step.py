@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_accel import checkpointing, objectives, optimizer, rng_streams
+from vit_accel import checkpointing, objectives, optimizer, rng_streams, step_plan
 from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.objectives import ema
@@ -64,15 +64,31 @@ def make_loss_fn(config, model, strategies: BranchStrategies = BranchStrategies(
   return loss_fn
 
 
+def ema_exponent(config, strategies: BranchStrategies) -> float:
+  """The power the EMA momentum is raised to in a step of `strategies`: step cost / full-length
+  step cost (analytic, per sample) when `compression.ema_per_budget`, else 1.
+
+  A compressed stage runs more, cheaper steps per unit of budget; with momentum m ** (cost ratio)
+  per step the EMA (MoCo-v3's key encoder, DINO's teacher) averages over the same share of the
+  budget at every stage, as it does in the uncompressed baseline. 1.0 at full length."""
+  if not config.compression.ema_per_budget:
+    return 1.0
+  return (step_plan.step_cost_units(config, strategies)
+          / step_plan.step_cost_units(config, BranchStrategies()))
+
+
 def make_train_step(config, model, tx, strategies: BranchStrategies = BranchStrategies()):
   """The step for one compression strategy pair (one static-shaped program). `progress` (budget
   units spent / budget, a float32 scalar from the step plan) drives lr and momentum."""
   loss_fn = make_loss_fn(config, model, strategies)
   objective = objectives.get(config.objective)
+  exponent = ema_exponent(config, strategies)   # a Python float: static in the program
 
   def train_step(state: TrainState, batch, progress):
     lr = optimizer.learning_rate_at(config, progress)
     momentum = objective.momentum(config, progress)
+    if exponent != 1.0:
+      momentum = momentum ** exponent
     (loss, (extra, objective_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.ema_params, state.extra, batch, dropout_rng(config, state.step),
         progress)
