@@ -164,6 +164,9 @@ def test_layout_arithmetic():
     (lambda: Strategy.parse("drop0.5"), "cannot read"),
     (lambda: Strategy.parse("keepx"), "cannot read"),
     (lambda: BranchStrategies.parse("full|full|full|full"), re.escape("'QUERY|KEY|LOCAL'")),
+    (lambda: BranchStrategies.parse("full|full|full,crops-1"), "one 'crops<N>' with N >= 0"),
+    (lambda: BranchStrategies.parse("full|full|crops2,crops3"), "one 'crops<N>'"),
+    (lambda: BranchStrategies.parse("full|full|cropsx"), "one 'crops<N>'"),
 ])
 def test_invalid_strategies_raise_a_clear_error(make, match):
   with pytest.raises(UserError, match=match):
@@ -209,3 +212,14 @@ def test_compressed_costs_less_and_attention_is_quadratic():
   assert units["keep0.25"] < 0.3 and units["patch8"] < 0.3
   # Attention's n^2 term: halving the tokens saves a bit more than half of the block cost.
   assert units["keep0.5"] < 0.52
+
+
+def test_local_crop_count_round_trips_and_is_its_own_program():
+  st = BranchStrategies.parse("patch8|patch8|full,crops2")
+  assert (st.local.spec, st.local_crops, st.spec) == ("full", 2, "patch8|patch8|full,crops2")
+  assert BranchStrategies.parse(st.spec) == st
+  assert BranchStrategies.parse("patch8|full|crops0").spec == "patch8|full|full,crops0"
+  assert BranchStrategies.parse("patch8|patch8|full").local_crops is None
+  # Fewer crops is another program: canonical() keeps the explicit local part.
+  assert BranchStrategies.parse("patch8|full|patch8,crops2").canonical().local_crops == 2
+  assert BranchStrategies.parse("patch8|full|patch8").canonical().local is None

@@ -277,6 +277,40 @@ def test_dino_branches_each_take_their_own_strategy_and_cost():
   assert kept[-2:] == [full_global // 2] * 2                         # teacher
 
 
+def test_dino_local_crop_count_sets_the_views_costed_and_run():
+  d = tiny_config(recipe="dino")
+  n = d.aug.local_crops
+  assert n >= 2
+  cost = lambda spec: step_plan.step_cost_units(d, BranchStrategies.parse(spec))  # noqa: E731
+  per_crop = (cost("full") - cost(f"full|full|full,crops{n - 1}"))
+  assert per_crop > 0
+  assert cost("full|full|full,crops0") == pytest.approx(cost("full") - n * per_crop)
+  assert len(dino.cost_branches(d, BranchStrategies.parse("full|full|full,crops1"))) == 2 + 1 + 2
+  # More crops than the recipe makes: refused, naming the key and the recipe's count.
+  d.grad_error.candidates = (f"full|full|full,crops{n + 1}",)
+  with pytest.raises(UserError, match=rf"grad_error.candidates: .*runs {n + 1} local crops, but "
+                                      rf"the recipe makes {n} \(aug.local_crops\)"):
+    config_checks.validate_config(d)
+  # In the loss: crops<N> uses the first N local views, as if only they were given.
+  model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
+                                                        bottleneck_dim=8))
+  g = [jax.random.normal(jax.random.key(i), (4, 8, 8, 3)) for i in range(2)]
+  local = [jax.random.normal(jax.random.key(5 + i), (4, 8, 8, 3)) for i in range(3)]
+  params = model.init(jax.random.key(1), g[0])["params"]
+  extra = {"center": jnp.zeros((32,))}
+  h = d.dino
+  h.out_dim = 32
+
+  def loss(spec, locals_given):
+    views = {"views": tuple(g), "local_views": tuple(locals_given)}
+    return float(dino.loss(model, params, ema.init(params, dino.EMA_PARTS), extra, views, d,
+                           BranchStrategies.parse(spec), jax.random.key(7), 0.5)[0])
+
+  assert loss("full|full|full,crops1", local) == loss("full|full|full", local[:1])
+  assert loss("full|full|full,crops1", local) != loss("full|full|full", local)
+  assert loss("full|full|full,crops0", local) == loss("full|full|full", ())
+
+
 def test_dino_local_strategy_changes_only_the_local_crops_forward():
   model = dino.DINOModel(tiny_backbone(), dino.DINOHead(out_dim=32, hidden_dim=16,
                                                         bottleneck_dim=8))

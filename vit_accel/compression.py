@@ -139,27 +139,44 @@ class BranchStrategies:
 
   Spec: 'QUERY', 'QUERY|KEY' or 'QUERY|KEY|LOCAL' (the third part only with local crops), e.g. DINO
   'patch8|keep0.5|full': student global views at patch 8, teacher at 50% token keep, local crops at
-  full length."""
+  full length. The LOCAL part may also set how many of the recipe's local crops the step uses,
+  'crops<N>' (N >= 0; the first N, e.g. 'patch8|patch8|full,crops2'): fewer views, not shorter ones
+  (`local_crops`; None = all of them)."""
   query: Strategy = FULL
   key: Strategy = FULL
   local: Strategy | None = None
+  local_crops: int | None = None
 
   @classmethod
   def parse(cls, spec: str, bucket: int = 8) -> BranchStrategies:
-    """'Q' (key at full length), 'Q|K' or 'Q|K|L'; raises UserError for anything else."""
+    """'Q' (key at full length), 'Q|K' or 'Q|K|L' (L may hold 'crops<N>'); raises UserError for
+    anything else."""
     parts = str(spec).split("|")
     if len(parts) > 3:
       raise UserError(f"cannot read branch strategies {spec!r}; use 'QUERY', 'QUERY|KEY' or "
                       f"'QUERY|KEY|LOCAL'")
     query = Strategy.parse(parts[0], bucket)
     key = Strategy.parse(parts[1], bucket) if len(parts) >= 2 else FULL
-    local = Strategy.parse(parts[2], bucket) if len(parts) == 3 else None
-    return cls(query=query, key=key, local=local)
+    local, crops = None, None
+    if len(parts) == 3:
+      tokens = [t.strip() for t in parts[2].lower().split(",")]
+      counts = [t for t in tokens if t.startswith("crops")]
+      try:
+        crops = int(counts[-1][5:]) if counts else None
+      except ValueError:
+        crops = -1
+      if len(counts) > 1 or (crops is not None and crops < 0):
+        raise UserError(f"cannot read the local-crop part of {spec!r}: one 'crops<N>' with "
+                        f"N >= 0, e.g. 'full,crops2'")
+      local = Strategy.parse(",".join(t for t in tokens if not t.startswith("crops")), bucket)
+    return cls(query=query, key=key, local=local, local_crops=crops)
 
   def canonical(self) -> BranchStrategies:
     """The same strategies with an explicit local part equal to the query's dropped: two specs that
     run the same program compare equal."""
-    return self if self.local != self.query else dataclasses.replace(self, local=None)
+    if self.local != self.query or self.local_crops is not None:
+      return self
+    return dataclasses.replace(self, local=None)
 
   @property
   def local_strategy(self) -> Strategy:
@@ -169,7 +186,8 @@ class BranchStrategies:
   @property
   def spec(self) -> str:
     if self.local is not None:
-      return f"{self.query.spec}|{self.key.spec}|{self.local.spec}"
+      crops = "" if self.local_crops is None else f",crops{self.local_crops}"
+      return f"{self.query.spec}|{self.key.spec}|{self.local.spec}{crops}"
     return self.query.spec if self.key == FULL else f"{self.query.spec}|{self.key.spec}"
 
   def layouts(self, image_size: int, base_patch: int) -> tuple[Layout, Layout]:

@@ -51,6 +51,11 @@ def check_local_crops(config, strategies, key: str) -> None:
                       f"run has none ({config.objective}, aug.local_crops="
                       f"{config.aug.local_crops}); use 'QUERY' or 'QUERY|KEY'")
     return
+  crops = strategies.local_crops
+  if crops is not None and crops > num_local_crops(config):
+    raise UserError(f"{key}: {strategies.spec!r} runs {crops} local crops, but the recipe makes "
+                    f"{num_local_crops(config)} (aug.local_crops); use crops0 to "
+                    f"crops{num_local_crops(config)}")
   try:
     strategies.local_strategy.layout(config.aug.local_size, config.model.patch_size)
   except UserError as e:

@@ -5,7 +5,8 @@ centred, sharpened output distribution across views.
   to 1; it sees the 2 global views only, uncompressed unless the stage spec says 'QUERY|KEY'.
 - Student: all views, the 2 global crops (the stage's 'QUERY' strategy) and `aug.local_crops` local
   crops (their own, smaller side, hence their own sequence length; the spec's third part
-  'QUERY|KEY|LOCAL', else the 'QUERY' strategy).
+  'QUERY|KEY|LOCAL', else the 'QUERY' strategy); a stage may use only the first N local crops,
+  'QUERY|KEY|LOCAL,crops<N>' (fewer views per step: cheaper, and other pairs in the loss).
 - Loss: cross-entropy H(teacher_i, student_v) averaged over every pair with v != i; teacher softmax at
   a temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp`, after subtracting a
   centre (EMA of the teacher's batch-mean output, momentum `center_momentum`); student at
@@ -206,8 +207,10 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
   h = config.dino
   teacher_temp = teacher_temp_at(progress, h.warmup_teacher_temp, h.teacher_temp,
                                  h.warmup_teacher_temp_fraction)
+  # A stage may run fewer local crops than the recipe makes ('crops<N>'): the first N.
+  local_views = tuple(views.get("local_views", ()))[:strategies.local_crops]
   value, center, probs = loss_fn(
-      model, params, ema_params, extra["center"], views["views"], views.get("local_views", ()),
+      model, params, ema_params, extra["center"], views["views"], local_views,
       student_temp=h.student_temp, teacher_temp=teacher_temp, center_momentum=h.center_momentum,
       freeze_last=progress < h.freeze_last_layer_fraction, strategies=strategies, rng=rng,
       centering=h.centering, koleo_weight=float(h.koleo_weight),
@@ -220,14 +223,17 @@ def loss(model, params, ema_params, extra, views, config, strategies: BranchStra
 
 
 def cost_branches(config, strategies: BranchStrategies):
-  """Student: 2 global views (strategies.query) + local crops (strategies.local_strategy) with
-  gradient; teacher: 2 global views (strategies.key) without."""
+  """Student: 2 global views (strategies.query) + local crops (strategies.local_strategy; all of
+  aug.local_crops, or strategies.local_crops of them) with gradient; teacher: 2 global views
+  (strategies.key) without."""
   m, h = config.model, config.dino
   head = (compression.mlp_flops([m.width] + [h.hidden_dim] * (h.head_layers - 1)
                                 + [h.bottleneck_dim]) + 2.0 * h.bottleneck_dim * h.out_dim)
   q_global = strategies.query.layout(m.image_size, m.patch_size)
   q_local = strategies.local_strategy.layout(config.aug.local_size, m.patch_size)
   k_global = strategies.key.layout(m.image_size, m.patch_size)
+  num_local = (config.aug.local_crops if strategies.local_crops is None
+               else min(strategies.local_crops, config.aug.local_crops))
   return (2 * [compression.Branch(q_global, head, with_grad=True)]
-          + config.aug.local_crops * [compression.Branch(q_local, head, with_grad=True)]
+          + num_local * [compression.Branch(q_local, head, with_grad=True)]
           + 2 * [compression.Branch(k_global, head, with_grad=False)])
