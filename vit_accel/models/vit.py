@@ -33,7 +33,8 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                  name="fc1")(x)
-    x = nn.gelu(x)
+    # Exact (erf) GELU as in timm's, MoCo-v3's and DINO's ViTs: exports compute the same in timm.
+    x = nn.gelu(x, approximate=False)
     return nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                     name="fc2")(x)
 
