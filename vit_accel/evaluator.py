@@ -17,11 +17,22 @@ from vit_accel import sharding as sharding_lib
 from vit_accel.state import eval_params
 from vit_accel.train_step import normalize_images
 
+# eval.linear -> the probe: closed-form ridge, or logistic regression fitted with L-BFGS. Both take
+# the same standardised features and return {"top1", "l2" (the chosen regularisation), ...}.
+PROBES = {"ridge": evaluation.linear_probe, "logistic": evaluation.logistic_probe}
+
+
+def linear_kind(config) -> str:
+  """config.eval.linear ("ridge" when a config predates the key)."""
+  return config.eval.get("linear", "ridge")
+
 
 class Evaluator:
-  """kNN top-1 (weighted, k / temperature from config) and linear-probe top-1 (closed-form ridge,
-  see evaluation.linear_probe) of backbone CLS features. Call it with `eval_params(config, state)`:
-  the trained network, or DINO's teacher."""
+  """kNN top-1 (weighted, k / temperature from config) and linear-probe top-1 (eval.linear: ridge,
+  evaluation.linear_probe, or logistic, evaluation.logistic_probe) of backbone CLS features. Call it
+  with `eval_params(config, state)`: the trained network, or DINO's teacher. The result's
+  `linear_top1` is the probe that ran, named by `linear_probe`; `linear_l2` is its chosen
+  regularisation (ridge: strength x samples; logistic: weight decay on the mean loss)."""
 
   def __init__(self, config, model, mesh, state_shardings, train_source, test_source):
     """train_source / test_source: sources (pipeline.load_source) or bare uint8 image arrays
@@ -67,7 +78,8 @@ class Evaluator:
                                         self.mesh)
     top1 = evaluation.knn_top1(bank, bank_y, query, query_y, k=ev.knn_k,
                                temperature=ev.knn_temperature)
-    probe = evaluation.linear_probe(bank, bank_y, query, query_y)
+    kind = linear_kind(self.config)
+    probe = PROBES[kind](bank, bank_y, query, query_y)
     return {"knn_top1": top1, "linear_top1": probe["top1"], "linear_l2": probe["l2"],
-            "knn_bank": int(bank.shape[0]), "knn_queries": int(query.shape[0]),
-            "eval_s": time.time() - t0}
+            "linear_probe": kind, "knn_bank": int(bank.shape[0]),
+            "knn_queries": int(query.shape[0]), "eval_s": time.time() - t0}
