@@ -16,7 +16,7 @@ def test_lines_carry_their_kind_and_readers_select_by_it(tmp_path):
   writer.close()
   assert [m["kind"] for m in read_metrics(str(tmp_path))] == ["train", "eval", "online"]
   assert read_metrics(str(tmp_path), kind="eval") == [{"step": 2, "kind": "eval", "knn_top1": 0.5}]
-  assert set(KINDS) == {"train", "eval", "online"}
+  assert set(KINDS) == {"train", "eval", "online", "finetune"}
 
 
 def test_lines_written_before_kinds_existed_get_one_from_their_fields(tmp_path):

@@ -18,6 +18,8 @@ KINDS = {
     "eval": "kNN top-1 and linear probe of the evaluated weights (training's own evaluations, and "
             "--mode=eval's with evaluated_by='mode=eval')",
     "online": "an online schedule's decision: the chosen strategy and the measured CA-MSE",
+    "finetune": "--mode=finetune's test top-1 of the fine-tuned backbone + linear head, with init, "
+                "checkpoint_step, epochs, train_loss, finetune_wall_s (at the checkpoint's step)",
 }
 
 
