@@ -93,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.grad_clip = 0.0
+  # After warm-up the lr decays to lr_end_factor x peak: 'cosine', or 'polynomial':
+  # end + (peak - end) x (1 - t) ** decay_power (Lin et al. 2024 compare cosine with power 2).
+  c.optim.decay = "cosine"
+  c.optim.decay_power = 2.0      # 'polynomial' only
 
   c.data = ml_collections.ConfigDict()
   # Sources (input_pipeline/sources.py): 'fashion_mnist' (embedded), 'image_folder' (data.dir =
@@ -165,11 +169,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 1000
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07
-  # Linear probe: closed-form ridge on the same features (bank -> queries); see evaluation.py.
+  # Linear probe on the same features (bank -> queries), see evaluation.py: 'ridge' (closed form)
+  # or 'logistic' (softmax regression by L-BFGS: a few seconds more, a few points higher).
+  c.eval.linear = "ridge"
   c.eval.checkpoint_step = -1    # --mode=eval: which checkpoint (-1 = the latest)
   # Which weights: "" = the objective's (the trained network; DINO: its EMA teacher), "online"
   # (the trained network, e.g. DINO's student) or "ema" (the EMA copy: MoCo's key encoder).
   c.eval.weights = ""
+
+  # --mode=export (vit_accel/export.py): the backbone of a checkpoint (the weights eval.weights
+  # selects) as timm safetensors + config.json + Flax msgpack in DIR/step_<N>/.
+  c.export = ml_collections.ConfigDict()
+  c.export.checkpoint_step = -1  # which checkpoint (-1 = the latest)
+  c.export.dir = ""              # "" = WORKDIR/export
+  c.export.patch_size = 0        # 0 = the base patch; else the kernel PI-resized to this patch
+
+  # --mode=finetune (vit_accel/finetune.py): backbone + linear head trained end to end on the
+  # labelled train split (MAE / BEiT / DeiT fine-tuning recipe), test top-1 on the whole test
+  # split. About 8 minutes on 2 CPU cores at these values (README).
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.init = "checkpoint"  # 'checkpoint' (the run in WORKDIR) or 'random' (the baseline)
+  c.finetune.checkpoint_step = -1  # which checkpoint (-1 = the latest)
+  c.finetune.epochs = 2.0         # passes over the train split (a fraction allowed)
+  c.finetune.batch_size = 128     # global
+  c.finetune.base_lr = 2e-3       # peak AdamW lr per 256 images (x batch_size / 256)
+  c.finetune.warmup_fraction = 0.1  # of the fine-tuning steps; then cosine to 0
+  c.finetune.weight_decay = 0.05
+  c.finetune.layer_decay = 0.75   # lr x this^(depth - i) for block i, ^(depth + 1) for embeddings
+  c.finetune.label_smoothing = 0.1
+  c.finetune.crop_scale = (0.5, 1.0)   # random resized crop area; plus a horizontal flip
+  c.finetune.flip = True
+  c.finetune.eval_every_epochs = 1.0   # test top-1 this often too (0 = only at the end)
   return c
 
 
@@ -198,3 +228,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.eval.final_bank_size = 2000
   c.eval.final_query_size = 500
   c.eval.batch_size = 500
+  c.finetune.epochs = 0.05       # 47 steps at batch 64
+  c.finetune.batch_size = 64
+  c.finetune.base_lr = 1e-2      # a few dozen steps: the default's would barely move the head
+  c.finetune.eval_every_epochs = 0.0

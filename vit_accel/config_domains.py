@@ -211,6 +211,8 @@ DOMAINS = {
     "optim.b1": BETA,
     "optim.b2": BETA,
     "optim.grad_clip": NON_NEGATIVE,      # 0 = off
+    "optim.decay": Choice(("cosine", "polynomial")),
+    "optim.decay_power": POSITIVE,
     # data
     "data.source": TEXT,                  # checked by input_pipeline.sources.check_source
     "data.dir": TEXT,
@@ -268,6 +270,24 @@ DOMAINS = {
     "eval.knn_temperature": POSITIVE,
     "eval.checkpoint_step": Number(0, integer=True, also=(-1,)),
     "eval.weights": Choice(("", "online", "ema")),
+    "eval.linear": Choice(("ridge", "logistic")),
+    # export
+    "export.checkpoint_step": Number(0, integer=True, also=(-1,)),
+    "export.dir": TEXT,
+    "export.patch_size": NON_NEGATIVE_INT,   # 0 = base; else must tile the image (the driver)
+    # fine-tune (--mode=finetune; batch vs devices and train split: finetune.make_plan)
+    "finetune.init": Choice(("checkpoint", "random")),
+    "finetune.checkpoint_step": Number(0, integer=True, also=(-1,)),
+    "finetune.epochs": POSITIVE,
+    "finetune.batch_size": COUNT,
+    "finetune.base_lr": POSITIVE,
+    "finetune.warmup_fraction": PROBABILITY,
+    "finetune.weight_decay": NON_NEGATIVE,
+    "finetune.layer_decay": FRACTION,         # (0, 1]; 1 = no layer-wise decay
+    "finetune.label_smoothing": BETA,         # [0, 1); 1 would make every target uniform
+    "finetune.crop_scale": RANGE_01,
+    "finetune.flip": FLAG,
+    "finetune.eval_every_epochs": NON_NEGATIVE,   # 0 = only at the end
 }
 
 

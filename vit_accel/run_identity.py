@@ -35,7 +35,8 @@ FREE = (
     "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
     "model.dtype",      # compute dtype only: parameters are float32 either way
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
-    "distributed.", "mesh.", "checkpoint.", "eval.",
+    "distributed.", "mesh.", "checkpoint.", "eval.", "export.",
+    "finetune.",        # --mode=finetune's own recipe: pretraining never reads it
 )
 
 

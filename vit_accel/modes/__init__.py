@@ -57,6 +57,14 @@ MODES = {
                   help="short uncompressed run + grad_error + search in one go"),
     "report": Mode("vit_accel.modes.report", reads_data=False,
                    help="plots and a table of WORKDIR (and --compare runs) into WORKDIR/report/"),
+    "export": Mode("vit_accel.modes.export", reads_data=False,
+                   config_record="config.export.json",
+                   help="the backbone of a checkpoint in WORKDIR for timm / PyTorch and Flax "
+                        "-> WORKDIR/export/step_<N>/"),
+    "finetune": Mode("vit_accel.modes.finetune", reads_data=True,
+                     config_record="config.finetune.json",
+                     help="fine-tune a checkpoint's backbone (or a random one) + a linear head on "
+                          "the train split; test top-1 appended to WORKDIR/metrics.jsonl"),
 }
 
 

@@ -17,22 +17,25 @@ from vit_accel.modes import Args, save_config
 from vit_accel.state import eval_params
 
 
-def restore_checkpoint(config, workdir: str, target) -> tuple[int, object, dict]:
-  """(step, state, metadata) of the checkpoint eval.checkpoint_step (-1 = the latest) in
-  WORKDIR/checkpoints, restored read-only into `target`. UserError (naming the saved steps) when
-  there is none, it is not saved, it was written by a config of other shapes or cannot be read."""
+def restore_checkpoint(config, workdir: str, target, *,
+                       step_key: str = "eval.checkpoint_step") -> tuple[int, object, dict]:
+  """(step, state, metadata) of the checkpoint the config key `step_key` names (-1 = the latest;
+  --mode=export passes export.checkpoint_step) in WORKDIR/checkpoints, restored read-only into
+  `target`. UserError (naming the saved steps) when there is none, it is not saved, it was written
+  by a config of other shapes or cannot be read."""
+  section, name = step_key.split(".")
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps, async_save=False,
                                     read_only=True)
   try:
     steps = ckpt.all_steps()
-    wanted = int(config.eval.checkpoint_step)
+    wanted = int(config[section][name])
     if not steps:
       raise UserError(f"no checkpoint in {ckpt.directory}; train first (same --workdir), or point "
                       f"--workdir at a run directory")
     step = max(steps) if wanted < 0 else wanted
     if step not in steps:
-      raise UserError(f"eval.checkpoint_step={wanted} is not in {ckpt.directory}; saved steps: "
+      raise UserError(f"{step_key}={wanted} is not in {ckpt.directory}; saved steps: "
                       f"{', '.join(map(str, sorted(steps)))}")
     try:
       ckpt.check_compatible(step, target)
@@ -43,7 +46,7 @@ def restore_checkpoint(config, workdir: str, target) -> tuple[int, object, dict]
       reason = first_line(e)
       others = sorted(s for s in steps if s != step)
       raise UserError(f"checkpoint {step} in {ckpt.directory} cannot be read ({reason}); "
-                      + (f"evaluate another with --config.eval.checkpoint_step (saved: "
+                      + (f"choose another with --config.{step_key} (saved: "
                          f"{', '.join(map(str, others))})" if others else
                          "re-run training in this workdir to replace it")) from None
   finally:
@@ -75,7 +78,8 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   writer.close()
   logging.info("checkpoint %d: %s", step, line)
   which = f" ({weights} weights)" if weights else ""
-  print(f"checkpoint {step}{which}: kNN top-1 {result['knn_top1']:.4f}, linear probe top-1 "
-        f"{result['linear_top1']:.4f} (bank/probe-train {result['knn_bank']}, queries "
-        f"{result['knn_queries']}, {result['eval_s']:.0f}s)", flush=True)
+  print(f"checkpoint {step}{which}: kNN top-1 {result['knn_top1']:.4f}, linear probe "
+        f"({result['linear_probe']}) top-1 {result['linear_top1']:.4f} (bank/probe-train "
+        f"{result['knn_bank']}, queries {result['knn_queries']}, {result['eval_s']:.0f}s)",
+        flush=True)
   return line
