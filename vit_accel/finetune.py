@@ -46,14 +46,11 @@ from absl import logging
 from input_pipeline.tf_runtime import tf
 
 from input_pipeline import augment, pipeline, sources, views
-from vit_accel import rng_streams, state
+from vit_accel import optimizer, rng_streams, state
 from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
 from vit_accel.train_step import normalize_images
 
-# Separates the fine-tune data stream (epoch order, crops, flips) from the pretraining one, which
-# draws from the same (seed, position) pairs.
-DATA_STREAM = 15485863
 CROP_RATIO = (3 / 4, 4 / 3)   # torchvision's RandomResizedCrop default, as DeiT / MAE fine-tuning
 BETAS = (0.9, 0.999)          # MAE / BEiT fine-tuning
 
@@ -99,14 +96,6 @@ def layer_decay_multipliers(params, depth: int, decay: float):
       {path: float(decay) ** (depth + 1 - layer(path)) for path in flat})
 
 
-def decay_mask(params):
-  """True where weight decay applies: matrices (ndim > 1) except position embedding and CLS token,
-  the rule of vit_accel/optimizer.py (biases, norm scales and embeddings' offsets are exempt)."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict(
-      {k: (p.ndim > 1 and k[-1] not in ("pos_embed", "cls_token")) for k, p in flat.items()})
-
-
 def learning_rate_at(config, step, total_steps: int):
   """Fine-tuning lr at `step` (0-based, int or int array) of `total_steps`: linear warm-up from 0 to
   the peak over finetune.warmup_fraction of the steps, then cosine decay to 0 (MAE's
@@ -123,13 +112,13 @@ def learning_rate_at(config, step, total_steps: int):
 
 def make_optimizer(config, params, total_steps: int) -> optax.GradientTransformation:
   """AdamW (Loshchilov & Hutter 2019; optax.adamw) with the warm-up + cosine lr of
-  learning_rate_at, finetune.weight_decay on decay_mask's parameters, and each update scaled by its
-  layer_decay_multipliers (finetune.layer_decay over model.depth). `params`: a Classifier's
+  learning_rate_at, finetune.weight_decay on optimizer.decay_mask's parameters, and each update
+  scaled by its layer_decay_multipliers (finetune.layer_decay over model.depth). `params`: a Classifier's
   parameters (or their shapes)."""
   ft = config.finetune
   multipliers = layer_decay_multipliers(params, config.model.depth, ft.layer_decay)
   adamw = optax.adamw(lambda count: learning_rate_at(config, count, total_steps), b1=BETAS[0],
-                      b2=BETAS[1], weight_decay=ft.weight_decay, mask=decay_mask)
+                      b2=BETAS[1], weight_decay=ft.weight_decay, mask=optimizer.decay_mask)
   # AdamW's whole step (Adam direction + decay) is linear in the lr: scaling it is per-group lr.
   layer_scale = optax.stateless(
       lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, multipliers))
@@ -178,7 +167,8 @@ def train_dataset(source, config, shard: pipeline.HostShard):
   [b]), b = finetune.batch_size / processes, S = model.image_size. Indexable sources (in memory,
   image folders): each host its contiguous shard, a fresh permutation per epoch, views seeded by
   (seed, position, host), like the pretraining stream (input_pipeline/pipeline.py) but its own
-  draws (DATA_STREAM). TFDS: streamed per host (tfds.even_splits), shuffled with a seeded buffer."""
+  draws (rng_streams.FINETUNE_DATA). TFDS: streamed per host (tfds.even_splits), shuffled with a
+  seeded buffer."""
   source = sources.as_source(source)
   ft = config.finetune
   seed, host, size = int(config.seed), shard.process_index, int(config.model.image_size)
@@ -203,7 +193,7 @@ def train_dataset(source, config, shard: pipeline.HostShard):
 
     def epoch_examples(epoch):
       order_seed = fold([tf.constant(seed, tf.int64),
-                         epoch * rng_streams.EPOCH_HOST_STRIDE + host], DATA_STREAM)
+                         epoch * rng_streams.EPOCH_HOST_STRIDE + host], rng_streams.FINETUNE_DATA)
       perm = tf.argsort(tf.random.stateless_uniform([end - start], seed=order_seed))
       positions = epoch * per_epoch + tf.range(per_epoch, dtype=tf.int64)
       return tf.data.Dataset.from_tensor_slices((positions, perm[:per_epoch]))
@@ -215,7 +205,7 @@ def train_dataset(source, config, shard: pipeline.HostShard):
   def view(position, image, label):
     # The pretraining view seed of this (position, host), folded once more: other draws.
     view_seed = tf.random.experimental.stateless_fold_in(
-        fold([tf.constant(seed, tf.int64), position], host), DATA_STREAM)
+        fold([tf.constant(seed, tf.int64), position], host), rng_streams.FINETUNE_DATA)
     return augment_example(image, view_seed, size, ft.crop_scale, ft.flip), label
 
   ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -232,7 +222,7 @@ def _tfds_examples(source: sources.TfdsSplit, config, shard: pipeline.HostShard)
   builder = _tfds_builder(source)
   host_split = tfds.even_splits(source.split, n=shard.process_count,
                                 drop_remainder=True)[shard.process_index]
-  shuffle_seed = int(config.seed) * rng_streams.TFDS_SHUFFLE_STRIDE + DATA_STREAM
+  shuffle_seed = int(config.seed) * rng_streams.TFDS_SHUFFLE_STRIDE + rng_streams.FINETUNE_DATA
   ds = builder.as_dataset(split=host_split, shuffle_files=True, as_supervised=True,
                           read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
   ds = ds.map(lambda image, label: (tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32)),

@@ -7,14 +7,19 @@ import jax.numpy as jnp
 import optax
 
 
+def decay_mask(params):
+  """A tree like `params` (nested dict of arrays): True where weight decay applies, i.e. matrices
+  (ndim > 1) except the position embedding and the CLS token; biases and norm scales are exempt
+  (MoCo-v3 / DINO / timm's no-weight-decay rule)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {k: (p.ndim > 1 and k[-1] not in ("pos_embed", "cls_token")) for k, p in flat.items()})
+
+
 def make_optimizer(config):
   """AdamW at unit learning rate; the step scales its updates by the lr of the current budget
   progress (learning_rate_at below), which is exactly AdamW with that lr. No weight decay on
-  biases, norms, CLS token and position embedding."""
-  def decay_mask(params):
-    flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict(
-        {k: (p.ndim > 1 and k[-1] not in ("pos_embed", "cls_token")) for k, p in flat.items()})
+  biases, norms, CLS token and position embedding (decay_mask)."""
   tx = optax.adamw(1.0, b1=config.optim.b1, b2=config.optim.b2,
                    weight_decay=config.optim.weight_decay, mask=decay_mask)
   if config.optim.grad_clip > 0:

@@ -16,6 +16,8 @@ every result that depends on it (and the `:smoke` runs' logged values).
   local crops               fold_in(view seed, LOCAL_CROP + j)                 input_pipeline/views.py
   TFDS file/buffer shuffle  seed * TFDS_SHUFFLE_STRIDE + start_step            input_pipeline/pipeline.py
   evaluation subsets        numpy default_rng(EVAL_BANK / EVAL_QUERIES)        evaluator.py
+  fine-tune data            as epoch permutation / view augmentation, with     finetune.py
+                            FINETUNE_DATA folded in (or added to the seed)
 """
 from __future__ import annotations
 
@@ -30,3 +32,6 @@ LOCAL_CROP = 1000
 TFDS_SHUFFLE_STRIDE = 1_000_003
 EVAL_BANK = 1
 EVAL_QUERIES = 2
+# Separates --mode=finetune's data stream (epoch order, crops, flips) from pretraining's, which
+# draws from the same (seed, position) pairs.
+FINETUNE_DATA = 15485863
