@@ -70,11 +70,15 @@ def main() -> int:
     routes["timm.create_model(pretrained_cfg_overlay=...)"] = timm.create_model(
         "vit_base_patch16_224", pretrained=True,
         pretrained_cfg_overlay=dict(pre, file=weights), **arch)
-  except Exception as e:  # noqa: BLE001 - an older timm may lack an argument: report, go on
-    print(f"timm.create_model route: not available in timm {timm.__version__} ({e})")
+  except Exception as e:  # noqa: BLE001 - report which route failed; the check then fails
+    print(f"timm.create_model route: FAILED in timm {timm.__version__} ({e})")
+    routes["timm.create_model(pretrained_cfg_overlay=...)"] = None
 
   worst = 0.0
   for name, net in routes.items():
+    if net is None:
+      worst = float("inf")
+      continue
     with torch.no_grad():
       feats = net.eval()(torch_x).numpy()
     diff = float(np.abs(feats - ours).max())

@@ -248,24 +248,27 @@ def test_the_reference_catches_layout_mistakes(mistake, tmp_path):
 # ----------------------------------------------------------------- the driver (--mode=export)
 def save_run(config, workdir, steps=(3, 5), seed=0):
   """A run directory with checkpoints at `steps` of a fresh, perturbed state (params and EMA copy
-  differ): what --mode=export restores, without training. Returns the last state."""
+  differ): what --mode=export restores, without training. Returns {step: state saved there}."""
   setup = run_setup.build(config, splits=(), training=False)
   state = setup.fresh_state()
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None,
                                     every_steps=1, async_save=False)
+  saved = {}
   for i, step in enumerate(steps):
     state = state.replace(params=perturbed(state.params, seed + 10 * i),
                           ema_params=perturbed(state.ema_params, seed + 10 * i + 5))
     ckpt.save(step, state, {"wall_s": 1.0}, force=True)
+    saved[step] = state
   ckpt.close()
-  return state
+  return saved
 
 
 def test_export_mode_writes_the_evaluated_weights_of_the_chosen_checkpoint(tmp_path):
   # DINO evaluates its EMA teacher; eval.weights=online picks the student.
   config = smoke_config("dino")
   workdir = str(tmp_path / "run")
-  state = save_run(config, workdir)
+  states = save_run(config, workdir)
+  state = states[5]
   out = export_mode.run(config, workdir)
   assert out["directory"] == os.path.join(workdir, "export", "step_5") and out["step"] == 5
   assert sorted(os.listdir(out["directory"])) == sorted(
@@ -285,7 +288,9 @@ def test_export_mode_writes_the_evaluated_weights_of_the_chosen_checkpoint(tmp_p
   out = export_mode.run(config, workdir)
   assert out["directory"] == os.path.join(workdir, "export", "step_3_online")
   _, params = export.load_flax_backbone(out["directory"])
-  assert not np.array_equal(params["cls_token"], np.asarray(state.params["backbone"]["cls_token"]))
+  want = jax.device_get(states[3].params["backbone"])   # step 3's student, exactly
+  for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, expected)
   config.export.checkpoint_step = 4
   with pytest.raises(UserError, match="export.checkpoint_step=4 is not in .*saved steps: 3, 5"):
     export_mode.run(config, workdir)
@@ -302,6 +307,14 @@ def test_export_mode_writes_the_evaluated_weights_of_the_chosen_checkpoint(tmp_p
   again = export_mode.run(config, workdir)["directory"]
   assert first == again == str(tmp_path / "elsewhere" / "step_5")
   assert os.listdir(tmp_path / "elsewhere") == ["step_5"]
+  # Another run's export in a shared export.dir is never replaced.
+  other = str(tmp_path / "other_run")
+  save_run(config, other, steps=(5,), seed=3)
+  before = open(os.path.join(first, export.SAFETENSORS_FILE), "rb").read()
+  with pytest.raises(UserError, match=r"holds an export of another run \(.*run\); it is not "
+                                      r"replaced"):
+    export_mode.run(config, other)
+  assert open(os.path.join(first, export.SAFETENSORS_FILE), "rb").read() == before
 
 
 def _main(workdir, *args):
@@ -314,7 +327,7 @@ def _main(workdir, *args):
 @pytest.mark.slow   # four CLI subprocesses; the driver itself is in the fast tier (above)
 def test_main_export_end_to_end_and_bad_input(tmp_path):
   workdir = tmp_path / "run"
-  state = save_run(smoke_config(), str(workdir), steps=(4,))
+  state = save_run(smoke_config(), str(workdir), steps=(4,))[4]
   proc = _main(workdir)
   assert proc.returncode == 0, proc.stderr[-2000:]
   directory = workdir / "export" / "step_4"

@@ -262,6 +262,9 @@ def make_plan(config, train_source, mesh) -> Plan:
     raise UserError(f"the train split has {classes} class; fine-tuning a classifier needs at "
                     f"least 2")
   every = int(round(ft.eval_every_epochs * per_epoch)) if ft.eval_every_epochs > 0 else 0
+  if ft.eval_every_epochs > 0 and every < 1:
+    raise UserError(f"finetune.eval_every_epochs={ft.eval_every_epochs} is less than one step "
+                    f"({per_epoch} steps per epoch); raise it, or 0 to evaluate only at the end")
   return Plan(classes, per_epoch, total, every)
 
 

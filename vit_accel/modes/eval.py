@@ -17,6 +17,10 @@ from vit_accel.modes import Args, save_config
 from vit_accel.state import eval_params
 
 
+class NoCheckpoint(UserError):
+  """WORKDIR has no checkpoint at all (a mode with another way on, e.g. a fresh backbone, says so)."""
+
+
 def restore_checkpoint(config, workdir: str, target, *,
                        step_key: str = "eval.checkpoint_step") -> tuple[int, object, dict]:
   """(step, state, metadata) of the checkpoint the config key `step_key` names (-1 = the latest;
@@ -31,7 +35,7 @@ def restore_checkpoint(config, workdir: str, target, *,
     steps = ckpt.all_steps()
     wanted = int(config[section][name])
     if not steps:
-      raise UserError(f"no checkpoint in {ckpt.directory}; train first (same --workdir), or point "
+      raise NoCheckpoint(f"no checkpoint in {ckpt.directory}; train first (same --workdir), or point "
                       f"--workdir at a run directory")
     step = max(steps) if wanted < 0 else wanted
     if step not in steps:

@@ -9,6 +9,7 @@ step_<N>/ (step_<N>_patch<P>/ at `export.patch_size=P`, with a `_<weights>` suff
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -49,8 +50,28 @@ def check_writable(root: str) -> None:
     raise UserError(f"export.dir={root} is not writable ({probe}); choose a writable directory")
 
 
+def check_replaceable(directory: str, workdir: str) -> None:
+  """Raises UserError (one line) when `directory` holds an export of another run than `workdir`'s
+  (a shared export.dir): re-exporting the same run's checkpoint replaces it, another run's is never
+  replaced. An unreadable config.json counts as another run's."""
+  config_path = os.path.join(directory, export_lib.CONFIG_FILE)
+  if not os.path.lexists(directory):
+    return
+  try:
+    with open(config_path) as f:
+      source = json.load(f)["source"]["workdir"]
+  except (OSError, ValueError, KeyError, TypeError):
+    source = None
+  if source is None or os.path.realpath(source) != os.path.realpath(workdir):
+    raise UserError(f"{directory} holds an export of another run ({source or 'unreadable'}); "
+                    f"it is not replaced: set --config.export.dir to another directory")
+
+
 def run(config, workdir: str, args: Args = Args()) -> dict:
-  """{step, directory, files, weights} of the export written."""
+  """{step, directory, files, weights} of the export written. Raises UserError (one line, before
+  anything is written) for an export.patch_size that does not tile the image, an export.dir that
+  is a file or not writable, a missing or unreadable checkpoint, or a target folder holding
+  another run's export."""
   del args
   distributed.initialize(config)   # multi-host: before anything touches a device
   # Inputs first: a bad patch size or a missing checkpoint is one line before anything compiles.
@@ -73,7 +94,8 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   primary = jax.process_index() == 0
   save_config(config, workdir, "export", primary=primary)
   directory = export_directory(config, workdir, step)
-  source = {"workdir": workdir, "checkpoint_step": step, "objective": config.objective,
+  check_replaceable(directory, workdir)
+  source = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "objective": config.objective,
             "weights": weights}
   meta = export_lib.export_config(model_cfg=config.model, data_cfg=config.data, patch_size=patch,
                                   source=source)

@@ -32,11 +32,9 @@ def restore_backbone(config, workdir: str, target) -> tuple[int, object]:
   try:
     step, state, _ = eval_mode.restore_checkpoint(config, workdir, target,
                                                   step_key="finetune.checkpoint_step")
-  except UserError as e:
-    if str(e).startswith("no checkpoint in"):   # this mode has a way on without one
-      raise UserError(f"{e}; or fine-tune a fresh backbone with --config.finetune.init=random") \
-          from None
-    raise
+  except eval_mode.NoCheckpoint as e:   # this mode has a way on without one
+    raise UserError(f"{e}; or fine-tune a fresh backbone with --config.finetune.init=random") \
+        from None
   return step, eval_params(config, state)["backbone"]
 
 
