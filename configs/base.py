@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # True: a compressed stage's EMA momentum per step is m ** (step cost / full step cost), so the
   # momentum encoder (MoCo-v3's key, DINO's teacher) averages over the same share of the budget at
   # every stage; False: the same per-step momentum whatever the step costs (MoCo-v3's, DINO's own).
+  # Resume-free like the schedule (the whole compression section): a resumed run may change it.
   c.compression.ema_per_budget = False
 
   # --mode=grad_error (vit_accel/grad_error.py): gradient bias / variance / CA-MSE per strategy at
@@ -170,7 +171,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07
   # Linear probe on the same features (bank -> queries), see evaluation.py: 'ridge' (closed form)
-  # or 'logistic' (softmax regression by L-BFGS: a few seconds more, a few points higher).
+  # or 'logistic' (softmax regression by L-BFGS: a few seconds more; higher than
+  # ridge on every feature set tried so far).
   c.eval.linear = "ridge"
   c.eval.checkpoint_step = -1    # --mode=eval: which checkpoint (-1 = the latest)
   # Which weights: "" = the objective's (the trained network; DINO: its EMA teacher), "online"
@@ -186,7 +188,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --mode=finetune (vit_accel/finetune.py): backbone + linear head trained end to end on the
   # labelled train split (MAE / BEiT / DeiT fine-tuning recipe), test top-1 on the whole test
-  # split. About 8 minutes on 2 CPU cores at these values (README).
+  # split. An estimated 9 minutes on 2 CPU cores at these values (README).
   c.finetune = ml_collections.ConfigDict()
   c.finetune.init = "checkpoint"  # 'checkpoint' (the run in WORKDIR) or 'random' (the baseline)
   c.finetune.checkpoint_step = -1  # which checkpoint (-1 = the latest)
