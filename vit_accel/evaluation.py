@@ -12,12 +12,12 @@ import optax
 from vit_accel import sharding as sharding_lib
 
 
-def extract_features(feature_fn, params, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-  """L2-normalised features [N, D] of uint8 images [N, S, S, 3], computed in sharded batches.
+def batched_apply(fn, params, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+  """fn(params, uint8 batch [B, S, S, 3]) -> [B, ...] over all of `images` (uint8 [N, S, S, 3]) in
+  global batches of `batch_size` sharded over `mesh`; returns the host NumPy array [N, ...].
 
-  `feature_fn(params, uint8_batch) -> [B, D]` must be jitted; the last batch is zero-padded so every
-  batch has the same (compiled) shape. Every process feeds its slice of each global batch.
-  """
+  `fn` must be jitted; the last batch is zero-padded so every batch has the same (compiled) shape and
+  the padding's outputs are dropped. Every process feeds its slice of each global batch."""
   n = images.shape[0]
   pc, pi = jax.process_count(), jax.process_index()
   local = batch_size // pc
@@ -28,8 +28,14 @@ def extract_features(feature_fn, params, images: np.ndarray, batch_size: int, me
       pad = np.zeros((batch_size - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
       chunk = np.concatenate([chunk, pad])
     x = sharding_lib.host_to_global(chunk[pi * local:(pi + 1) * local], mesh)
-    out.append(sharding_lib.to_host(feature_fn(params, x)))
-  feats = np.concatenate(out)[:n].astype(np.float32)
+    out.append(sharding_lib.to_host(fn(params, x)))
+  return np.concatenate(out)[:n]
+
+
+def extract_features(feature_fn, params, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+  """L2-normalised float32 features [N, D] of uint8 images [N, S, S, 3], computed in sharded batches
+  (batched_apply; `feature_fn(params, uint8_batch) -> [B, D]`, jitted)."""
+  feats = batched_apply(feature_fn, params, images, batch_size, mesh).astype(np.float32)
   return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 

@@ -46,7 +46,7 @@ from absl import logging
 from input_pipeline.tf_runtime import tf
 
 from input_pipeline import augment, pipeline, sources, views
-from vit_accel import optimizer, rng_streams, state
+from vit_accel import evaluation, optimizer, rng_streams, state
 from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
 from vit_accel.train_step import normalize_images
@@ -274,18 +274,8 @@ def top1(predict_fn, params, images: np.ndarray, labels: np.ndarray, batch_size:
   """Share of `images` (uint8 [N, S, S, 3]) whose predicted class equals `labels` (int [N]), in
   sharded batches of `batch_size` (the last zero-padded and the padding ignored). `predict_fn`
   (jitted): (params, uint8 batch) -> int32 [batch]."""
-  n = images.shape[0]
-  pc, pi = jax.process_count(), jax.process_index()
-  local = batch_size // pc
-  predictions = []
-  for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
-    if chunk.shape[0] < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - chunk.shape[0],) + chunk.shape[1:],
-                                              chunk.dtype)])
-    x = sharding_lib.host_to_global(chunk[pi * local:(pi + 1) * local], mesh)
-    predictions.append(sharding_lib.to_host(predict_fn(params, x)))
-  return float(np.mean(np.concatenate(predictions)[:n] == labels))
+  predictions = evaluation.batched_apply(predict_fn, params, images, batch_size, mesh)
+  return float(np.mean(predictions == labels))
 
 
 def train_and_evaluate(config, mesh, train_source, test_source, plan: Plan, backbone=None,
