@@ -62,11 +62,12 @@ def test_linear_probe_separates_linearly_separable_features():
   assert out["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def test_linear_probe_is_at_chance_on_random_labels():
+@pytest.mark.parametrize("probe", ["linear_probe", "logistic_probe"])
+def test_probes_are_at_chance_on_random_labels(probe):
   rng = np.random.default_rng(1)
   x, _ = separable_features(rng, 2000)
   xt, _ = separable_features(rng, 1000)
-  out = evaluation.linear_probe(x, rng.integers(0, 6, 2000), xt, rng.integers(0, 6, 1000))
+  out = getattr(evaluation, probe)(x, rng.integers(0, 6, 2000), xt, rng.integers(0, 6, 1000))
   assert out["top1"] < 0.25, out
 
 
@@ -120,14 +121,6 @@ def test_logistic_probe_on_noisy_gaussians_beats_chance_and_agrees_with_ridge():
   ridge = evaluation.linear_probe(x, y, xt, yt)
   assert logistic["top1"] > 0.9, logistic
   assert abs(logistic["top1"] - ridge["top1"]) < 0.03, (logistic, ridge)
-
-
-def test_logistic_probe_is_at_chance_on_random_labels():
-  rng = np.random.default_rng(1)
-  x, _ = separable_features(rng, 2000)
-  xt, _ = separable_features(rng, 1000)
-  out = evaluation.logistic_probe(x, rng.integers(0, 6, 2000), xt, rng.integers(0, 6, 1000))
-  assert out["top1"] < 0.25, out
 
 
 def test_logistic_probe_is_deterministic_and_its_choice_is_from_the_grid():
