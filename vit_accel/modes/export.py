@@ -14,10 +14,10 @@ import os
 
 import jax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from vit_accel import distributed, objectives, run_setup
 from vit_accel import export as export_lib
+from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
 from vit_accel.modes.eval import restore_checkpoint
@@ -85,10 +85,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   weights = EVAL_WEIGHTS[which] if which else objectives.get(config.objective).EVAL_ON
   backbone = eval_params(config, state)["backbone"]
   # Sharded (FSDP) or multi-host parameters: every process joins the gather; process 0 writes.
-  if jax.process_count() > 1:
-    backbone = multihost_utils.process_allgather(backbone, tiled=True)
-  else:
-    backbone = jax.device_get(backbone)
+  backbone = jax.tree.map(sharding_lib.to_host, backbone)
   patch = int(config.export.patch_size) or config.model.patch_size
   backbone = export_lib.resize_to_patch(backbone, patch, config.model.image_size)
   primary = jax.process_index() == 0
