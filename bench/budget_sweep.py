@@ -1,0 +1,388 @@
+"""Accuracy against budget, baseline and accelerated, each tuned the same way: the paper's speed-up.
+
+  python bench/budget_sweep.py --objective=mocov3            # ~3.5 hours on 2 CPU cores
+  python bench/budget_sweep.py --objective=simclr --budgets=0.25,0.5,1
+  python bench/budget_sweep.py --objective=mocov3 --report_only   # tables and plot from what ran
+
+Three phases, one process, every run through main.py as a user would start it:
+  1. tune: every arm (default: the uncompressed baseline `none` and the recipe's own accelerated
+     schedule) at --tune_budget full-cost epochs over the grid base_lr x --lr_factors and batch
+     --batches (the same grid for every arm); each arm's best setting = its highest final kNN.
+  2. sweep: every arm at its own best setting at each of --budgets; arms other than the first also
+     at --low_budgets, so that their curve reaches below the baseline's smallest budget.
+  3. seeds: every arm at its best setting at --seed_budget with --extra_seeds.
+Every run evaluates once, at its end, on one fixed protocol (kNN k=20 and a ridge linear probe on a
+10k train / 5k test subset, full-length features).
+
+Resumable: each finished run is appended to bench/results/budget_sweep_<objective>.jsonl and
+skipped when the sweep is started again; an interrupted run resumes from its checkpoint (its
+workdir is kept under --workdir_root). After every run the report (.md, .json, .png) is rewritten
+from the .jsonl, so a partial sweep always has a current table.
+
+The speed-up is the paper's: for each budget B of the first arm (the baseline), the budget the
+other arm needs to reach the baseline's final kNN at B, read from that arm's final-kNN-vs-budget
+curve (linear in log budget between runs, `vit_accel.time_to_accuracy.budget_to_reach`; flagged when
+extrapolated), and the training wall-clock it needs (interpolated the same way). Wall-clock comes
+from each run's own clock (training only, evaluation and compilation excluded); the 1-minute load
+average after each run is recorded, because two jobs on a 2-core machine slow each other.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from vit_accel import io  # noqa: E402
+from vit_accel import time_to_accuracy as tta  # noqa: E402
+from vit_accel.metric_writer import read_metrics  # noqa: E402
+
+flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
+flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist_X.py:ARG "
+                    "(e.g. 'smoke' for a tiny end-to-end check).")
+flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe"],
+                  "NAME=SCHEDULE pairs; the first is the baseline whose final kNN is the target. "
+                  "SCHEDULE: a preset, a stage string, a schedule file, or 'recipe' (the "
+                  "config's own).")
+flags.DEFINE_list("budgets", ["0.25", "0.5", "1", "2", "4"], "Full-cost epochs, every arm.")
+flags.DEFINE_list("low_budgets", ["0.03125", "0.0625", "0.125"],
+                  "Full-cost epochs run by every arm but the baseline (where it already beats "
+                  "the baseline's smallest budget).")
+flags.DEFINE_float("tune_budget", 0.25, "Budget (full-cost epochs) of the tuning grid.")
+flags.DEFINE_list("lr_factors", ["0.5", "1", "2"], "Tuning grid: multiples of the recipe's "
+                  "optim.base_lr.")
+flags.DEFINE_list("batches", ["64", "128"], "Tuning grid: global batch sizes.")
+flags.DEFINE_float("seed_budget", 0.5, "Budget of the extra-seed runs.")
+flags.DEFINE_list("extra_seeds", ["1", "2"], "Seeds run at --seed_budget besides seed 0.")
+flags.DEFINE_list("extra", [], "More --config overrides for every run, e.g. eval.linear=logistic.")
+flags.DEFINE_string("workdir_root", "/tmp/vit_accel_sweep", "Run directories go below this.")
+flags.DEFINE_string("out_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+flags.DEFINE_string("tag", "", "Suffix of the result files (budget_sweep_<objective>[_tag]).")
+flags.DEFINE_bool("report_only", False, "Rewrite the report from the .jsonl; run nothing.")
+flags.DEFINE_bool("dry_run", False, "Print the runs still to do; run nothing.")
+FLAGS = flags.FLAGS
+
+# One evaluation protocol for every run: the recipe's final one, written out so that a recipe
+# change cannot silently change the protocol mid-sweep.
+PROTOCOL = {"eval.final_bank_size": 10000, "eval.final_query_size": 5000, "eval.knn_k": 20,
+            "eval.knn_temperature": 0.07, "eval.linear": "ridge"}
+
+
+def recipe_path() -> str:
+  path = os.path.join(ROOT, "configs", f"fmnist_{FLAGS.objective}.py")
+  if not os.path.exists(path):
+    raise app.UsageError(f"no recipe {path} for --objective={FLAGS.objective}")
+  return path
+
+
+def recipe_base_lr() -> float:
+  sys.path.insert(0, ROOT)
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("recipe", recipe_path())
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return float(module.get_config(FLAGS.config_arg or None).optim.base_lr)
+
+
+def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
+  return f"{arm}_b{budget:g}_lr{lr:g}_bs{batch}_s{seed}"
+
+
+def run_once(arm: str, schedule: str, budget: float, lr: float, batch: int, seed: int) -> dict:
+  """Trains (or resumes) one run through main.py and returns its record."""
+  workdir = os.path.join(FLAGS.workdir_root, FLAGS.objective + (f"_{FLAGS.tag}" if FLAGS.tag
+                                                                  else ""),
+                         run_key(arm, budget, lr, batch, seed))
+  if schedule == "recipe":
+    chosen = {}
+  elif os.path.isfile(schedule):
+    chosen = {"schedule_file": os.path.abspath(schedule)}
+  else:
+    chosen = {"schedule": schedule}
+  overrides = {**chosen, "budget_epochs": budget, "optim.base_lr": lr, "batch_size": batch,
+               "seed": seed, "eval.every_steps": 0, "eval.at_start": False,
+               "eval.at_progress": "()", "checkpoint.at_progress": "()", **PROTOCOL}
+  for item in FLAGS.extra:
+    key, _, value = item.partition("=")
+    overrides[key] = value
+  config = recipe_path() + (f":{FLAGS.config_arg}" if FLAGS.config_arg else "")
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
+         f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  print("$ " + " ".join(cmd[1:]), flush=True)
+  t0 = time.time()
+  subprocess.run(cmd, check=True, cwd=ROOT)
+  final = [m for m in read_metrics(workdir, kind="eval") if "evaluated_by" not in m][-1]
+  with open(os.path.join(workdir, "plan.json")) as f:
+    plan = json.load(f)
+  return {"key": run_key(arm, budget, lr, batch, seed), "arm": arm, "schedule": schedule,
+          "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
+          "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),
+          "train_wall_s": final["train_wall_s"], "budget_units": final["budget_units"],
+          "steps": final["step"], "stages": [f"{s['spec']} x{s['num_steps']}"
+                                            for s in plan["stages"]],
+          "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
+          "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
+
+
+def machine() -> str:
+  return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}"
+
+
+def commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def load(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def append(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def best_setting(records: list[dict], arm: str, grid: list[tuple[float, int]]
+                 ) -> tuple[float, int] | None:
+  """The grid point with the highest final kNN at the tuning budget, once the arm's grid is done."""
+  done = {(r["base_lr"], r["batch_size"]): r["final_knn"] for r in records
+          if r["arm"] == arm and r["budget_epochs"] == FLAGS.tune_budget and r["seed"] == 0}
+  if any(point not in done for point in grid):
+    return None
+  return max(grid, key=lambda point: done[point])
+
+
+def planned_runs(records: list[dict], arms: list[tuple[str, str]], grid) -> list[tuple]:
+  """(arm, schedule, budget, lr, batch, seed) still to run, in order; later phases appear once the
+  tuning grid they depend on is complete."""
+  todo = [(a, s, FLAGS.tune_budget, lr, bs, 0) for a, s in arms for lr, bs in grid]
+  best = {a: best_setting(records, a, grid) for a, _ in arms}
+  if all(best.values()):
+    budgets = sorted({float(b) for b in FLAGS.budgets})
+    low = sorted({float(b) for b in FLAGS.low_budgets})
+    for budget in sorted(set(budgets) | set(low)):
+      for i, (a, s) in enumerate(arms):
+        if budget in budgets or i > 0:
+          todo.append((a, s, budget, *best[a], 0))
+    for seed in (int(x) for x in FLAGS.extra_seeds):
+      for a, s in arms:
+        todo.append((a, s, FLAGS.seed_budget, *best[a], seed))
+  done = {r["key"] for r in records}
+  return [t for t in todo if run_key(t[0], t[2], t[3], t[4], t[5]) not in done]
+
+
+def speedups(records: list[dict], arms, best) -> list[dict]:
+  """Per baseline budget: what each other arm needs (budget, wall-clock) to reach its final kNN."""
+  base_name = arms[0][0]
+
+  def curve(arm):
+    rows = [r for r in records if r["arm"] == arm and r["seed"] == 0 and best.get(arm)
+            and (r["base_lr"], r["batch_size"]) == best[arm]]
+    return sorted(rows, key=lambda r: r["budget_epochs"])
+
+  out = []
+  for base in curve(base_name):
+    if base["budget_epochs"] not in {float(b) for b in FLAGS.budgets}:
+      continue
+    row = {"budget_epochs": base["budget_epochs"], "target": base["final_knn"],
+           "baseline_wall_s": base["train_wall_s"], "arms": {}}
+    for arm, _ in arms[1:]:
+      rows = curve(arm)
+      if len(rows) < 2:
+        continue
+      pts = [(r["budget_epochs"], r["final_knn"]) for r in rows]
+      got = tta.budget_to_reach(pts, base["final_knn"])
+      entry = {"budget_epochs": got["budget"], "extrapolated": got["extrapolated"],
+               "at_most": got["at_most"]}
+      if got["budget"] is not None:
+        (i, j) = got["bracket"]
+        r0, r1 = rows[i], rows[j]
+        if got["at_most"]:   # already above the target at its smallest run: bounds only
+          r1 = r0
+        # Wall-clock read off the same bracket, linear in log-log (wall ~ budget).
+        span = math.log(r1["budget_epochs"]) - math.log(r0["budget_epochs"])
+        t = (math.log(got["budget"]) - math.log(r0["budget_epochs"])) / span if span else 0.0
+        wall = math.exp(math.log(r0["train_wall_s"]) + t * (math.log(r1["train_wall_s"])
+                                                             - math.log(r0["train_wall_s"])))
+        entry.update(wall_s=wall, speedup_budget=base["budget_epochs"] / got["budget"],
+                     speedup_wall=base["train_wall_s"] / wall)
+      row["arms"][arm] = entry
+    out.append(row)
+  return out
+
+
+def seed_spread(records, arms, best) -> dict:
+  out = {}
+  for arm, _ in arms:
+    if not best.get(arm):
+      continue
+    rows = [r for r in records if r["arm"] == arm and r["budget_epochs"] == FLAGS.seed_budget
+            and (r["base_lr"], r["batch_size"]) == best[arm]]
+    if len(rows) >= 2:
+      knn = [r["final_knn"] for r in rows]
+      out[arm] = {"seeds": sorted(r["seed"] for r in rows), "knn": knn,
+                  "mean": statistics.mean(knn), "std": statistics.stdev(knn),
+                  "range": max(knn) - min(knn)}
+  return out
+
+
+def plot(records, arms, best, rows, path) -> None:
+  fig, ax = plt.subplots(figsize=(7.5, 4.8))
+  for arm, schedule in arms:
+    pts = sorted((r["budget_epochs"], r["final_knn"]) for r in records
+                 if r["arm"] == arm and r["seed"] == 0 and best.get(arm)
+                 and (r["base_lr"], r["batch_size"]) == best[arm])
+    if pts:
+      line, = ax.plot(*zip(*pts), marker="o", label=f"{arm} ({schedule})")
+      seeds = [(r["budget_epochs"], r["final_knn"]) for r in records if r["arm"] == arm
+               and r["seed"] != 0]
+      if seeds:
+        ax.scatter(*zip(*seeds), marker="x", color=line.get_color(), label=f"{arm}, other seeds")
+  for row in rows:
+    for arm, e in row["arms"].items():
+      if e.get("speedup_budget"):
+        ax.annotate("", xy=(e["budget_epochs"], row["target"]),
+                    xytext=(row["budget_epochs"], row["target"]),
+                    arrowprops=dict(arrowstyle="->", color="grey", lw=0.8))
+        ax.text(math.sqrt(e["budget_epochs"] * row["budget_epochs"]), row["target"] + 0.002,
+                (">=" if e["at_most"] else "") + f"{e['speedup_budget']:.1f}x"
+                + ("*" if e["extrapolated"] else ""),
+                ha="center", va="bottom", fontsize=8, color="grey")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("budget (full-cost epochs)")
+  ax.set_ylabel("final kNN top-1")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(loc="lower right", fontsize=8)
+  ax.set_title(f"{FLAGS.objective}: final kNN vs budget, each arm at its tuned setting"
+               "\n(arrows: budget the accelerated arm needs for the baseline's kNN; * extrapolated)",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def fmt(x, spec=".4f", none="-"):
+  return none if x is None else format(x, spec)
+
+
+def report(records: list[dict], arms, grid, stem: str) -> None:
+  best = {a: best_setting(records, a, grid) for a, _ in arms}
+  rows = speedups(records, arms, best)
+  spread = seed_spread(records, arms, best)
+  plot(records, arms, best, rows, stem + ".png")
+  machines = sorted({r["machine"] for r in records})
+  lines = [f"# Budget sweep: {FLAGS.objective}", "",
+           f"Written by `python bench/budget_sweep.py {' '.join(sys.argv[1:])}` on "
+           f"{time.strftime('%Y-%m-%d')}; {len(records)} runs so far. Machine(s): "
+           f"{'; '.join(machines)}. Every run: the embedded recipe (configs/fmnist_"
+           f"{FLAGS.objective}.py), evaluated once at its end on one protocol (kNN k=20 and a "
+           "ridge probe, 10k train / 5k test images). Wall-clock = training only.", "",
+           "## Tuning grid", "",
+           f"Budget {FLAGS.tune_budget:g} full-cost epochs, seed 0; each arm then runs at its best "
+           "setting (bold) at every budget.", "",
+           "| arm | base_lr | batch | final kNN | final linear | train wall |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for arm, _ in arms:
+    for lr, bs in grid:
+      r = next((r for r in records if r["key"] == run_key(arm, FLAGS.tune_budget, lr, bs, 0)),
+               None)
+      if r is None:
+        lines.append(f"| {arm} | {lr:g} | {bs} | not run yet | | |")
+        continue
+      mark = "**" if best[arm] == (lr, bs) else ""
+      lines.append(f"| {arm} | {lr:g} | {bs} | {mark}{r['final_knn']:.4f}{mark} | "
+                   f"{fmt(r['final_linear'])} | {r['train_wall_s']:.0f} s |")
+  lines += ["", "## Final kNN against budget (seed 0, tuned settings)", "",
+            "| arm | budget (epochs) | steps | stages | final kNN | final linear | train wall | "
+            "load avg |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+  for arm, _ in arms:
+    for r in sorted((r for r in records if r["arm"] == arm and r["seed"] == 0 and best[arm]
+                     and (r["base_lr"], r["batch_size"]) == best[arm]),
+                    key=lambda r: r["budget_epochs"]):
+      stages = "; ".join(r["stages"]).replace("|", "\\|")
+      lines.append(f"| {arm} | {r['budget_epochs']:g} | {r['steps']} | {stages} | "
+                   f"{r['final_knn']:.4f} | {fmt(r['final_linear'])} | "
+                   f"{r['train_wall_s']:.0f} s | {r['load_avg_1m']:.1f} |")
+  lines += ["", "## Speed-up: budget to reach the baseline's final kNN", "",
+            "| baseline budget | baseline kNN | baseline wall | arm | budget needed | wall needed | "
+            "speed-up (budget) | speed-up (wall) |", "|---:|---:|---:|---|---:|---:|---:|---:|"]
+  for row in rows:
+    for arm, e in row["arms"].items():
+      flag = f" (extrapolated {e['extrapolated']})" if e["extrapolated"] else ""
+      le, ge = ("<= ", ">= ") if e["at_most"] else ("", "")
+      if e["budget_epochs"] is None:
+        lines.append(f"| {row['budget_epochs']:g} | {row['target']:.4f} | "
+                     f"{row['baseline_wall_s']:.0f} s | {arm} | not reached | | | |")
+        continue
+      lines.append(f"| {row['budget_epochs']:g} | {row['target']:.4f} | "
+                   f"{row['baseline_wall_s']:.0f} s | {arm} | {le}{e['budget_epochs']:.3g}{flag} | "
+                   f"{le}{e['wall_s']:.0f} s | {ge}{e['speedup_budget']:.2f}x | "
+                   f"{ge}{e['speedup_wall']:.2f}x |")
+  lines += ["", f"## Seed spread at {FLAGS.seed_budget:g} epochs", "",
+            "| arm | seeds | final kNN | mean | std | range |", "|---|---|---|---:|---:|---:|"]
+  for arm, s in spread.items():
+    lines.append(f"| {arm} | {', '.join(map(str, s['seeds']))} | "
+                 f"{', '.join(f'{k:.4f}' for k in s['knn'])} | {s['mean']:.4f} | "
+                 f"{s['std']:.4f} | {s['range']:.4f} |")
+  lines += ["", f"![final kNN vs budget]({os.path.basename(stem)}.png)", ""]
+  io.atomic_write_text(stem + ".md", "\n".join(lines))
+  io.atomic_write_json(stem + ".json", {"objective": FLAGS.objective, "arms": arms,
+                                        "best": {a: list(b) if b else None
+                                                 for a, b in best.items()},
+                                        "speedups": rows, "seed_spread": spread,
+                                        "runs": records})
+
+
+def main(argv):
+  del argv
+  arms = []
+  for item in FLAGS.arms:
+    name, sep, schedule = item.partition("=")
+    if not sep or not name or not schedule:
+      raise app.UsageError(f"--arms wants NAME=SCHEDULE pairs, got {item!r}")
+    arms.append((name, schedule))
+  base_lr = recipe_base_lr()
+  grid = [(base_lr * float(f), int(b)) for f in FLAGS.lr_factors for b in FLAGS.batches]
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  stem = os.path.join(FLAGS.out_dir, f"budget_sweep_{FLAGS.objective}"
+                      + (f"_{FLAGS.tag}" if FLAGS.tag else ""))
+  records = load(stem + ".jsonl")
+  if FLAGS.dry_run:
+    for run in planned_runs(records, arms, grid):
+      print(run_key(run[0], *run[2:]), run[1])
+    return
+  while not FLAGS.report_only:
+    todo = planned_runs(records, arms, grid)
+    if not todo:
+      break
+    record = run_once(*todo[0])
+    append(stem + ".jsonl", record)
+    records.append(record)
+    report(records, arms, grid, stem)
+  report(records, arms, grid, stem)
+  print(open(stem + ".md").read(), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
