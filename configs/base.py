@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 4.0
   c.model.dtype = "float32"      # backbone compute; "bfloat16" on GPU/TPU (params stay float32)
+  # jax.nn.dot_product_attention's implementation: 'auto' = cuDNN's fused attention on a GPU with a
+  # 16-bit dtype (head dim a multiple of 8, <= 128), XLA's otherwise; or force 'xla' / 'cudnn'.
+  c.model.attention = "auto"
+  c.model.attention_pad_to = 0   # > 1: pad the sequence to a multiple of this (masked; same result)
 
   # Sequence compression (vit_accel/compression.py). A strategy spec is 'full', 'keep0.25' (random
   # token keep), 'count16', 'patch8' (flexible patch size), 'patch8,keep0.5', 'res16' (resolution

@@ -61,3 +61,70 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_outputs():
   assert cls16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(cls16, np.float32), np.asarray(cls32), atol=0.1)
   assert not np.array_equal(np.asarray(cls16, np.float32), np.asarray(cls32))
+
+
+# ------------------------------------------------------------------------------------ attention
+def _strategy_specs():
+  """Every single-branch strategy the fmnist recipes ship (presets' and candidates' specs), plus
+  one of each kind they do not use."""
+  from configs import fmnist_dino, fmnist_mocov3, fmnist_simclr
+  from vit_accel.compression import BranchStrategies
+  specs = {"full", "count16", "res16", "res24", "patch8,keep0.5", "patch16"}
+  for recipe in (fmnist_mocov3, fmnist_simclr, fmnist_dino):
+    c = recipe.get_config()
+    for spec in (*c.compression.cost_candidates, *c.grad_error.candidates, *c.online.candidates):
+      b = BranchStrategies.parse(spec)
+      specs |= {b.query.spec, b.key.spec, b.local_strategy.spec}
+  return sorted(specs)
+
+
+def _features(monkeypatch, spec, dtype, reference=False, pad_to=0):
+  from vit_accel.compression import Strategy
+  from vit_accel.models import vit as vit_module
+  if reference:   # flax's own attention: what the backbone used before jax.nn.dot_product_attention
+    import flax.linen as nn
+    monkeypatch.setattr(vit_module, "dot_product_attention",
+                        lambda q, k, v, **_: nn.dot_product_attention(q, k, v, dtype=q.dtype))
+  model = VisionTransformer(width=32, depth=2, num_heads=4, patch_size=4, image_size=32,
+                            dtype=dtype, attention="xla", attention_pad_to=pad_to)
+  images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+  params = model.init(jax.random.key(1), images)
+  strategy = Strategy.parse(spec)
+  out = jax.jit(lambda p, x, r: model.apply(p, x, strategy, r))(params, images, jax.random.key(2))
+  monkeypatch.undo()
+  return [np.asarray(o, np.float32) for o in out]
+
+
+@pytest.mark.parametrize("spec", _strategy_specs())
+def test_dot_product_attention_matches_flax_attention_for_every_strategy(monkeypatch, spec):
+  ref = _features(monkeypatch, spec, jnp.float32, reference=True)
+  ours = _features(monkeypatch, spec, jnp.float32)
+  for r, o in zip(ref, ours):
+    np.testing.assert_allclose(o, r, atol=2e-5, rtol=2e-5)
+  # bfloat16: both within bf16 rounding of the float32 result; ours (float32 softmax) no worse.
+  flax_bf16 = _features(monkeypatch, spec, jnp.bfloat16, reference=True)
+  ours_bf16 = _features(monkeypatch, spec, jnp.bfloat16)
+  for r, f, o in zip(ref, flax_bf16, ours_bf16):
+    err_ours, err_flax = np.max(np.abs(o - r)), np.max(np.abs(f - r))
+    assert err_ours < 0.1 * np.max(np.abs(r)), (spec, err_ours)
+    assert err_ours <= 1.5 * err_flax + 1e-3, (spec, err_ours, err_flax)
+
+
+@pytest.mark.parametrize("pad_to", [8, 64])
+@pytest.mark.parametrize("spec", ["full", "keep0.25", "patch8"])
+def test_padded_attention_gives_the_same_features(monkeypatch, spec, pad_to):
+  plain = _features(monkeypatch, spec, jnp.float32)
+  padded = _features(monkeypatch, spec, jnp.float32, pad_to=pad_to)
+  for p, q in zip(plain, padded):
+    np.testing.assert_allclose(q, p, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_choice():
+  from vit_accel.models.vit import attention_implementation
+  assert attention_implementation("auto", jnp.bfloat16, 64, platform="gpu") == "cudnn"
+  assert attention_implementation("auto", jnp.float32, 64, platform="gpu") == "xla"
+  assert attention_implementation("auto", jnp.bfloat16, 12, platform="gpu") == "xla"  # not x8
+  assert attention_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
+  assert attention_implementation("xla", jnp.bfloat16, 64, platform="gpu") == "xla"
+  with pytest.raises(ValueError, match="model.attention"):
+    attention_implementation("flash", jnp.bfloat16, 64)

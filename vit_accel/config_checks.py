@@ -2,6 +2,8 @@
 the rules that tie keys together. Each failure is a UserError naming the key and the fix."""
 from __future__ import annotations
 
+import jax
+
 from vit_accel import config_domains, objectives, step_plan
 from vit_accel.errors import UserError
 from vit_accel.train_step import num_local_crops
@@ -26,6 +28,12 @@ def validate_config(config) -> None:
                     f"{m.image_size}; use a divisor of {m.image_size}")
   if m.width % m.num_heads:
     raise UserError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+  if m.attention == "cudnn":
+    head_dim = m.width // m.num_heads
+    if jax.default_backend() != "gpu" or m.dtype != "bfloat16" or head_dim % 8 or head_dim > 128:
+      raise UserError(f"model.attention=cudnn needs a GPU, model.dtype=bfloat16 and a head dim "
+                      f"(model.width / model.num_heads) that is a multiple of 8 up to 128; this is "
+                      f"{jax.default_backend()}, {m.dtype}, head dim {head_dim}: use 'auto'")
   if num_local_crops(config):
     local = config.aug.local_size
     if local <= 0 or local % m.patch_size or local > m.image_size:

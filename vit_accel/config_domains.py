@@ -157,6 +157,8 @@ DOMAINS = {
     "model.num_heads": COUNT,
     "model.mlp_ratio": POSITIVE,
     "model.dtype": Choice(("float32", "bfloat16")),
+    "model.attention": Choice(("auto", "xla", "cudnn")),
+    "model.attention_pad_to": NON_NEGATIVE_INT,
     # objectives
     "mocov3.temperature": POSITIVE,
     "mocov3.base_momentum": PROBABILITY,

@@ -34,6 +34,7 @@ FREE = (
     "tensorboard", "compression.", "grad_error.", "search.", "online.", "pilot.",
     "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
     "model.dtype",      # compute dtype only: parameters are float32 either way
+    "model.attention", "model.attention_pad_to",   # how attention is computed, not what
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
     "distributed.", "mesh.", "checkpoint.", "eval.", "export.",
     "finetune.",        # --mode=finetune's own recipe: pretraining never reads it

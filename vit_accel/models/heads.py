@@ -1,6 +1,8 @@
 """Projection / prediction MLP heads for the self-supervised objectives."""
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -19,14 +21,17 @@ class BatchStatNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    mean = jnp.mean(x, axis=0, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=0, keepdims=True)
-    y = (x - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
+    # Statistics in float32 whatever the compute dtype (a bfloat16 batch variance loses the small
+    # differences BatchNorm exists to amplify); the output keeps x's dtype.
+    y = x.astype(jnp.float32)
+    mean = jnp.mean(y, axis=0, keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=0, keepdims=True)
+    y = (y - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
     if self.use_scale:
       y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    return y
+    return y.astype(x.dtype)
 
 
 class MLPHead(nn.Module):
@@ -35,14 +40,16 @@ class MLPHead(nn.Module):
   out_dim: int
   num_layers: int = 3
   last_bn: bool = True
+  dtype: Any = jnp.float32   # matmul dtype (the backbone's); parameters stay float32
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden_dim, use_bias=False, name=f"fc{i}")(x)
+      x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, name=f"fc{i}")(x)
       x = BatchStatNorm(name=f"bn{i}")(x)
       x = nn.relu(x)
-    x = nn.Dense(self.out_dim, use_bias=not self.last_bn, name=f"fc{self.num_layers - 1}")(x)
+    x = nn.Dense(self.out_dim, use_bias=not self.last_bn, dtype=self.dtype,
+                 name=f"fc{self.num_layers - 1}")(x)
     if self.last_bn:
       x = BatchStatNorm(use_scale=False, use_bias=False, name=f"bn{self.num_layers - 1}")(x)
     return x

@@ -39,16 +39,72 @@ class MlpBlock(nn.Module):
                     name="fc2")(x)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(choice: str, dtype, head_dim: int, platform: str | None = None) -> str:
+  """Which `jax.nn.dot_product_attention` implementation `model.attention=choice` runs.
+
+  'auto' picks cuDNN's fused (flash) attention where it applies - a GPU, a 16-bit compute dtype and
+  a head dimension that is a multiple of 8 up to 128 (cuDNN's limits) - and XLA's otherwise (CPU,
+  TPU, float32). 'xla' / 'cudnn' force one (cudnn fails to compile outside those limits).
+  Returns 'xla' or 'cudnn'. Raises ValueError for an unknown choice.
+  """
+  if choice not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={choice!r}; one of {ATTENTION_IMPLEMENTATIONS}")
+  if choice != "auto":
+    return choice
+  platform = platform or jax.default_backend()
+  fused = (platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused else "xla"
+
+
+def dot_product_attention(query, key, value, *, implementation: str = "xla", pad_to: int = 0):
+  """Softmax attention of every token to every token, through `jax.nn.dot_product_attention`.
+
+  query, key, value: [B, T, N, H] in the compute dtype. Logits and softmax are float32 whatever the
+  compute dtype (JAX's XLA path and cuDNN both accumulate in float32); the output [B, T, N, H] is in
+  the inputs' dtype. pad_to > 1 pads T up to a multiple of it, masks the padded keys out
+  (`key_value_seq_lengths`) and drops the padded queries: the same numbers, for fused kernels that
+  run faster on aligned lengths. Source: Vaswani et al. 2017, scaled by 1/sqrt(H).
+  """
+  t = query.shape[1]
+  padded = -(-t // pad_to) * pad_to if pad_to > 1 else t
+  if padded == t:
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+  pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+  query, key, value = (jnp.pad(a, pad) for a in (query, key, value))
+  lengths = jnp.full((query.shape[0],), t, jnp.int32)
+  out = jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
+
+
 class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"     # model.attention: 'auto' | 'xla' | 'cudnn'
+  attention_pad_to: int = 0   # model.attention_pad_to
 
   @nn.compact
   def __call__(self, x):
+    head_dim = x.shape[-1] // self.num_heads
+    implementation = attention_implementation(self.attention, self.dtype, head_dim)
+
+    def attention_fn(query, key, value, bias=None, mask=None, **unused):
+      # flax's hook; it also passes dropout arguments, and a ViT encoder has no mask, bias or dropout.
+      if bias is not None or mask is not None:
+        raise ValueError("ViT self-attention takes no mask or bias")
+      return dot_product_attention(query, key, value, implementation=implementation,
+                                   pad_to=self.attention_pad_to)
+
     y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+    # flax's module keeps the parameter layout (query/key/value/out) that checkpoints and the timm
+    # export read; only the attention itself is ours.
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
+        num_heads=self.num_heads, dtype=self.dtype, attention_fn=attention_fn,
         kernel_init=nn.initializers.xavier_uniform(), name="attn")(y, y)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
@@ -68,7 +124,8 @@ class FlexiPatchEmbed(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.base_patch, self.base_patch, channels, self.width))
     bias = self.param("bias", nn.initializers.zeros, (self.width,))
-    kernel = compression.pi_resize_kernel(kernel, patch_size).astype(self.dtype)
+    with jax.named_scope("pi_resize"):   # a float32 weight transform (named for profiles)
+      kernel = compression.pi_resize_kernel(kernel, patch_size).astype(self.dtype)
     b, s, _, c = images.shape
     g = s // patch_size
     # Patchify + one matmul: the same as a stride-p convolution, and faster on CPU.
@@ -88,6 +145,8 @@ class VisionTransformer(nn.Module):
   patch_size: int = 16     # base patch size: the learned kernel's size
   image_size: int = 224
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad_to: int = 0
 
   def setup(self):
     if self.image_size % self.patch_size:
@@ -100,6 +159,7 @@ class VisionTransformer(nn.Module):
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, grid * grid, self.width))
     self.blocks = [EncoderBlock(self.num_heads, int(self.width * self.mlp_ratio), dtype=self.dtype,
+                                attention=self.attention, attention_pad_to=self.attention_pad_to,
                                 name=f"block{i}") for i in range(self.depth)]
     self.norm = nn.LayerNorm(dtype=self.dtype, name="norm")
 
@@ -121,7 +181,8 @@ class VisionTransformer(nn.Module):
       b, _, _, c = images.shape
       images = jax.image.resize(images, (b, lay.input_size, lay.input_size, c), method="linear")
     x = self.patch_embed(images, lay.patch_size)
-    pos = compression.resize_pos_embed(self.pos_embed, lay.grid)
+    with jax.named_scope("pos_resize"):  # likewise, for the position-embedding grid
+      pos = compression.resize_pos_embed(self.pos_embed, lay.grid)
     return x + pos.astype(x.dtype)
 
   def tokens(self, images, strategy: Strategy = FULL, rng=None):

@@ -49,16 +49,19 @@ class DINOHead(nn.Module):
   num_layers: int = 3
   norm_last_layer: bool = True
   use_bn: bool = False       # BatchNorm after each hidden layer (DINO's option, used for ResNets)
+  dtype: jnp.dtype = jnp.float32   # matmul dtype (the backbone's); parameters stay float32
 
   @nn.compact
   def __call__(self, x, freeze_last=False):
     init = nn.initializers.truncated_normal(0.02)
     for i in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden_dim, kernel_init=init, name=f"fc{i}")(x)
+      x = nn.Dense(self.hidden_dim, kernel_init=init, dtype=self.dtype, name=f"fc{i}")(x)
       if self.use_bn:
         x = BatchStatNorm(name=f"bn{i}")(x)
       x = nn.gelu(x, approximate=False)
-    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"fc{self.num_layers - 1}")(x)
+    x = nn.Dense(self.bottleneck_dim, kernel_init=init, dtype=self.dtype,
+                 name=f"fc{self.num_layers - 1}")(x)
+    x = x.astype(jnp.float32)    # norms in float32, the last matmul in the compute dtype
     x = x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
     # Weight normalisation: direction v per output unit, norm g (fixed at 1 when norm_last_layer).
     v = self.param("last_v", init, (self.bottleneck_dim, self.out_dim))
@@ -67,7 +70,7 @@ class DINOHead(nn.Module):
     if not self.norm_last_layer:
       g = self.param("last_g", nn.initializers.ones, (self.out_dim,))
       w = w * jnp.where(freeze_last, jax.lax.stop_gradient(g), g)
-    return x @ w
+    return x.astype(self.dtype) @ w.astype(self.dtype)
 
 
 class DINOModel(nn.Module):
@@ -128,6 +131,9 @@ def dino_loss(student_out, teacher_out, center, student_temp: float, teacher_tem
   """student_out: V_s arrays [N, K] (global views first); teacher_out: V_t arrays [N, K] (the global
   views, in the same order). Mean over pairs (teacher i, student v), v != i, of the batch-mean
   cross-entropy. Returns (loss, teacher probabilities)."""
+  # Softmaxes and the cross-entropy in float32 whatever the heads' dtype (precision policy).
+  student_out = [s.astype(jnp.float32) for s in student_out]
+  teacher_out = [t.astype(jnp.float32) for t in teacher_out]
   teacher_probs = teacher_targets(teacher_out, center, teacher_temp, centering)
   student_logp = [jax.nn.log_softmax(s / student_temp, axis=-1) for s in student_out]
   total, pairs = 0.0, 0
@@ -153,7 +159,7 @@ def koleo_loss(features, eps: float = 1e-8):
 
 def update_center(center, teacher_out, momentum: float):
   """center <- m * center + (1 - m) * mean over the (global) batch and teacher views."""
-  batch_mean = jnp.mean(jnp.concatenate(teacher_out, axis=0), axis=0)
+  batch_mean = jnp.mean(jnp.concatenate(teacher_out, axis=0).astype(jnp.float32), axis=0)
   return momentum * center + (1.0 - momentum) * jax.lax.stop_gradient(batch_mean)
 
 
@@ -190,7 +196,8 @@ def build(config, backbone: VisionTransformer) -> DINOModel:
   h = config.dino
   return DINOModel(backbone=backbone, head=DINOHead(
       out_dim=h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
-      num_layers=h.head_layers, norm_last_layer=h.norm_last_layer, use_bn=h.head_bn))
+      num_layers=h.head_layers, norm_last_layer=h.norm_last_layer, use_bn=h.head_bn,
+      dtype=backbone.dtype))
 
 
 def init_extra(config) -> dict:

@@ -31,8 +31,11 @@ class MoCoV3Model(nn.Module):
   pred_hidden_dim: int = 1024
 
   def setup(self):
-    self.projector = MLPHead(self.proj_hidden_dim, self.out_dim, num_layers=3, last_bn=True)
-    self.predictor = MLPHead(self.pred_hidden_dim, self.out_dim, num_layers=2, last_bn=False)
+    dtype = self.backbone.dtype   # heads compute in the backbone's dtype
+    self.projector = MLPHead(self.proj_hidden_dim, self.out_dim, num_layers=3, last_bn=True,
+                             dtype=dtype)
+    self.predictor = MLPHead(self.pred_hidden_dim, self.out_dim, num_layers=2, last_bn=False,
+                             dtype=dtype)
 
   def features(self, images, strategy: Strategy = FULL, rng=None):
     """Backbone CLS feature (what evaluation uses, at full length)."""
@@ -51,11 +54,12 @@ class MoCoV3Model(nn.Module):
 def infonce(q, k, temperature: float):
   """MoCo-v3 contrastive loss: q_i's positive is k_i, the other keys of the (global) batch are
   negatives; cross-entropy on cosine logits / temperature, scaled by 2*temperature as in MoCo-v3."""
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)   # logits in float32 (precision policy)
   q = q / jnp.linalg.norm(q, axis=-1, keepdims=True).clip(1e-12)
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True).clip(1e-12)
   logits = jnp.einsum("nc,mc->nm", q, k) / temperature
   labels = jnp.arange(q.shape[0])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return 2.0 * temperature * jnp.mean(ce)
 
 

@@ -31,7 +31,7 @@ class SimCLRModel(nn.Module):
 
   def setup(self):
     self.projector = MLPHead(self.proj_hidden_dim, self.out_dim, num_layers=self.proj_layers,
-                             last_bn=True)
+                             last_bn=True, dtype=self.backbone.dtype)
 
   def features(self, images, strategy: Strategy = FULL, rng=None):
     """Backbone CLS feature (what evaluation uses, at full length)."""
