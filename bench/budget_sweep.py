@@ -55,8 +55,9 @@ flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist
                     "(e.g. 'smoke' for a tiny end-to-end check).")
 flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe"],
                   "NAME=SCHEDULE pairs; the first is the baseline whose final kNN is the target. "
-                  "SCHEDULE: a preset, a stage string, a schedule file, or 'recipe' (the "
-                  "config's own).")
+                  "SCHEDULE: a preset, a stage string, a schedule file, 'recipe' (the "
+                  "config's own) or 'pilot' (--mode=pilot, then its searched schedule on the "
+                  "budget the pilot left: pilot included in the arm's budget and wall-clock).")
 flags.DEFINE_list("budgets", ["0.25", "0.5", "1", "2", "4"], "Full-cost epochs, every arm.")
 flags.DEFINE_list("low_budgets", ["0.03125", "0.0625", "0.125"],
                   "Full-cost epochs run by every arm but the baseline (where it already beats "
@@ -106,27 +107,44 @@ def run_once(arm: str, schedule: str, budget: float, lr: float, batch: int, seed
   workdir = os.path.join(FLAGS.workdir_root, FLAGS.objective + (f"_{FLAGS.tag}" if FLAGS.tag
                                                                   else ""),
                          run_key(arm, budget, lr, batch, seed))
-  if schedule == "recipe":
-    chosen = {}
-  elif os.path.isfile(schedule):
-    chosen = {"schedule_file": os.path.abspath(schedule)}
-  else:
-    chosen = {"schedule": schedule}
-  overrides = {**chosen, "budget_epochs": budget, "optim.base_lr": lr, "batch_size": batch,
-               "seed": seed, "eval.every_steps": 0, "eval.at_start": False,
-               "eval.at_progress": "()", "checkpoint.at_progress": "()", **PROTOCOL}
+  common = {"budget_epochs": budget, "optim.base_lr": lr, "batch_size": batch, "seed": seed,
+            "eval.every_steps": 0, "eval.at_start": False, "eval.at_progress": "()",
+            "checkpoint.at_progress": "()", **PROTOCOL}
   for item in FLAGS.extra:
     key, _, value = item.partition("=")
-    overrides[key] = value
-  config = recipe_path() + (f":{FLAGS.config_arg}" if FLAGS.config_arg else "")
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
-         f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-  print("$ " + " ".join(cmd[1:]), flush=True)
+    common[key] = value
   t0 = time.time()
-  subprocess.run(cmd, check=True, cwd=ROOT)
-  final = [m for m in read_metrics(workdir, kind="eval") if "evaluated_by" not in m][-1]
-  with open(os.path.join(workdir, "plan.json")) as f:
+  pilot = None
+  if schedule == "pilot":
+    # The paper's procedure at equal total budget: --mode=pilot (uncompressed pilot run, gradient
+    # error at its milestones, search), then the searched schedule on what the pilot left.
+    main_py(workdir, {k: v for k, v in common.items() if k != "checkpoint.at_progress"},
+            mode="pilot")
+    with open(os.path.join(workdir, "pilot_cost.json")) as f:
+      pilot = json.load(f)
+    with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
+      measure_s = json.load(f)["seconds"]
+    pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")
+                   if "evaluated_by" not in m][-1]
+    pilot["wall_s"] = pilot_train["train_wall_s"] + measure_s
+    run_dir = os.path.join(workdir, "run")
+    chosen = {"schedule_file": os.path.join(workdir, "schedule.txt"),
+              "budget": pilot["remaining_units"]}
+  else:
+    run_dir = workdir
+    chosen = ({} if schedule == "recipe" else
+              {"schedule_file": os.path.abspath(schedule)} if os.path.isfile(schedule) else
+              {"schedule": schedule})
+  main_py(run_dir, {**chosen, **common})
+  final = [m for m in read_metrics(run_dir, kind="eval") if "evaluated_by" not in m][-1]
+  with open(os.path.join(run_dir, "plan.json")) as f:
     plan = json.load(f)
+  extra = {}
+  if pilot is not None:   # the pilot's spending counts in the arm's budget and wall-clock
+    final = dict(final, budget_units=final["budget_units"] + pilot["total_units"],
+                 train_wall_s=final["train_wall_s"] + pilot["wall_s"])
+    extra = {"pilot_units": pilot["total_units"], "pilot_wall_s": pilot["wall_s"],
+             "pilot_fraction": pilot["fraction"]}
   return {"key": run_key(arm, budget, lr, batch, seed), "arm": arm, "schedule": schedule,
           "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
           "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),
@@ -134,7 +152,18 @@ def run_once(arm: str, schedule: str, budget: float, lr: float, batch: int, seed
           "steps": final["step"], "stages": [f"{s['spec']} x{s['num_steps']}"
                                             for s in plan["stages"]],
           "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
-          "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
+          "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(),
+          **extra}
+
+
+def main_py(workdir: str, overrides: dict, mode: str = "train") -> None:
+  """Runs main.py on the recipe (resuming whatever `workdir` holds) with --config overrides."""
+  config = recipe_path() + (f":{FLAGS.config_arg}" if FLAGS.config_arg else "")
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
+         f"--workdir={workdir}", f"--mode={mode}"] + [f"--config.{k}={v}"
+                                                     for k, v in overrides.items()]
+  print("$ " + " ".join(cmd[1:]), flush=True)
+  subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def machine() -> str:

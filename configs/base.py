@@ -68,10 +68,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_error.batches = 6
   c.grad_error.candidates = ("keep0.5|keep0.5", "keep0.25|keep0.25", "patch8|patch8", "keep0.5",
                              "keep0.25")
+  # Intervals and sample size: Efron's bootstrap over batches gives every term a ci_level interval;
+  # a table is measured again on fresh batches (pooled) until the lowest CA-MSE is clear of the
+  # others or its interval is narrower than ci_target x its value, at most max_rounds times.
+  c.grad_error.bootstrap = 400
+  c.grad_error.ci_level = 0.9
+  c.grad_error.ci_target = 0.2
+  c.grad_error.max_rounds = 3
+  # Step cost relative to full length in CA-MSE: --mode=cost's measured times from this table
+  # ("" = WORKDIR/cost_table.json when there; "none" = the analytic cost model).
+  c.grad_error.cost_table = ""
   # --mode=search (vit_accel/schedule_search.py): lowest CA-MSE per budget interval ->
   # WORKDIR/schedule.txt.
   c.search = ml_collections.ConfigDict()
-  c.search.tie_tolerance = 0.05  # within 5% of the lowest CA-MSE counts as a tie -> the cheaper
+  # Ties -> the cheaper: 'interval' = CA-MSE intervals overlapping the lowest one's (tables
+  # without intervals fall back to 'tolerance': within tie_tolerance of the lowest value).
+  c.search.ties = "interval"
+  c.search.tie_tolerance = 0.05
+  # True: compression only relaxes along training (each stage's step costs at least the last's).
+  c.search.monotone = False
   c.search.grad_error_file = ""  # "" = WORKDIR/grad_error.json
   # The last interval at full length whatever it measured (evaluation is at full length; CA-MSE
   # only scores gradients at the compressed length).

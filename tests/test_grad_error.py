@@ -45,20 +45,28 @@ def closed_form(w, w_star, mask):
   return mean, float(np.sum(per_coord * mask))
 
 
-def moments_of(rng, w, w_star, mask, n):
-  acc = grad_error.GradientMoments()
-  for _ in range(n):
-    acc.add(batch_gradient(rng, w, w_star, mask))
-  return acc
+def gradients_of(rng, w, w_star, mask, n):
+  return np.stack([batch_gradient(rng, w, w_star, mask) for _ in range(n)])
+
+
+def estimate(ref, cand, cost_ratio, draws=0, seed=0):
+  """gram_terms on uniform weights (row 0) and `draws` bootstrap draws; cand=None: the reference."""
+  gen = np.random.default_rng(seed)
+  w = grad_error.bootstrap_weights(gen, len(ref), draws)
+  rr = ref @ ref.T
+  if cand is None:
+    return grad_error.gram_terms(rr, rr, rr, w, w, cost_ratio)
+  v = grad_error.bootstrap_weights(gen, len(cand), draws)
+  return grad_error.gram_terms(rr, cand @ cand.T, cand @ ref.T, w, v, cost_ratio)
 
 
 def test_estimators_recover_closed_form_bias_and_variance():
   rng, w, w_star = least_squares_problem()
   full, drop = np.ones(D), np.ones(D)
   drop[DROPPED] = 0.0
-  ref = moments_of(rng, w, w_star, full, 4000)
-  cand = moments_of(rng, w, w_star, drop, 4000)
-  row = grad_error.error_terms(ref, cand, cost_units=0.5, ref_cost_units=1.0)
+  ref = gradients_of(rng, w, w_star, full, 3000)
+  cand = gradients_of(rng, w, w_star, drop, 3000)
+  row = {k: v[0] for k, v in estimate(ref, cand, 0.5).items()}
 
   g_star, _ = closed_form(w, w_star, full)
   mean, variance = closed_form(w, w_star, drop)
@@ -69,9 +77,35 @@ def test_estimators_recover_closed_form_bias_and_variance():
   assert row["ca_mse"] == pytest.approx(row["bias2"] + 0.5 * row["variance"], rel=1e-12)
   expected_cos = mean @ g_star / np.linalg.norm(mean) / np.sqrt(norm2)
   assert row["cosine"] == pytest.approx(expected_cos, abs=0.01)
-  # The reference's own variance, too.
+  # The reference's own row: no bias, the reference batches' variance.
   _, full_variance = closed_form(w, w_star, full)
-  assert ref.variance == pytest.approx(full_variance, rel=0.05)
+  own = {k: v[0] for k, v in estimate(ref, None, 1.0).items()}
+  assert own["bias2"] == 0 and own["variance"] * norm2 == pytest.approx(full_variance, rel=0.05)
+
+
+def test_gram_terms_equal_the_direct_formulas():
+  gen = np.random.default_rng(3)
+  ref = gen.normal(size=(7, 40)) + 1.0
+  cand = gen.normal(size=(5, 40)) * 2 + 0.5
+  row = {k: v[0] for k, v in estimate(ref, cand, 0.25).items()}
+  g_star, g = ref.mean(0), cand.mean(0)
+  norm2 = g_star @ g_star
+  var, var_ref = np.sum(cand.var(0, ddof=1)), np.sum(ref.var(0, ddof=1))
+  plugin = np.sum((g - g_star) ** 2)
+  assert row["bias2_plugin"] == pytest.approx(plugin / norm2, rel=1e-10)
+  assert row["bias2"] == pytest.approx(max(plugin - var / 5 - var_ref / 7, 0) / norm2, rel=1e-10)
+  assert row["variance"] == pytest.approx(var / norm2, rel=1e-10)
+  assert row["cosine"] == pytest.approx(g @ g_star / np.linalg.norm(g) / np.sqrt(norm2), rel=1e-10)
+  # A bootstrap draw is the same formula on the resampled batches.
+  gen_w = np.random.default_rng(9)
+  w = grad_error.bootstrap_weights(gen_w, 7, 1)[1:]
+  v = grad_error.bootstrap_weights(gen_w, 5, 1)[1:]
+  draw = grad_error.gram_terms(ref @ ref.T, cand @ cand.T, cand @ ref.T, w, v, 0.25)
+  ref_b = np.repeat(ref, np.round(w[0] * 7).astype(int), axis=0)
+  cand_b = np.repeat(cand, np.round(v[0] * 5).astype(int), axis=0)
+  plugin_b = np.sum((cand_b.mean(0) - ref_b.mean(0)) ** 2)
+  assert draw["bias2_plugin"][0] == pytest.approx(plugin_b / (ref_b.mean(0) @ ref_b.mean(0)),
+                                                  rel=1e-10)
 
 
 def test_unbiased_strategy_has_near_zero_bias_after_noise_correction():
@@ -81,25 +115,54 @@ def test_unbiased_strategy_has_near_zero_bias_after_noise_correction():
   full = np.ones(D)
   plugin, corrected = [], []
   for _ in range(200):
-    ref = moments_of(rng, w, w_star, full, 10)
-    cand = moments_of(rng, w, w_star, full, 10)
-    row = grad_error.error_terms(ref, cand, 1.0, 1.0)
-    plugin.append(row["bias2_plugin"])
-    corrected.append(row["bias2"])
+    row = estimate(gradients_of(rng, w, w_star, full, 10), gradients_of(rng, w, w_star, full, 10),
+                   1.0)
+    plugin.append(row["bias2_plugin"][0])
+    corrected.append(row["bias2"][0])
   _, variance = closed_form(w, w_star, full)
   g_star, _ = closed_form(w, w_star, full)
   assert np.mean(plugin) == pytest.approx(2 * variance / 10 / (g_star @ g_star), rel=0.25)
   assert np.mean(corrected) < 0.25 * np.mean(plugin)
 
 
-def test_welford_matches_numpy():
-  rng = np.random.default_rng(3)
-  xs = rng.normal(size=(50, 7)) * 3 + 1
-  acc = grad_error.GradientMoments()
-  for x in xs:
-    acc.add(x)
-  np.testing.assert_allclose(acc.mean, xs.mean(0), rtol=1e-12)
-  assert acc.variance == pytest.approx(np.sum(xs.var(0, ddof=1)), rel=1e-12)
+def test_bootstrap_intervals_cover_the_truth_and_shrink_with_rounds():
+  """90% intervals of CA-MSE cover the closed-form value in most repetitions (the bootstrap is
+  approximate at 16 batches), and pooling 4 rounds narrows them about 2x."""
+  rng, w, w_star = least_squares_problem(2)
+  full, drop = np.ones(D), np.ones(D)
+  drop[DROPPED] = 0.0
+  g_star, _ = closed_form(w, w_star, full)
+  mean, variance = closed_form(w, w_star, drop)
+  truth = (np.sum((mean - g_star) ** 2) + 0.5 * variance) / (g_star @ g_star)
+
+  def one_round(seed):
+    terms = estimate(gradients_of(rng, w, w_star, full, 16),
+                     gradients_of(rng, w, w_star, drop, 16), 0.5, draws=300, seed=seed)
+    return {"cand": terms, "_rows": [{"strategy": "cand"}], "_batches": {"cand": 16}}
+
+  covered, widths = 0, {1: [], 4: []}
+  for i in range(60):
+    rounds = [one_round(4 * i + j) for j in range(4)]
+    for n in (1, 4):
+      row = grad_error.pool_rounds(rounds[:n], 0.9)[0]
+      low, high = row["ca_mse_ci"]
+      assert low <= row["ca_mse"] <= high
+      widths[n].append(high - low)
+      if n == 1:
+        covered += low <= truth <= high
+    assert row["rounds"] == 4 and row["num_batches"] == 64
+  assert 0.7 <= covered / 60 <= 1.0
+  assert np.mean(widths[4]) < 0.7 * np.mean(widths[1])
+
+
+def test_resolved_when_clear_or_precise_enough():
+  def r(ca, low, high):
+    return {"ca_mse": ca, "ca_mse_ci": [low, high]}
+  assert grad_error.resolved([r(0.1, 0.08, 0.12), r(0.2, 0.15, 0.25)], ci_target=0.1)
+  # overlapping and wide: measure again
+  assert not grad_error.resolved([r(0.1, 0.05, 0.16), r(0.2, 0.15, 0.25)], ci_target=0.1)
+  # overlapping but the best is measured to 10%: a tie at that precision
+  assert grad_error.resolved([r(0.1, 0.096, 0.104), r(0.102, 0.1, 0.11)], ci_target=0.1)
 
 
 def row(strategy, ca_mse, cost):
@@ -148,11 +211,13 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
     full, keep = table["rows"]
     assert (full["strategy"], keep["strategy"]) == ("full", "keep0.25|keep0.25")
     assert keep["cost_units"] < full["cost_units"]
-    assert (full["num_batches"], keep["num_batches"]) == (2, 3)
+    assert (full["num_batches"], keep["num_batches"]) == (2 * full["rounds"], 3 * full["rounds"])
+    assert 1 <= full["rounds"] <= config.grad_error.max_rounds
     assert full["bias2"] == 0 and full["cosine"] == pytest.approx(1.0)
     for r in (full, keep):
       assert np.isfinite(r["ca_mse"]) and r["variance"] > 0
       assert 0 <= r["bias2"] <= r["bias2_plugin"]
+      assert r["ca_mse_ci"][0] <= r["ca_mse"] <= r["ca_mse_ci"][1]
   saved = json.loads((tmp_path / "run" / "grad_error.json").read_text())
   assert saved["tables"][1]["rows"][1]["ca_mse"] == result["tables"][1]["rows"][1]["ca_mse"]
   assert (tmp_path / "run" / "grad_error.png").stat().st_size > 0
@@ -162,6 +227,9 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   assert [s.strategies.spec for s in step_plan.schedule_stages(config)] == [
       p.split(":")[1] for p in text.split("; ")]
   step_plan.make_step_plan(config, 60000)  # the plan is a valid step plan for this model and budget
+  plan = json.loads((tmp_path / "run" / "schedule.json").read_text())
+  assert plan["schedule"] == text and plan["settings"]["ties"] == "interval"
+  assert all(line.startswith("at ") for s in plan["stages"] for line in s["why"])
 
   config.grad_error.steps = (4,)
   with pytest.raises(UserError, match=r"grad_error.steps \[4\] not saved"):
@@ -178,6 +246,38 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   assert sorted(os.listdir(pilot_dir / "milestones")) == ["2", "6"]  # 30% -> step 2, 90% -> 6
   measured = json.loads((pilot_dir / "grad_error.json").read_text())
   assert [t["step"] for t in measured["tables"]] == [2, 6]
-  assert (tmp_path / "schedule.txt").read_text().strip().endswith(text)
+  assert text in (tmp_path / "schedule.txt").read_text()
   config.schedule_file = str(tmp_path / "schedule.txt")
   step_plan.make_step_plan(config, 60000)
+  # What the pilot spent: its training budget plus every measurement round, charged.
+  cost = json.loads((tmp_path / "pilot_cost.json").read_text())
+  budget = step_plan.budget_units(config, 60000)
+  assert cost["train_units"] == pytest.approx(budget)           # budget_fraction 1.0 here
+  rounds = sum(t["rows"][0]["rounds"] for t in measured["tables"])
+  assert cost["rounds"] == rounds >= 2
+  per_round = step_plan.measurement_units(config, step_plan.candidates(
+      config, "grad_error.candidates"), 2, 2)
+  assert per_round > 0 and cost["measurement_units"] == pytest.approx(rounds * per_round)
+  assert cost["remaining_units"] == pytest.approx(budget - cost["total_units"])
+  assert "charge it: --config.budget=" in (tmp_path / "schedule.txt").read_text()
+
+
+def test_measured_step_times_replace_the_cost_model_only_when_complete(tmp_path):
+  from conftest import tiny_config
+  config = tiny_config(**{"grad_error.candidates": ("keep0.25|keep0.25", "patch8|patch8")})
+  strategies = step_plan.candidates(config, "grad_error.candidates")
+  assert grad_error_mode.measured_cost_ratios(config, str(tmp_path), strategies) is None  # none
+  table = [{"strategy": "full", "ms_per_step": 100.0},
+           {"strategy": "keep0.25|keep0.25", "ms_per_step": 40.0},
+           {"strategy": "patch8|patch8", "ms_per_step": 50.0}]
+  (tmp_path / "cost_table.json").write_text(json.dumps(table))
+  ratios = grad_error_mode.measured_cost_ratios(config, str(tmp_path), strategies)
+  assert [ratios[st] for st in strategies] == [1.0, 0.4, 0.5]
+  config.grad_error.cost_table = "none"
+  assert grad_error_mode.measured_cost_ratios(config, str(tmp_path), strategies) is None
+  config.grad_error.cost_table = ""
+  (tmp_path / "cost_table.json").write_text(json.dumps(table[:2]))   # lacks a candidate
+  assert grad_error_mode.measured_cost_ratios(config, str(tmp_path), strategies) is None
+  config.grad_error.cost_table = str(tmp_path / "missing.json")
+  with pytest.raises(UserError, match="not a readable --mode=cost table"):
+    grad_error_mode.measured_cost_ratios(config, str(tmp_path), strategies)

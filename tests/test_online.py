@@ -45,28 +45,34 @@ def test_decisions_charge_their_measurement_and_project_the_rest():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("final_full", [False, True])
 def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
-                                                         needs_fashion_mnist):
+                                                         needs_fashion_mnist, final_full):
   """Constructed measurements: compressed wins (equal CA-MSE, cheaper) in the first half, full
-  length in the second."""
+  length in the second. With search.final_full the last segment is full length unmeasured."""
   calls = []
 
-  def fake_measure(config, state, batches, reference_batches, grad_fns, costs, rng, progress):
+  def fake_measure(config, state, next_batches, reference_batches, batches, grad_fns, costs, rng,
+                   progress, **kwargs):
     calls.append(int(state.step))
     keep_error = 0.1 if len(calls) == 1 else 0.9
     return [{"strategy": st.spec, "cost_units": costs[st], "bias2": 0.0,
-             "ca_mse": 0.1 if st.spec == "full" else keep_error} for st in grad_fns]
+             "ca_mse": 0.1 if st.spec == "full" else keep_error,
+             "ca_mse_ci": [0.1, 0.1] if st.spec == "full" else [keep_error, keep_error]}
+            for st in grad_fns]
 
   monkeypatch.setattr(grad_error, "measure", fake_measure)
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(online_config(20), workdir)
+  train.train_and_evaluate(online_config(20, **{"search.final_full": final_full}), workdir)
   lines = read_lines(workdir)
   choices = [l for l in lines if "online_choice" in l]
   assert [l["online_choice"] for l in choices] == [KEEP, "full"]
   with open(os.path.join(workdir, "plan.json")) as f:
     stages = json.load(f)["stages"]
   assert [s["spec"] for s in stages] == [KEEP, "full"]
-  assert calls == [0, stages[1]["start_step"]]  # measured at the start of each segment
+  # measured at the start of each segment, but for a final full-length one
+  assert calls == ([0] if final_full else [0, stages[1]["start_step"]])
+  assert (choices[1]["online_overhead_units"] == 0) == final_full
   train_lines = [l for l in lines if "loss" in l]
   assert {l["stage"] for l in train_lines} == {0, 1}
   assert train_lines[-1]["budget_progress"] <= 1.0 + 1e-9

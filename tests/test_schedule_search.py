@@ -49,3 +49,54 @@ def test_the_search_imports_neither_jax_nor_files():
   imported = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
   imported |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
   assert imported <= {"__future__", "vit_accel"}, imported
+
+
+def ci_row(strategy, ca_mse, low, high, cost):
+  return {**row(strategy, ca_mse, cost), "ca_mse_ci": [low, high]}
+
+
+def test_overlapping_intervals_tie_and_the_cheaper_wins():
+  rows = [ci_row("full", 0.20, 0.17, 0.23, 8.0), ci_row("keep0.5|keep0.5", 0.18, 0.15, 0.21, 4.0),
+          ci_row("keep0.25|keep0.25", 0.30, 0.22, 0.40, 2.0),
+          ci_row("patch8|patch8", 0.40, 0.35, 0.45, 1.0)]
+  choice = schedule_search.choose(rows, tie_tolerance=0.0)
+  # keep0.25's interval reaches the best's (0.22 <= 0.21? no -> 0.22 > 0.21): not tied
+  assert choice["best"] == "keep0.5|keep0.5"
+  assert choice["tied"] == ["full", "keep0.5|keep0.5"]
+  assert choice["winner"]["strategy"] == "keep0.5|keep0.5"
+  rows[2]["ca_mse_ci"] = [0.21, 0.40]      # now it overlaps: tied, and cheapest
+  assert schedule_search.pick(rows, 0.0)["strategy"] == "keep0.25|keep0.25"
+  # The same rows under the fixed-tolerance rule ignore the intervals.
+  assert schedule_search.pick(rows, 0.0, ties="tolerance")["strategy"] == "keep0.5|keep0.5"
+  # Tables without intervals (older grad_error.json) fall back to the tolerance rule.
+  assert schedule_search.pick([row("full", 0.2, 8.0), row("keep0.5", 0.205, 4.0)],
+                              0.05)["strategy"] == "keep0.5"
+
+
+def test_measured_cost_ratio_decides_which_tied_strategy_is_cheaper():
+  rows = [ci_row("keep0.5|keep0.5", 0.20, 0.1, 0.3, 4.0), ci_row("patch8|patch8", 0.21, 0.1, 0.3,
+                                                                    2.0)]
+  assert schedule_search.pick(rows, 0.0)["strategy"] == "patch8|patch8"
+  rows[0]["cost_ratio"], rows[1]["cost_ratio"] = 0.4, 0.6   # measured: token keep runs faster
+  assert schedule_search.pick(rows, 0.0)["strategy"] == "keep0.5|keep0.5"
+
+
+def test_monotone_search_never_compresses_more_later_and_says_why():
+  tables = [
+      {"progress": 0.1, "rows": [ci_row("full", 0.5, 0.45, 0.55, 8.0),
+                                 ci_row("keep0.5|keep0.5", 0.2, 0.18, 0.22, 4.0),
+                                 ci_row("patch8|patch8", 0.3, 0.28, 0.32, 2.0)]},
+      {"progress": 0.5, "rows": [ci_row("full", 0.5, 0.45, 0.55, 8.0),
+                                 ci_row("keep0.5|keep0.5", 0.3, 0.28, 0.32, 4.0),
+                                 ci_row("patch8|patch8", 0.2, 0.18, 0.22, 2.0)]},
+      {"progress": 0.9, "rows": [ci_row("full", 0.1, 0.05, 0.15, 8.0),
+                                 ci_row("keep0.5|keep0.5", 0.3, 0.28, 0.32, 4.0),
+                                 ci_row("patch8|patch8", 0.2, 0.18, 0.22, 2.0)]}]
+  free = schedule_search.search_stages(tables, 0.0)
+  assert [s["strategy"] for s in free] == ["keep0.5|keep0.5", "patch8|patch8", "full"]
+  mono = schedule_search.search_stages(tables, 0.0, monotone=True)
+  assert [s["strategy"] for s in mono] == ["keep0.5|keep0.5", "full"]
+  costs = [s["cost_units"] for s in mono]
+  assert costs == sorted(costs)
+  assert "not allowed: patch8|patch8" in mono[0]["why"][1]
+  assert mono[0]["why"][0].startswith("at 10%: lowest CA-MSE keep0.5|keep0.5 0.2000 [0.1800")

@@ -15,8 +15,13 @@ NeurIPS 2024):
             strategy of cost c affords a batch c_ref / c times larger, which divides its variance.
   cosine    between mean_m g_m and g*.
 
-Gradients are flattened with ravel_pytree on device and accumulated on the host in float64 with
-Welford's update: one mean vector per strategy, never M copies.
+Intervals: gradients are flattened with ravel_pytree on device and kept on the host for one
+strategy at a time (M vectors, plus the R reference ones), only long enough to take their Gram
+matrices; every term is a quadratic form in per-batch weights, so Efron's bootstrap over batches
+(`grad_error.bootstrap` draws, the same batch draws for every strategy: paired) costs no further
+gradients. A measurement runs in rounds of fresh batches, pooled, until the strategy of lowest
+CA-MSE is clear of the others or measured to `grad_error.ci_target`, at most
+`grad_error.max_rounds` rounds (adaptive sample size).
 
 The maths only: --mode=grad_error (vit_accel/modes/grad_error.py) runs it at a run's checkpoints and
 writes WORKDIR/grad_error.json (+ the heat-map, report.grad_error_heatmap); the online schedule
@@ -33,48 +38,80 @@ from vit_accel import train_step
 from vit_accel.errors import UserError
 
 
-class GradientMoments:
-  """Streaming mean vector and total variance of vectors (Welford, float64)."""
+def gram_terms(rr, cc, cr, w, v, cost_ratio: float) -> dict:
+  """The table row's terms from Gram matrices, for one or many weightings of the batches.
 
-  def __init__(self):
-    self.n = 0
-    self.mean = None
-    self._m2 = 0.0
-
-  def add(self, g) -> None:
-    g = np.asarray(g, np.float64).ravel()
-    self.n += 1
-    if self.mean is None:
-      self.mean = g.copy()
-      return
-    delta = g - self.mean
-    self.mean += delta / self.n
-    self._m2 += float(delta @ (g - self.mean))
-
-  @property
-  def variance(self) -> float:
-    """mean over samples of ||g - mean||^2, unbiased (n - 1)."""
-    return self._m2 / (self.n - 1) if self.n > 1 else 0.0
-
-
-def error_terms(reference: GradientMoments, candidate: GradientMoments, cost_units: float,
-                ref_cost_units: float) -> dict:
-  """The table row of one strategy against the reference (see the module docstring)."""
-  g_star = reference.mean
-  norm2 = float(g_star @ g_star)
-  if norm2 <= 0:
+  rr [R, R] = <reference batch gradients>, cc [M, M] = <candidate batch gradients>, cr [M, R] =
+  <candidate, reference> (float64). w [K, R] and v [K, M] weight the batches (rows sum to 1):
+  uniform rows give the estimate itself, multinomial counts / n give bootstrap draws (the same v
+  rows for every strategy of a round: batch m is the same images for all, so the draws are paired).
+  Every term is a quadratic form in the weights, so no gradient vector is needed after the Grams.
+  Returns {name: [K] float64} for bias2, bias2_plugin, variance, ca_mse, cosine, grad_norm2 (the
+  module docstring defines them). A candidate that is the reference itself (cc is rr, v is w) has
+  bias 0 by definition.
+  """
+  r, m = rr.shape[0], cc.shape[0]
+  norm2 = np.einsum("kr,rs,ks->k", w, rr, w)
+  if np.any(norm2 <= 0):
     raise UserError("the reference gradient is zero; nothing to compare against")
-  diff = candidate.mean - g_star
-  plugin = float(diff @ diff)
-  noise = candidate.variance / candidate.n + reference.variance / reference.n
-  bias2 = max(plugin - noise, 0.0)
-  variance = candidate.variance
-  cost_ratio = cost_units / ref_cost_units
-  cosine = float(candidate.mean @ g_star / (np.linalg.norm(candidate.mean) * np.sqrt(norm2)
-                                            + 1e-300))
-  return {"bias2": bias2 / norm2, "bias2_plugin": plugin / norm2, "variance": variance / norm2,
-          "cost_units": cost_units, "ca_mse": (bias2 + variance * cost_ratio) / norm2,
-          "cosine": cosine, "grad_norm2": norm2, "num_batches": candidate.n}
+  var_ref = r / (r - 1) * (w @ np.diag(rr) - norm2)
+  if cc is rr and v is w:
+    zero = np.zeros_like(norm2)
+    return {"bias2": zero, "bias2_plugin": zero, "variance": var_ref / norm2,
+            "ca_mse": var_ref * cost_ratio / norm2, "cosine": np.ones_like(norm2),
+            "grad_norm2": norm2}
+  mean2 = np.einsum("km,mn,kn->k", v, cc, v)
+  var = m / (m - 1) * (v @ np.diag(cc) - mean2)
+  cross = np.einsum("km,mr,kr->k", v, cr, w)
+  plugin = np.maximum(mean2 - 2 * cross + norm2, 0.0)
+  bias2 = np.maximum(plugin - var / m - var_ref / r, 0.0)
+  return {"bias2": bias2 / norm2, "bias2_plugin": plugin / norm2, "variance": var / norm2,
+          "ca_mse": (bias2 + var * cost_ratio) / norm2,
+          "cosine": cross / (np.sqrt(np.maximum(mean2, 0.0) * norm2) + 1e-300),
+          "grad_norm2": norm2}
+
+
+def bootstrap_weights(rng: np.random.Generator, n: int, draws: int) -> np.ndarray:
+  """[draws + 1, n]: row 0 uniform (the estimate), then `draws` multinomial resamples / n
+  (Efron's bootstrap over batches)."""
+  counts = rng.multinomial(n, np.full(n, 1.0 / n), size=draws)
+  return np.concatenate([np.full((1, n), 1.0 / n), counts / n])
+
+
+TERMS = ("bias2", "variance", "ca_mse")
+
+
+def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
+  """Rows pooled over independent rounds: each term is the mean of the rounds' estimates, its
+  interval the central `level` share of the rounds' bootstrap draws averaged draw by draw (the
+  bootstrap of a mean of independent rounds). rounds[i] = {spec: {term: [draws + 1] array, ...},
+  '_rows': the round's rows}. Returns the first round's rows with every term replaced by the
+  pooled value and `<term>_ci` = [low, high] added, `rounds` = how many."""
+  rows = [dict(r) for r in rounds[0]["_rows"]]
+  tail = (1.0 - level) / 2
+  for row in rows:
+    spec = row["strategy"]
+    for term in (*TERMS, "bias2_plugin", "cosine", "grad_norm2"):
+      values = np.mean([rnd[spec][term] for rnd in rounds], axis=0)
+      row[term] = float(values[0])
+      if term in TERMS:
+        row[f"{term}_ci"] = [float(np.quantile(values[1:], tail)),
+                             float(np.quantile(values[1:], 1.0 - tail))]
+    row["num_batches"] = int(sum(rnd["_batches"][spec] for rnd in rounds))
+  for row in rows:
+    row["rounds"] = len(rounds)
+  return rows
+
+
+def resolved(rows: list[dict], ci_target: float) -> bool:
+  """Whether more batches could still change the pick: True when every candidate's CA-MSE interval
+  is clear of the lowest one's, or the lowest one's interval is narrower than ci_target x its
+  value (what still overlaps is a tie at the precision asked for)."""
+  best = min(rows, key=lambda r: r["ca_mse"])
+  low, high = best["ca_mse_ci"]
+  if high - low <= ci_target * best["ca_mse"]:
+    return True
+  return all(r is best or r["ca_mse_ci"][0] > high for r in rows)
 
 
 # ---------------------------------------------------------------------------- on a real model
@@ -97,42 +134,91 @@ def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
   return grad_fns
 
 
-def measure(config, state, global_batches, reference_batches: int, grad_fns: dict, costs: dict,
-            rng, progress: float) -> list[dict]:
-  """One table: g* from the first `reference_batches` batches at full length, then every other
+def measure_round(config, state, global_batches, reference_batches: int, grad_fns: dict,
+                  costs: dict, rng, progress: float, draws: int, seed,
+                  cost_ratios: dict | None = None) -> dict:
+  """One round: g* from the first `reference_batches` batches at full length, then every other
   strategy of `grad_fns` (full length first) on the remaining batches, at the objective's schedules
-  for budget `progress`. Identical on every host."""
+  for budget `progress`; the estimate and `draws` bootstrap draws of every term per strategy
+  ({spec: {term: [draws + 1]}}, '_rows', '_batches'), the draws seeded by `seed` (a NumPy seed) so
+  every host gets the same. CA-MSE weighs the variance by each strategy's step cost relative to
+  full length: `cost_ratios[st]` (measured, --mode=cost) when given, else costs[st] / costs[full]
+  (the analytic model). Host memory: (reference_batches + batches) flat gradients in float64."""
   progress = np.float32(progress)
   strategies = list(grad_fns)
   full = strategies[0]
 
-  def moments(st, chunk, offset):
-    acc = GradientMoments()
+  def gradients(st, chunk, offset):
+    out = []
     for i, batch in enumerate(chunk):
       r = jax.random.fold_in(rng, offset + i)  # token-keep draws differ per batch
-      acc.add(sharding_lib.to_host(grad_fns[st](state, batch, r, progress)))
-    return acc
+      out.append(np.asarray(sharding_lib.to_host(grad_fns[st](state, batch, r, progress)),
+                            np.float64).ravel())
+    return np.stack(out)
 
-  reference = moments(full, global_batches[:reference_batches], 0)
   measured = global_batches[reference_batches:]
-  rows = []
+  gen = np.random.default_rng(seed)
+  w = bootstrap_weights(gen, reference_batches, draws)
+  v = bootstrap_weights(gen, len(measured), draws)     # shared by every strategy: paired draws
+  ref = gradients(full, global_batches[:reference_batches], 0)
+  rr = ref @ ref.T
+  out = {"_rows": [], "_batches": {}}
   for st in strategies:
-    # Full length is the reference estimator itself: no bias by definition, its variance is the
-    # reference batches' (not measured again).
-    acc = reference if st == full else moments(st, measured, reference_batches)
+    if st == full:
+      # Full length is the reference estimator itself: no bias by definition, its variance is the
+      # reference batches' (not measured again).
+      terms = gram_terms(rr, rr, rr, w, w, 1.0)
+      out["_batches"][st.spec] = reference_batches
+    else:
+      cand = gradients(st, measured, reference_batches)
+      ratio = cost_ratios[st] if cost_ratios else costs[st] / costs[full]
+      terms = gram_terms(rr, cand @ cand.T, cand @ ref.T, w, v, ratio)
+      out["_batches"][st.spec] = len(measured)
+    out[st.spec] = terms
     q, k = st.layouts(config.model.image_size, config.model.patch_size)
-    rows.append({"strategy": st.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
-                 **error_terms(reference, acc, costs[st], costs[full])})
+    out["_rows"].append({"strategy": st.spec, "seq_len": q.seq_len, "key_seq_len": k.seq_len,
+                         "cost_units": costs[st],
+                         **({"cost_ratio": cost_ratios[st], "cost_source": "measured"}
+                            if cost_ratios else {}),
+                         **{name: float(values[0]) for name, values in terms.items()}})
+  return out
+
+
+def measure(config, state, next_batches, reference_batches: int, batches: int, grad_fns: dict,
+            costs: dict, rng, progress: float, *, max_rounds: int = 1, seed: int = 0,
+            cost_ratios: dict | None = None) -> list[dict]:
+  """One table with intervals: rounds of `reference_batches` + `batches` fresh batches
+  (`next_batches(n)` -> n global batches), pooled (pool_rounds), until the pick is resolved
+  (`resolved`, grad_error.ci_target) or `max_rounds` rounds are spent. Intervals: the central
+  grad_error.ci_level share of grad_error.bootstrap draws. Identical on every host."""
+  ge = config.grad_error
+  rounds, rows = [], []
+  for i in range(max_rounds):
+    rounds.append(measure_round(config, state, next_batches(reference_batches + batches),
+                                reference_batches, grad_fns, costs,
+                                jax.random.fold_in(rng, 1_000_003 * i), progress,
+                                int(ge.bootstrap), (seed, i), cost_ratios))
+    rows = pool_rounds(rounds, float(ge.ci_level))
+    if resolved(rows, float(ge.ci_target)):
+      break
   return rows
 
 
 def format_table(table: dict) -> str:
   """One checkpoint's table ({step, progress, rows}) as printed text."""
+  first = table["rows"][0]
+  rounds = f", {first['rounds']} round(s)" if "rounds" in first else ""
   head = (f"step {table['step']} ({100 * table['progress']:.0f}% of the budget), values / "
-          f"||g*||^2 = {table['rows'][0]['grad_norm2']:.3g}\n"
-          f"{'strategy':<22} {'bias2':>9} {'variance':>9} {'cost':>6} {'CA-MSE':>9} {'cosine':>7}")
+          f"||g*||^2 = {first['grad_norm2']:.3g}{rounds}; [interval]\n"
+          f"{'strategy':<22} {'bias2':>19} {'variance':>19} {'cost':>6} {'CA-MSE':>19} "
+          f"{'cosine':>7}")
   lines = [head]
+
+  def cell(r, term):
+    ci = r.get(f"{term}_ci")
+    return f"{r[term]:.4f}" + (f" [{ci[0]:.3f},{ci[1]:.3f}]" if ci else "")
+
   for r in table["rows"]:
-    lines.append(f"{r['strategy']:<22} {r['bias2']:>9.4f} {r['variance']:>9.4f} "
-                 f"{r['cost_units']:>6.2f} {r['ca_mse']:>9.4f} {r['cosine']:>7.3f}")
+    lines.append(f"{r['strategy']:<22} {cell(r, 'bias2'):>19} {cell(r, 'variance'):>19} "
+                 f"{r['cost_units']:>6.2f} {cell(r, 'ca_mse'):>19} {r['cosine']:>7.3f}")
   return "\n".join(lines)

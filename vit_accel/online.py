@@ -3,9 +3,11 @@
 The budget is cut into segments of `online.every`. At the first step of each segment the scheduler
 measures, at the current parameters, the gradient error of full length and of `online.candidates`
 (grad_error.measure on `online.reference_batches` + `online.batches` batches drawn from a stream
-separate from training's), and the segment runs the strategy with the lowest CA-MSE (ties within
-`search.tie_tolerance` -> the cheaper). The measurement's compute is charged to the budget before the
-segment (its units are known in advance), so an online run spends the same budget as any other.
+separate from training's), and the segment runs the strategy --mode=search's rules pick
+(schedule_search.choose: lowest CA-MSE, ties by interval -> the cheaper, `search.monotone`); the
+last segment runs at full length unmeasured when `search.final_full` (the default), as a searched
+schedule's last stage does. The measurement's compute is charged to the budget before the segment
+(its units are known in advance), so an online run spends the same budget as any other.
 
 Deterministic and identical on every host: the measurement batches are a pure function of (seed,
 step), gradients are global arrays gathered to every host, and the choice is an argmin over the same
@@ -42,21 +44,37 @@ class OnlineScheduler:
     """Whether the next segment's decision is taken at `step` (its first step)."""
     return len(decisions) < len(plan.stages) and step == plan.stages[len(decisions)].start_step
 
-  def decide(self, state, step: int, segment: int, progress: float) -> dict:
-    """The decision for `segment`, measured at `state` (the parameters after `step` steps, at budget
-    `progress`)."""
+  def decide(self, state, step: int, decisions: list[dict], progress: float) -> dict:
+    """The decision for the next segment (after `decisions`), measured at `state` (the parameters
+    after `step` steps, at budget `progress`). The last segment runs at full length without a
+    measurement when search.final_full is set, as a searched schedule's does."""
     t0 = time.time()
     cfg = self.config.online
+    segment = len(decisions)
+    search = self.config.search
+    if search.final_full and segment == len(step_plan.online_segments(cfg.every)) - 1:
+      logging.info("online decision %d at step %d: full length (search.final_full)", segment, step)
+      return {"segment": segment, "step": step, "strategy": self.strategies[0].spec,
+              "overhead_units": 0.0, "ca_mse": {}, "bias2": {}, "seconds": 0.0,
+              "why": "the last segment runs at full length (search.final_full)"}
     stream = pipeline.train_dataset(
         self.run.train_source, self.config, self.run.host_shard,
         start_step=rng_streams.MEASUREMENT_STREAM_OFFSET + step).as_numpy_iterator()
-    batches = [sharding_lib.host_to_global(next(stream), self.run.mesh)
-               for _ in range(cfg.reference_batches + cfg.batches)]
+    next_batches = lambda n: [sharding_lib.host_to_global(next(stream), self.run.mesh)  # noqa: E731
+                              for _ in range(n)]
     rng = jax.random.fold_in(jax.random.key(self.config.seed), rng_streams.ONLINE + step)
-    rows = grad_error.measure(self.config, state, batches, cfg.reference_batches, self.grad_fns,
-                              self.costs, rng, progress)
-    winner = schedule_search.pick(rows, float(self.config.search.tie_tolerance))
+    # One round: its cost is charged to the budget up front (online_overhead_units).
+    rows = grad_error.measure(self.config, state, next_batches, cfg.reference_batches,
+                              cfg.batches, self.grad_fns, self.costs, rng, progress,
+                              max_rounds=1, seed=self.config.seed * 1_000_003 + step)
+    previous = next((r for r in rows if decisions and r["strategy"] == decisions[-1]["strategy"]),
+                    None)
+    min_cost = schedule_search.relative_cost(previous) if search.monotone and previous else 0.0
+    choice = schedule_search.choose(rows, float(search.tie_tolerance), search.ties, min_cost)
+    winner = choice["winner"]
     decision = {"segment": segment, "step": step, "strategy": winner["strategy"],
+                "why": schedule_search.describe(progress, choice, rows),
+                "ca_mse_ci": {r["strategy"]: r["ca_mse_ci"] for r in rows},
                 "overhead_units": self.overhead,
                 "ca_mse": {r["strategy"]: r["ca_mse"] for r in rows},
                 "bias2": {r["strategy"]: r["bias2"] for r in rows},

@@ -157,21 +157,36 @@ def draw_runs(runs: list[dict], config, out: str) -> list[str]:
 
 def grad_error_heatmap(tables: list[dict], path: str) -> None:
   """bias2, variance and CA-MSE (each / ||g*||^2, log colour scale) of every strategy (rows) at
-  every analysed checkpoint (columns, by budget progress) of --mode=grad_error's tables."""
+  every analysed checkpoint (columns, by budget progress) of --mode=grad_error's tables; each cell
+  shows the value and, where the table has them, its interval [low, high] below it. In the CA-MSE
+  panel the strategy of lowest CA-MSE is boxed and those whose intervals overlap it (tied) are
+  marked with '=' (search.ties='interval')."""
   names = [r["strategy"] for r in tables[0]["rows"]]
   cols = [f"{100 * t['progress']:.0f}%" for t in tables]
-  fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(cols) * 3, 0.5 * len(names) + 2))
+  fig, axes = plt.subplots(1, 3, figsize=(4 + 2.0 * len(cols) * 3, 0.6 * len(names) + 2))
+
+  def cell(table, name):
+    return next(r for r in table["rows"] if r["strategy"] == name)
+
   for ax, key in zip(axes, ("bias2", "variance", "ca_mse")):
-    values = np.array([[next(r[key] for r in t["rows"] if r["strategy"] == n) for t in tables]
-                       for n in names])
+    values = np.array([[cell(t, n)[key] for t in tables] for n in names])
     image = ax.imshow(np.log10(np.maximum(values, 1e-6)), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
     ax.set_xlabel("budget progress of the checkpoint")
     ax.set_title(f"{key} / ||g*||^2 (log10)")
-    for i in range(len(names)):
-      for j in range(len(cols)):
-        ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", color="w", fontsize=7)
+    for i, name in enumerate(names):
+      for j, table in enumerate(tables):
+        row = cell(table, name)
+        ci = row.get(f"{key}_ci")
+        text = f"{values[i, j]:.3g}" + (f"\n[{ci[0]:.2g}, {ci[1]:.2g}]" if ci else "")
+        if key == "ca_mse" and ci and all("ca_mse_ci" in r for r in table["rows"]):
+          best = min(table["rows"], key=lambda r: r["ca_mse"])
+          if row is best:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="w", lw=2))
+          elif ci[0] <= best["ca_mse_ci"][1]:
+            text = "= " + text
+        ax.text(j, i, text, ha="center", va="center", color="w", fontsize=6)
     fig.colorbar(image, ax=ax, fraction=0.04)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

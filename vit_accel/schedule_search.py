@@ -3,9 +3,11 @@ follow the strategy of lowest CA-MSE along training).
 
 Each analysed checkpoint stands for the budget interval around it (boundaries half-way between
 neighbouring checkpoints; the first interval starts at 0, the last ends at 1). In each interval the
-strategy with the lowest CA-MSE wins; strategies within `search.tie_tolerance` (relative) of the
-lowest count as tied and the cheapest of them wins (the estimates are noisy; a cheaper step is a sure
-gain). Neighbouring intervals with the same winner merge. The result is a schedule string that
+strategy with the lowest CA-MSE wins; strategies whose CA-MSE intervals overlap the lowest one's
+(`search.ties='interval'`; or within `search.tie_tolerance` of it, 'tolerance') count as tied and the
+cheapest of them wins (a cheaper step is a sure gain, a difference within the noise is not).
+`search.monotone` lets compression only relax along training. Neighbouring intervals with the same
+winner merge. The result is a schedule string that
 training accepts as-is (`schedule` or, written to a file by --mode=search, `schedule_file`).
 
 Pure: tables in, stages and text out (no JAX, no files). --mode=search (vit_accel/modes/search.py)
@@ -16,34 +18,93 @@ from __future__ import annotations
 from vit_accel.errors import UserError
 
 
-def pick(rows: list[dict], tie_tolerance: float) -> dict:
-  """The row with the lowest ca_mse; rows within (1 + tie_tolerance) x the lowest are ties, and the
-  cheapest (then the lowest ca_mse) of them wins."""
-  best = min(r["ca_mse"] for r in rows)
-  tied = [r for r in rows if r["ca_mse"] <= best * (1.0 + tie_tolerance)]
-  return min(tied, key=lambda r: (r["cost_units"], r["ca_mse"]))
+def relative_cost(row: dict) -> float:
+  """A row's step cost relative to full length: measured (--mode=cost's table, `cost_ratio`) where
+  the gradient-error run had one, else the analytic cost model's units."""
+  return float(row.get("cost_ratio", row["cost_units"]))
 
 
-def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = False) -> list[dict]:
-  """[{end, strategy, cost_units, progress_points}] from tables sorted by progress. `final_full`:
+def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
+           min_cost: float = 0.0) -> dict:
+  """Which strategy one table picks, and why.
+
+  The lowest CA-MSE is the best; the rows tied with it are, under ties='interval' (when every row
+  has `ca_mse_ci`), those whose interval reaches the best one's (their difference is not resolved),
+  else (ties='tolerance', or tables without intervals) those within (1 + tie_tolerance) x the
+  lowest value. The cheapest tied row wins (then the lower CA-MSE): a cheaper step is a sure gain,
+  a CA-MSE difference within the noise is not. `min_cost` > 0 (monotone schedules) first drops the
+  rows cheaper than it (relative_cost), keeping at least the most expensive row.
+  Returns {"winner": row, "best", "tied", "excluded": [strategy specs], "rule": str}.
+  """
+  allowed = [r for r in rows if relative_cost(r) >= min_cost - 1e-12]
+  if not allowed:
+    allowed = [max(rows, key=relative_cost)]
+  best = min(allowed, key=lambda r: r["ca_mse"])
+  if ties == "interval" and all("ca_mse_ci" in r for r in allowed):
+    high = best["ca_mse_ci"][1]
+    tied = [r for r in allowed if r["ca_mse_ci"][0] <= high]
+    rule = "intervals overlapping the lowest CA-MSE's"
+  else:
+    tied = [r for r in allowed if r["ca_mse"] <= best["ca_mse"] * (1.0 + tie_tolerance)]
+    rule = f"within {tie_tolerance:.0%} of the lowest CA-MSE"
+  winner = min(tied, key=lambda r: (relative_cost(r), r["ca_mse"]))
+  return {"winner": winner, "best": best["strategy"], "tied": [r["strategy"] for r in tied],
+          "excluded": [r["strategy"] for r in rows if r not in allowed], "rule": rule}
+
+
+def pick(rows: list[dict], tie_tolerance: float, ties: str = "interval",
+         min_cost: float = 0.0) -> dict:
+  """The row `choose` picks."""
+  return choose(rows, tie_tolerance, ties, min_cost)["winner"]
+
+
+def describe(progress: float, choice: dict, rows: list[dict]) -> str:
+  """One line: why this table's strategy was chosen (for the plan file and the log)."""
+  def value(spec):
+    r = next(r for r in rows if r["strategy"] == spec)
+    ci = r.get("ca_mse_ci")
+    return f"{r['ca_mse']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+  winner = choice["winner"]["strategy"]
+  text = f"at {progress:.0%}: lowest CA-MSE {choice['best']} {value(choice['best'])}"
+  others = [t for t in choice["tied"] if t != choice["best"]]
+  if others:
+    text += (f"; tied ({choice['rule']}): " + ", ".join(f"{t} {value(t)}" for t in others)
+             + f" -> the cheapest, {winner} (cost {relative_cost(choice['winner']):.3g})")
+  if choice["excluded"]:
+    text += f"; cheaper than the previous stage, so not allowed: {', '.join(choice['excluded'])}"
+  return text
+
+
+def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = False,
+                  ties: str = "interval", monotone: bool = False) -> list[dict]:
+  """[{end, strategy, cost_units, progress_points, why}] from tables sorted by progress. `final_full`:
   the last interval runs at full length whatever it measured (CA-MSE scores gradients at the
-  compressed length and cannot see the train/eval length mismatch a final full stage removes)."""
+  compressed length and cannot see the train/eval length mismatch a final full stage removes).
+  `monotone`: compression only relaxes along training (each interval's strategy costs at least the
+  previous one's). `why` holds one `describe` line per table of the stage."""
   if not tables:
     raise UserError("no gradient-error tables to search a schedule from; run --mode=grad_error "
                     "first")
   tables = sorted(tables, key=lambda t: t["progress"])
   stages = []
+  min_cost = 0.0
   for i, table in enumerate(tables):
     end = 1.0 if i == len(tables) - 1 else (table["progress"] + tables[i + 1]["progress"]) / 2
-    winner = pick(table["rows"], tie_tolerance)
+    choice = choose(table["rows"], tie_tolerance, ties, min_cost if monotone else 0.0)
+    winner = choice["winner"]
+    why = describe(table["progress"], choice, table["rows"])
     if final_full and i == len(tables) - 1:
       winner = next(r for r in table["rows"] if r["strategy"] == "full")
+      why += "; the last interval runs at full length (search.final_full)"
+    min_cost = relative_cost(winner)
     if stages and stages[-1]["strategy"] == winner["strategy"]:
       stages[-1]["end"] = end
       stages[-1]["progress_points"].append(table["progress"])
+      stages[-1]["why"].append(why)
     else:
       stages.append({"end": end, "strategy": winner["strategy"],
-                     "cost_units": winner["cost_units"], "progress_points": [table["progress"]]})
+                     "cost_units": winner["cost_units"], "progress_points": [table["progress"]],
+                     "why": [why]})
   return stages
 
 

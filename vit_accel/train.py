@@ -107,7 +107,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     while step < marks.stop_at:
       # Decide: an online schedule measures at the first step of each segment.
       if scheduler is not None and scheduler.due(step, plan, decisions):
-        decisions.append(scheduler.decide(train_state, step, len(decisions),
+        decisions.append(scheduler.decide(train_state, step, decisions,
                                           plan.progress_at(step)))
         plan = step_plan.make_step_plan(config, run.train_source.num_examples, decisions)
         marks, eta.plan = step_plan.plan_marks(config, plan), plan

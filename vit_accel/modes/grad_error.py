@@ -5,10 +5,11 @@ budget progress).
 Steps analysed: `grad_error.steps`, or by default the run's milestones (checkpoint.at_progress)
 when it kept some, else its rolling checkpoints. At each, the batches are the ones the run would
 have trained on next (the training stream from that step): R for the reference g*, then the same
-M for every strategy.
+M for every strategy, and again with the stream's next batches for each further round.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -28,6 +29,7 @@ from vit_accel import (
   step_plan,
 )
 from vit_accel import sharding as sharding_lib
+from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
 
@@ -75,6 +77,36 @@ def restore(directory: str, step: int, target):
     ckpt.close()
 
 
+def measured_cost_ratios(config, workdir: str, strategies) -> dict | None:
+  """{strategy: measured step time / full-length step time} from --mode=cost's table
+  (`grad_error.cost_table`, "" = WORKDIR/cost_table.json if there), when it has every candidate;
+  None (the analytic cost model) when there is none or `grad_error.cost_table=none`. A table that
+  lacks a candidate is logged and not used (one source for every row). UserError: a named table
+  that does not exist or cannot be read."""
+  path = config.grad_error.cost_table
+  if path == "none":
+    return None
+  if not path:
+    path = os.path.join(workdir, "cost_table.json")
+    if not os.path.exists(path):
+      return None
+  try:
+    with open(path) as f:
+      rows = {BranchStrategies.parse(r["strategy"], config.compression.bucket).spec: r
+              for r in json.load(f)}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"grad_error.cost_table={path!r} is not a readable --mode=cost table "
+                    f"({type(e).__name__}: {e})") from None
+  missing = [st.spec for st in strategies if st.spec not in rows]
+  if missing:
+    logging.warning("cost table %s lacks %s: CA-MSE uses the analytic cost model", path,
+                    ", ".join(missing))
+    return None
+  full = rows[strategies[0].spec]["ms_per_step"]
+  logging.info("CA-MSE weighs variance by the step times measured in %s", path)
+  return {st: rows[st.spec]["ms_per_step"] / full for st in strategies}
+
+
 def run(config, workdir: str, args: Args = Args()) -> dict:
   """Measures the table at every requested checkpoint of the run in `workdir`; returns what
   grad_error.json holds."""
@@ -89,6 +121,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   grad_fns = grad_error.make_grad_fns(config, setup.model, strategies, setup.state_shardings,
                                       setup.mesh)
   costs = {st: step_plan.step_cost_units(config, st) for st in strategies}
+  cost_ratios = measured_cost_ratios(config, workdir, strategies)
 
   t_start = time.time()
   tables = []
@@ -96,14 +129,16 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
     t0 = time.time()
     state = restore(available[step], step, setup.restore_target)
     # The batches this run would have seen next: R for g*, then the same M for every strategy.
+    # Each further round continues the same stream.
     batches = pipeline.train_dataset(setup.train_source, config, setup.host_shard,
                                      start_step=step).as_numpy_iterator()
-    global_batches = [sharding_lib.host_to_global(next(batches), setup.mesh)
-                      for _ in range(ge.reference_batches + ge.batches)]
+    next_batches = lambda n: [sharding_lib.host_to_global(next(batches), setup.mesh)  # noqa: E731
+                              for _ in range(n)]
     progress = setup.plan.progress_at(step)
     rng = jax.random.fold_in(jax.random.key(config.seed), rng_streams.GRAD_ERROR + step)
-    rows = grad_error.measure(config, state, global_batches, ge.reference_batches, grad_fns, costs,
-                              rng, progress)
+    rows = grad_error.measure(config, state, next_batches, ge.reference_batches, ge.batches,
+                              grad_fns, costs, rng, progress, max_rounds=int(ge.max_rounds),
+                              seed=config.seed * 1_000_003 + step, cost_ratios=cost_ratios)
     tables.append({"step": step, "progress": progress, "rows": rows,
                    "seconds": time.time() - t0})
     logging.info("grad_error at step %d (%.0f%% of the budget) in %.0fs", step, 100 * progress,
@@ -112,6 +147,8 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
 
   result = {"workdir": workdir, "batch_size": int(config.batch_size),
             "reference_batches": int(ge.reference_batches), "batches": int(ge.batches),
+            "max_rounds": int(ge.max_rounds), "ci_level": float(ge.ci_level),
+            "bootstrap": int(ge.bootstrap),
             "tables": tables, "seconds": time.time() - t_start}
   if jax.process_index() == 0:
     path = os.path.join(workdir, "grad_error.json")

@@ -4,7 +4,9 @@ A short uncompressed run (pilot.budget_fraction of the budget) in WORKDIR/pilot 
 pilot.at_progress of its own budget, the gradient-error tables at those milestones (--mode=grad_error
 on WORKDIR/pilot), and the schedule searched from them (--mode=search: WORKDIR/schedule.txt). A
 milestone at fraction p of the pilot stands for progress p of the full run (the pilot's lr and
-momentum schedules are the full run's, compressed in time).
+momentum schedules are the full run's, compressed in time). What the pilot spent (training and
+measurements, in budget units) goes to WORKDIR/pilot_cost.json and schedule.txt's last comment,
+with the budget that is left: comparisons at equal total budget train the searched schedule on it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import jax
 
 from input_pipeline import pipeline
-from vit_accel import distributed, step_plan, train
+from vit_accel import distributed, io, step_plan, train
 from vit_accel.modes import Args, save_config
 from vit_accel.modes import grad_error as grad_error_mode
 from vit_accel.modes import search as search_mode
@@ -47,9 +49,38 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   with pilot.unlocked():
     pilot.grad_error.steps = tuple(sorted({plan.step_at_progress(f)
                                            for f in config.pilot.at_progress}))
-  grad_error_mode.run(pilot, pilot_dir)
+  with pilot.unlocked():
+    if not config.grad_error.cost_table:   # the run's own --mode=cost table, if it has one
+      table = os.path.join(workdir, "cost_table.json")
+      pilot.grad_error.cost_table = table if os.path.exists(table) else "none"
+  measured = grad_error_mode.run(pilot, pilot_dir)
   with pilot.unlocked():
     pilot.search.grad_error_file = os.path.join(pilot_dir, "grad_error.json")
   text = search_mode.run(pilot, workdir)
+  cost = pilot_cost(config, pilot, measured, num_train)
+  if jax.process_index() == 0:
+    io.atomic_write_json(os.path.join(workdir, "pilot_cost.json"), cost)
+    with open(os.path.join(workdir, "schedule.txt"), "a") as f:
+      f.write(f"# the pilot spent {cost['total_units']:.4g} units ({cost['fraction']:.1%} of the "
+              f"budget); charge it: --config.budget={cost['remaining_units']:.6g}\n")
+  print(f"the pilot spent {cost['total_units']:.4g} budget units ({cost['fraction']:.1%}: training "
+        f"{cost['train_units']:.4g}, gradient-error measurements {cost['measurement_units']:.4g});"
+        f" at equal total budget train the searched schedule with "
+        f"--config.budget={cost['remaining_units']:.6g}", flush=True)
   save_config(config, workdir, "pilot", primary=jax.process_index() == 0)
   return text
+
+
+def pilot_cost(config, pilot, measured: dict, num_train: int) -> dict:
+  """Budget units the pilot spent: its training budget plus every gradient-error round it measured
+  (step_plan.measurement_units per round), also as a fraction of the full budget and what is
+  left of it (the budget the searched schedule gets at equal total compute)."""
+  strategies = step_plan.candidates(pilot, "grad_error.candidates")
+  per_round = step_plan.measurement_units(pilot, strategies, pilot.grad_error.reference_batches,
+                                          pilot.grad_error.batches)
+  rounds = sum(t["rows"][0].get("rounds", 1) for t in measured["tables"])
+  budget = step_plan.budget_units(config, num_train)
+  total = float(pilot.budget) + per_round * rounds
+  return {"train_units": float(pilot.budget), "measurement_units": per_round * rounds,
+          "rounds": rounds, "total_units": total, "budget_units": budget,
+          "fraction": total / budget, "remaining_units": budget - total}

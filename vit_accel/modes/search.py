@@ -1,6 +1,7 @@
 """--mode=search: a compression schedule from the gradient-error tables of --mode=grad_error
 (schedule_search.py) -> WORKDIR/schedule.txt, which training reads with
---config.schedule_file=WORKDIR/schedule.txt. Reads `search.grad_error_file` (default
+--config.schedule_file=WORKDIR/schedule.txt (its comment lines say why each interval's strategy
+was chosen; WORKDIR/schedule.json holds the same with the settings). Reads `search.grad_error_file` (default
 WORKDIR/grad_error.json); needs neither JAX nor TensorFlow."""
 from __future__ import annotations
 
@@ -32,12 +33,20 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   path = search.grad_error_file or os.path.join(workdir, "grad_error.json")
   tables = read_tables(path)
   stages = schedule_search.search_stages(tables, float(search.tie_tolerance),
-                                         bool(search.final_full))
+                                         bool(search.final_full), search.ties,
+                                         bool(search.monotone))
   text = schedule_search.schedule_string(stages)
   full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
   out = os.path.join(workdir, "schedule.txt")
   os.makedirs(workdir, exist_ok=True)
-  io.atomic_write_text(out, f"# found by --mode=search from {path}\n{text}\n")
+  why = [line for s in stages for line in s["why"]]
+  settings = {"ties": search.ties, "tie_tolerance": float(search.tie_tolerance),
+              "monotone": bool(search.monotone), "final_full": bool(search.final_full)}
+  io.atomic_write_text(out, f"# found by --mode=search from {path} ({settings})\n"
+                       + "".join(f"# {line}\n" for line in why) + f"{text}\n")
+  io.atomic_write_json(os.path.join(workdir, "schedule.json"),
+                       {"schedule": text, "grad_error_file": path, "settings": settings,
+                        "stages": stages})
   print("searched schedule (budget fraction where each stage ends : strategy):")
   start = 0.0
   for s in stages:
@@ -48,5 +57,8 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   ratio = schedule_search.samples_vs_baseline(stages, full_cost)
   print(f"for the same budget it trains on {ratio:.2f}x the samples of the uncompressed baseline "
         f"(the baseline's sample count would cost it {1 / ratio:.0%} of the budget)")
-  print(f"wrote {out}; train with: --config.schedule_file={out}", flush=True)
+  for line in why:
+    print(f"  why: {line}")
+  print(f"wrote {out} (and schedule.json: every interval's choice and why); train with: "
+        f"--config.schedule_file={out}", flush=True)
   return text
