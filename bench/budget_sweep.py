@@ -14,6 +14,7 @@ Three phases, one process, every run through main.py as a user would start it:
 Every run evaluates once, at its end, on one fixed protocol (kNN k=20 and a ridge linear probe on a
 10k train / 5k test subset, full-length features).
 
+Pausable: while WORKDIR_ROOT/PAUSE exists no new run starts (the current one finishes).
 Resumable: each finished run is appended to bench/results/budget_sweep_<objective>.jsonl and
 skipped when the sweep is started again; an interrupted run resumes from its checkpoint (its
 workdir is kept under --workdir_root). After every run the report (.md, .json, .png) is rewritten
@@ -164,6 +165,16 @@ def main_py(workdir: str, overrides: dict, mode: str = "train") -> None:
                                                      for k, v in overrides.items()]
   print("$ " + " ".join(cmd[1:]), flush=True)
   subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def wait_while_paused() -> None:
+  """Holds the next run while WORKDIR_ROOT/PAUSE exists: a timing benchmark needs the machine to
+  itself, and two jobs on a few cores slow each other (the finished runs' wall-clock stays clean)."""
+  pause = os.path.join(FLAGS.workdir_root, "PAUSE")
+  if os.path.exists(pause):
+    print(f"paused: {pause} exists; the next run starts when it is removed", flush=True)
+  while os.path.exists(pause):
+    time.sleep(10)
 
 
 def machine() -> str:
@@ -405,6 +416,7 @@ def main(argv):
     todo = planned_runs(records, arms, grid)
     if not todo:
       break
+    wait_while_paused()
     record = run_once(*todo[0])
     append(stem + ".jsonl", record)
     records.append(record)
