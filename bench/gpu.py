@@ -3,6 +3,11 @@
   python bench/gpu.py --out_dir=bench/results            # on a CUDA machine, < 10 minutes
   python bench/gpu.py --tiny --out_dir=/tmp/gpu_bench    # the same code path on a CPU, in ~1 minute
 
+Side by side in the same run (first, each in its own process, before JAX holds the accelerator):
+the same MoCo-v3 step in PyTorch + timm (bench/timm_peer.py: bf16 autocast, torch.compile,
+scaled-dot-product attention; same batch, heads and kept-token counts) where torch and timm import.
+MFU is given against the datasheet peak and against the measured bf16 matmul rate.
+
 For each model below, the MoCo-v3 train step (symmetric, both views) is compiled ahead of time per
 compression strategy and timed on a synthetic uint8 batch (median of repeated steps after warm-up,
 `--mode=cost`'s measurement). Reported per strategy: ms/step, images/s, measured speed-up over the
@@ -37,6 +42,11 @@ flags.DEFINE_integer("default_batch", 1024, "Global batch of the embedded defaul
 flags.DEFINE_integer("repeats", 10, "Timed steps per strategy (median reported).")
 flags.DEFINE_string("rerender", "", "Only rewrite the markdown of this saved results json.")
 flags.DEFINE_float("peak_tflops", 0.0, "Dense bf16 peak of the chip for MFU; 0 = from device kind.")
+flags.DEFINE_bool("peer", True, "Also time the same step in PyTorch + timm (bench/timm_peer.py: "
+                  "bf16 autocast, torch.compile, SDPA) where torch and timm import.")
+flags.DEFINE_integer("vit_s_batch", 256, "Global batch of the ViT-S/16 steps.")
+flags.DEFINE_string("peer_python", sys.executable, "The Python that runs the peer (needs torch, "
+                    "timm).")
 FLAGS = flags.FLAGS
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
@@ -70,6 +80,54 @@ def vit_b16_config(batch: int, tiny: bool):
   return c
 
 
+def vit_s16_config(batch: int, tiny: bool):
+  """The same recipe at ViT-S/16 (width 384, 6 heads; DeiT-S / MoCo-v3's ViT-Small)."""
+  c = vit_b16_config(batch, tiny)
+  if not tiny:
+    c.model.width, c.model.num_heads = 384, 6
+  return c
+
+
+def peer_spec(config) -> dict:
+  m = config.model
+  return dict(image=m.image_size, patch=m.patch_size, width=m.width, depth=m.depth,
+              heads=m.num_heads, mlp=m.mlp_ratio, hidden=config.mocov3.proj_hidden_dim,
+              out=config.mocov3.out_dim)
+
+
+# The peer's strategies: token keep on both branches (timm has no flexible patch size).
+PEER_STRATEGIES = {"full": 1.0, "keep0.5|keep0.5": 0.5, "keep0.25|keep0.25": 0.25}
+
+
+def run_peer(config, device: str) -> dict | str:
+  """PyTorch + timm's step for `config` in a child process (the GPU is not yet JAX's); its
+  {strategy: ms} or the reason it did not run."""
+  import subprocess
+  args = {"spec": peer_spec(config), "batch": config.batch_size, "repeats": FLAGS.repeats,
+          "strategies": PEER_STRATEGIES, "device": device,
+          "dtype": "bfloat16" if device != "cpu" else "float32",
+          "compile_model": device != "cpu"}
+  done = subprocess.run([FLAGS.peer_python, os.path.join(os.path.dirname(__file__), "timm_peer.py"),
+                         json.dumps(args)], capture_output=True, text=True)
+  for line in reversed(done.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  return (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+
+
+def matmul_tflops(dtype="bfloat16", n: int = 8192, repeats: int = 10) -> float:
+  """Measured dense matmul rate (TFLOP/s) of an n x n x n product: the chip's attainable peak."""
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a, a)
+  out.block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
 def default_config(batch: int, dtype: str):
   """The embedded default recipe (configs/fmnist_mocov3.py) at the benchmark's batch and dtype."""
   c = fmnist_mocov3.get_config()
@@ -89,7 +147,8 @@ def markdown(results: dict) -> str:
   peak = results["peak_tflops"]
   lines = ["# GPU benchmark: train step per compression strategy", "",
            f"Machine: {results['machine']}. Command: `{results['command']}`. "
-           f"Date: {results['date']}.", "",
+           f"Date: {results['date']}. Measured dense matmul rate (8192^3 bf16; 512^3 float32 "
+           f"with --tiny): {results.get('matmul_tflops', 0):.3g} TFLOP/s.", "",
            "FLOPs per step are the analytic cost model's (2 per multiply-add: patch embedding, "
            "attention and MLP of every branch, the heads; backward = 2x forward); MFU = those "
            f"FLOPs / step time / {peak or 'n/a'} TFLOP/s (dense bf16 datasheet peak). XLA's own "
@@ -100,16 +159,28 @@ def markdown(results: dict) -> str:
               "| strategy (query\\|key) | seq | key seq | ms/step | img/s | speed-up | analytic | "
               "TFLOP/step | TFLOP/s | MFU | XLA TFLOP/step | compile s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    measured_peak = results.get("matmul_tflops")
     for r in block["rows"]:
       tflop = r["analytic_flops"] / 1e12
       rate = tflop / (r["ms_per_step"] / 1e3)
       mfu = f"{100 * rate / peak:.1f}%" if peak else "n/a"
+      if measured_peak:
+        mfu += f" ({100 * rate / measured_peak:.0f}% of measured)"
       xla = f"{r['xla_flops'] / 1e12:.3g}" if r.get("xla_flops") else "n/a"
+      peer = block.get("peer", {})
+      peer_ms = peer.get(r["strategy"]) if isinstance(peer, dict) else None
+      vs_peer = f" (timm {peer_ms:.1f}: {peer_ms / r['ms_per_step']:.2f}x)" if peer_ms else ""
       lines.append(
           f"| {r['query']}\\|{r['key']} | {r['seq_len']} | {r['key_seq_len']} | "
-          f"{r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {r['measured_speedup']:.2f}x | "
+          f"{r['ms_per_step']:.1f}{vs_peer} | {r['images_per_s']:.0f} | "
+          f"{r['measured_speedup']:.2f}x | "
           f"{r['analytic_speedup']:.2f}x | {tflop:.3g} | {rate:.3g} | {mfu} | {xla} | "
           f"{r['compile_s']:.0f} |")
+    if isinstance(block.get("peer"), str):
+      lines.append(f"\nPyTorch + timm peer not measured: {block['peer']}")
+    elif block.get("peer"):
+      lines.append(f"\nPeer: {block['peer'].get('_versions')}, bf16 autocast, torch.compile, "
+                   "same batch, heads and kept-token counts; (timm ms: its ms / ours).")
     if block.get("error"):
       lines.append(f"\nStopped early: {block['error']}")
     lines.append("")
@@ -125,18 +196,28 @@ def main(argv):
     print(text)
     return
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  dev = jax.devices()[0]
-  name = "cpu_tiny" if FLAGS.tiny else dev.device_kind.replace(" ", "_").lower()
-  json_path = os.path.join(FLAGS.out_dir, f"gpu_{name}.json")
-  results = {"machine": cost_table.machine_description(), "peak_tflops": peak_tflops(),
-             "command": "python bench/gpu.py " + " ".join(sys.argv[1:]),
-             "date": time.strftime("%Y-%m-%d"), "models": []}
   if FLAGS.tiny:
     models = [("vit_b16 (tiny stand-in)", vit_b16_config(32, tiny=True)),
               ("embedded default", default_config(64, "float32"))]
   else:
     models = [("ViT-B/16", vit_b16_config(FLAGS.vit_b_batch, tiny=False)),
+              ("ViT-S/16", vit_s16_config(FLAGS.vit_s_batch, tiny=False)),
               ("embedded default, bf16", default_config(FLAGS.default_batch, "bfloat16"))]
+  # The peer first, each in its own process, before JAX takes the accelerator's memory.
+  peers = {}
+  if FLAGS.peer:
+    device = "cpu" if FLAGS.tiny else "cuda"
+    for model_name, config in models:
+      peers[model_name] = run_peer(config, device)
+      print(f"== peer {model_name}: {peers[model_name]}", flush=True)
+  dev = jax.devices()[0]
+  name = "cpu_tiny" if FLAGS.tiny else dev.device_kind.replace(" ", "_").lower()
+  json_path = os.path.join(FLAGS.out_dir, f"gpu_{name}.json")
+  results = {"machine": cost_table.machine_description(), "peak_tflops": peak_tflops(),
+             "matmul_tflops": matmul_tflops(n=512 if FLAGS.tiny else 8192,
+                                            dtype="float32" if FLAGS.tiny else "bfloat16"),
+             "command": "python bench/gpu.py " + " ".join(sys.argv[1:]),
+             "date": time.strftime("%Y-%m-%d"), "models": []}
 
   def save():
     io.atomic_write_json(json_path, results)
@@ -144,7 +225,8 @@ def main(argv):
 
   for model_name, config in models:
     config.compression.cost_repeats = FLAGS.repeats
-    block = {"name": model_name, "description": describe(config), "rows": []}
+    block = {"name": model_name, "description": describe(config), "rows": [],
+             "peer": peers.get(model_name, "not run (--nopeer)")}
     results["models"].append(block)
     print(f"== {model_name}: {block['description']}", flush=True)
 

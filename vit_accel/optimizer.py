@@ -6,6 +6,8 @@ import flax
 import jax.numpy as jnp
 import optax
 
+from vit_accel.config_domains import DOMAINS
+
 
 def decay_mask(params):
   """A tree like `params` (nested dict of arrays): True where weight decay applies, i.e. matrices
@@ -27,7 +29,7 @@ def make_optimizer(config):
   return tx
 
 
-DECAYS = ("cosine", "polynomial")
+DECAYS = DOMAINS["optim.decay"].values   # one list: the config check's
 
 
 def learning_rate_at(config, progress):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from vit_accel import compression
 from vit_accel.compression import FULL, Strategy
+from vit_accel.config_domains import DOMAINS
 
 Dtype = Any
 
@@ -39,7 +40,7 @@ class MlpBlock(nn.Module):
                     name="fc2")(x)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = DOMAINS["model.attention"].values   # the config check's list
 
 
 def attention_implementation(choice: str, dtype, head_dim: int, platform: str | None = None) -> str:

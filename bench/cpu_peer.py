@@ -1,0 +1,159 @@
+"""Our train step against the same model in PyTorch + timm, side by side on this CPU.
+
+  python bench/cpu_peer.py --peer_python=/path/to/python-with-torch-and-timm
+  python bench/cpu_peer.py --tiny            # seconds: checks the code path
+
+The step: symmetric MoCo-v3 (Chen et al. 2021) on the embedded default's ViT (width 128, depth 4, 4
+heads, patch 4 on 32 px, MLP ratio 4, CLS token without a position embedding), projector 3 layers /
+predictor 2 layers of 1024 hidden units to 256, momentum encoder, InfoNCE at temperature 0.2, AdamW
+with weight decay: forward and backward of both views through the online network, forward of both
+through the momentum copy, the optimiser and EMA updates. Ours is the compiled `--mode=cost` step
+(vit_accel/cost_table.py); the peer is timm's VisionTransformer (scaled-dot-product attention) with
+the same heads written in PyTorch, eager, float32, every core (torch.set_num_threads). Strategies:
+full length, and random 25% token keep on both branches (the peer gathers the same number of
+tokens after the position embedding, as ours does).
+
+The two run in separate processes, one after the other, `--rounds` times alternately (ours, peer,
+ours, peer, ...), so neither competes with the other for cores and slow drift hits both; reported:
+the median over rounds of each process's median step time, and peer ms / our ms (>= 1: ours is at
+least as fast). torch and timm are not requirements of vit-accel: the peer runs with
+`--peer_python` (default: this Python) where they import, and the report says so where they do not.
+Output: bench/results/cpu_peer.{md,json}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STRATEGIES = {"full": 1.0, "keep0.25|keep0.25": 0.25}
+
+
+def model_spec(tiny: bool) -> dict:
+  if tiny:
+    return dict(image=32, patch=8, width=32, depth=1, heads=2, mlp=4.0, hidden=64, out=32)
+  return dict(image=32, patch=4, width=128, depth=4, heads=4, mlp=4.0, hidden=1024, out=256)
+
+
+# ------------------------------------------------------------------------------------- ours
+def measure_ours(spec: dict, batch: int, repeats: int) -> dict:
+  sys.path.insert(0, ROOT)
+  from configs import fmnist_mocov3
+  from vit_accel import cost_table
+  c = fmnist_mocov3.get_config()
+  c.batch_size = batch
+  c.model.image_size, c.model.patch_size = spec["image"], spec["patch"]
+  c.model.width, c.model.depth, c.model.num_heads = spec["width"], spec["depth"], spec["heads"]
+  c.model.mlp_ratio = spec["mlp"]
+  c.mocov3.proj_hidden_dim = c.mocov3.pred_hidden_dim = spec["hidden"]
+  c.mocov3.out_dim = spec["out"]
+  c.compile_cache_dir = ""
+  c.compression.cost_candidates = tuple(s for s in STRATEGIES if s != "full")
+  c.compression.cost_repeats = repeats
+  rows = cost_table.measure(c)
+  return {r["strategy"]: r["ms_per_step"] for r in rows}
+
+
+# ------------------------------------------------------------------------------------- peer
+def measure_peer(spec: dict, batch: int, repeats: int) -> dict:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import timm_peer
+  return timm_peer.measure(spec, batch, repeats, STRATEGIES, device="cpu", dtype="float32",
+                           compile_model=False)
+
+
+# ---------------------------------------------------------------------------- orchestration
+def run_role(python: str, role: str, args) -> dict | str:
+  """Runs one measurement in a fresh process; its result dict, or the error's last line."""
+  cmd = [python, os.path.abspath(__file__), f"--role={role}", f"--batch={args.batch}",
+         f"--repeats={args.repeats}"] + (["--tiny"] if args.tiny else [])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+  for line in reversed(done.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  return (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def markdown(res: dict) -> str:
+  lines = ["# Our train step vs PyTorch + timm on this CPU", "",
+           f"Machine: {res['machine']}. Date: {res['date']}. Command: `{res['command']}`.", "",
+           f"Symmetric MoCo-v3 step, {res['model']}, batch {res['batch']}, float32; median over "
+           f"{res['rounds']} alternating rounds of each process's median of {res['repeats']} "
+           f"steps. Peer: {res.get('peer_versions') or 'not run'}.", ""]
+  if res.get("peer_error"):
+    lines += [f"Peer not measured: {res['peer_error']}", ""]
+  lines += ["| strategy | ours ms/step | peer ms/step | peer / ours |", "|---|---:|---:|---:|"]
+  for name in STRATEGIES:
+    ours, peer = res["ours"].get(name), res["peer"].get(name)
+    ratio = f"{peer / ours:.2f}x" if ours and peer else "n/a"
+    cell = name.replace("|", "\\|")
+    lines.append(f"| {cell} | {ours:.1f} | {peer:.1f} | {ratio} |" if peer else
+                 f"| {cell} | {ours:.1f} | n/a | n/a |")
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--peer_python", default=sys.executable,
+                 help="A Python where torch and timm import (default: this one).")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--tiny", action="store_true", help="A tiny model and batch: the code path.")
+  p.add_argument("--out_dir", default=os.path.join(ROOT, "bench", "results"))
+  p.add_argument("--role", choices=("ours", "peer"), help=argparse.SUPPRESS)
+  args = p.parse_args()
+  spec = model_spec(args.tiny)
+  if args.role:
+    fn = measure_ours if args.role == "ours" else measure_peer
+    print("RESULT " + json.dumps(fn(spec, args.batch, args.repeats)), flush=True)
+    return
+
+  ours_rounds, peer_rounds, peer_error, versions = [], [], None, None
+  for i in range(args.rounds):
+    ours = run_role(sys.executable, "ours", args)
+    if isinstance(ours, str):
+      sys.exit(f"error: our step failed: {ours}")
+    ours_rounds.append(ours)
+    if peer_error is None:
+      peer = run_role(args.peer_python, "peer", args)
+      if isinstance(peer, str):
+        peer_error = peer
+      else:
+        versions = peer.pop("_versions")
+        peer_rounds.append(peer)
+    print(f"round {i + 1}: ours {ours}" + (f", peer {peer_rounds[-1]}" if peer_rounds else ""),
+          flush=True)
+
+  def med(rounds):
+    return {k: statistics.median(r[k] for r in rounds) for k in STRATEGIES} if rounds else {}
+
+  res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"{platform.processor() or 'cpu'}",
+         "date": time.strftime("%Y-%m-%d"),
+         "command": "python bench/cpu_peer.py " + " ".join(sys.argv[1:]),
+         "model": ("ViT w{width} d{depth} h{heads} patch {patch} on {image}px, heads "
+                   "{hidden}->{out}").format(**spec),
+         "batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
+         "ours": med(ours_rounds), "peer": med(peer_rounds), "peer_versions": versions,
+         "peer_error": peer_error, "ours_rounds": ours_rounds, "peer_rounds": peer_rounds}
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, "cpu_peer" + ("_tiny" if args.tiny else ""))
+  with open(stem + ".json", "w") as f:
+    json.dump(res, f, indent=1)
+  text = markdown(res)
+  with open(stem + ".md", "w") as f:
+    f.write(text)
+  print(text, flush=True)
+
+
+if __name__ == "__main__":
+  main()
