@@ -3,7 +3,8 @@
 `load(config, split)` returns one of
   InMemory    uint8 images [N, S, S, C] + int32 labels, held in host memory (Fashion-MNIST)
   ImageFiles  paths + labels of an image folder ROOT/<split>/<class>/** (any depth; class = top
-              folder); decoded by the pipeline with Pillow (pipeline.read_image)
+              folder); decoded by the pipeline as Pillow shows them (pipeline.read_image; plain
+              JPEGs by TF, crop window only, to the same pixels)
   TfdsSplit   a prepared TFDS dataset (`data.tfds_name` in `data.dir`), streamed by the pipeline
 The input pipeline (pipeline.py) turns any of them into training views and evaluation arrays.
 
@@ -95,6 +96,10 @@ class ImageFiles:
   paths: np.ndarray    # bytes [N] (numpy 'S'): os.fsencode'd, so non-UTF-8 names round-trip
   labels: np.ndarray   # int32 [N], index into class_names
   class_names: tuple
+  # bool [N]: the training views decode this file with TF's JPEG decoder, their crop window only
+  # (else Pillow, whole); set by pipeline.verify_image_files; None: not decided yet
+  # (pipeline.jpeg_routes decides from the headers)
+  jpeg: np.ndarray | None = None
 
   @property
   def num_examples(self) -> int:

@@ -148,3 +148,60 @@ def test_real_fashion_mnist_loads(needs_fashion_mnist):
   x, y = sources.load_fashion_mnist(sources.FASHION_MNIST_DEFAULT_DIR, "test")
   assert x.shape == (10000, 32, 32, 1) and y.shape == (10000,)
   assert set(np.unique(y)) == set(range(10))
+
+
+def test_uint8_views_match_the_float_whole_image_path():
+  """In-memory images reach the views as uint8 (cropped and flipped before the float resize); the
+  old path converted the whole image to float first. Same boxes, same draws: within rounding."""
+  cfg = tiny_config()
+  images = np.random.default_rng(3).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+  shard = pipeline.HostShard(0, 1, 16)
+  new = take(pipeline.train_dataset(images, cfg, shard), 2)
+  old = take(pipeline.train_dataset(images, cfg, shard, decode_crops=False), 2)
+  for x, y in zip(new, old):
+    for a, b in zip(x["views"], y["views"]):
+      assert np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_cheap_colour_ops_equal_their_textbook_definitions():
+  """The ops are computed the cheap way (3x3 colour matrices, channel means, one-op clips, a blur
+  kernel cut at 4 sigma); each equals its plain definition on the same draw."""
+  rng = np.random.default_rng(5)
+  image = tf.constant(rng.uniform(size=(40, 40, 3)), tf.float32)
+  seed = tf.constant([9, 2], tf.int64)
+  w = tf.constant([0.299, 0.587, 0.114])
+  luma = tf.reduce_sum(image * w, axis=-1, keepdims=True)
+  f = tf.random.stateless_uniform([], seed, 0.6, 1.4)
+
+  def close(a, b, atol=1e-5):   # float rounding (matmul order), far below a uint8 level
+    np.testing.assert_allclose(a.numpy(), b.numpy() if hasattr(b, "numpy") else b, atol=atol)
+
+  close(augment.adjust_brightness(image, seed, 0.4), tf.clip_by_value(image * f, 0.0, 1.0))
+  mean = tf.reduce_mean(luma)
+  close(augment.adjust_contrast(image, seed, 0.4),
+        tf.clip_by_value((image - mean) * f + mean, 0.0, 1.0))
+  close(augment.adjust_saturation(image, seed, 0.4),
+        tf.clip_by_value((image - luma) * f + luma, 0.0, 1.0))
+  close(augment.to_grayscale(image), tf.broadcast_to(luma, image.shape))
+  close(augment.solarize(image), tf.where(image < 0.5, image, 1.0 - image), atol=0)
+  assert not np.allclose(augment.solarize(image).numpy(), image.numpy())
+  # Blur: the full 10%-of-the-side kernel (radius 2 at 40 px; at 224 px radius 12 vs 4 sigma <= 8).
+  big = tf.constant(rng.uniform(size=(224, 224, 3)) > 0.5, tf.float32)   # worst case: hard edges
+  for k in range(6):
+    s = tf.constant([k, 4], tf.int64)
+    sigma = tf.random.stateless_uniform([], s, 0.1, 2.0)
+    x = tf.cast(tf.range(-12, 13), tf.float32)
+    kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
+    kernel /= tf.reduce_sum(kernel)
+    full = tf.nn.depthwise_conv2d(big[None], tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1]),
+                                  [1, 1, 1, 1], "SAME")
+    full = tf.nn.depthwise_conv2d(full, tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1]),
+                                  [1, 1, 1, 1], "SAME")[0]
+    close(augment.gaussian_blur(big, s, (0.1, 2.0)), full, atol=1e-4)   # < 0.03 of a uint8 level
+  # Resizing: no antialiasing filter when the crop only grows (it is the identity there).
+  small = tf.constant(rng.uniform(size=(30, 50, 3)), tf.float32)
+  close(augment.resize_crop(small, 64),
+        tf.image.resize(small[None], (64, 64), antialias=True)[0])
+  large = tf.constant(rng.integers(0, 256, (90, 70, 3)), tf.uint8)
+  close(augment.resize_crop(large, 64),
+        tf.image.resize(tf.cast(large, tf.float32)[None] / 255.0, (64, 64), antialias=True)[0])
