@@ -119,10 +119,15 @@ def run_once(arm: str, schedule: str, budget: float, lr: float, batch: int, seed
   if schedule == "pilot":
     # The paper's procedure at equal total budget: --mode=pilot (uncompressed pilot run, gradient
     # error at its milestones, search), then the searched schedule on what the pilot left.
-    main_py(workdir, {k: v for k, v in common.items() if k != "checkpoint.at_progress"},
-            mode="pilot")
+    if not os.path.exists(os.path.join(workdir, "pilot_cost.json")):   # done once, kept on resume
+      main_py(workdir, {k: v for k, v in common.items() if k != "checkpoint.at_progress"},
+              mode="pilot")
     with open(os.path.join(workdir, "pilot_cost.json")) as f:
       pilot = json.load(f)
+    if pilot["remaining_units"] <= 0:
+      raise SystemExit(f"error: at {budget:g} epochs the pilot spends {pilot['fraction']:.0%} of "
+                       f"the budget, leaving nothing for the searched run; drop this budget from "
+                       f"the sweep or lower pilot.budget_fraction (--extra)")
     with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
       measure_s = json.load(f)["seconds"]
     pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")

@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.online.reference_batches = 3
   c.online.batches = 2
   c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
+  # Ties -> the cheaper, as search.ties; 'tolerance' (search.tie_tolerance) by default: bootstrap
+  # intervals over 3 + 2 batches say little (raise both counts to ~8 before 'interval').
+  c.online.ties = "tolerance"
   # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
   # fractions of its own budget, then grad_error and search on it, all in WORKDIR.
   c.pilot = ml_collections.ConfigDict()

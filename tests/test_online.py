@@ -26,7 +26,7 @@ def read_lines(workdir):
 
 
 def test_decisions_charge_their_measurement_and_project_the_rest():
-  config = online_config(20)
+  config = online_config(20, **{"search.final_full": False})
   n = 60000
   undecided = step_plan.make_step_plan(config, n)
   assert [s.spec for s in undecided.stages] == ["full", "full"]
@@ -42,6 +42,12 @@ def test_decisions_charge_their_measurement_and_project_the_rest():
     assert s1.start_units == pytest.approx(s0.start_units + s0.num_steps * s0.units_per_step
                                            + overhead)
     assert plan.units_at(plan.total_steps) <= plan.budget + 1e-6
+  # With search.final_full (the default) the last segment is forecast at full length, unmeasured.
+  config.search.final_full = True
+  one = step_plan.make_step_plan(config, n, [{"strategy": KEEP, "overhead_units": overhead}])
+  assert [s.spec for s in one.stages] == [KEEP, "full"]
+  s0, s1 = one.stages
+  assert s1.start_units == pytest.approx(s0.start_units + s0.num_steps * s0.units_per_step)
 
 
 @pytest.mark.slow

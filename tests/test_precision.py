@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import tiny_config
 
 LOC = re.compile(r'^#(loc\d+) = loc\("([^"]*)"')
-OP = re.compile(r"= stablehlo\.(dot_general|exponential|log|reduce)\b(.*) loc\(#(loc\d+)\)\s*$")
+OP = re.compile(r"= stablehlo\.(dot_general|exponential|log|reduce|subtract)\b(.*) "
+                r"loc\(#(loc\d+)\)\s*$")
 ARG = re.compile(r'%arg\d+: tensor<([^>]*)> loc\("(state\.[^"]*)"\)')
 ALGORITHM = re.compile(r"lhs_precision_type = (\w+), rhs_precision_type = (\w+)")
 TYPES = re.compile(r"tensor<(?:[0-9x]*x)?([a-z]+[0-9]*)>")
@@ -66,8 +67,13 @@ def test_bfloat16_step_follows_the_precision_policy(objective, schedule):
 
   # Matmuls of the backbone and heads: bfloat16 operands (the attention logits accumulate in
   # float32), except the PI-resize of the float32 patch kernel and position grid (weight transforms).
-  model_dots = [(t, n) for op, t, n in ops if op == "dot_general" and in_model(n)]
+  model_dots = [(t, n) for op, t, n in ops if op == "dot_general" and in_model(n)
+                and "/prototypes/" not in n]
   assert len(model_dots) > 20
+  # DINO's prototype scores are logits: float32.
+  prototypes = [t for op, t, n in ops if op == "dot_general" and "/prototypes/" in n]
+  assert (len(prototypes) > 0) == (objective == "dino")
+  assert all(t[:2] == ["f32", "f32"] for t in prototypes), prototypes
   for types, name in model_dots:
     if "/pi_resize/" in name or "/pos_resize/" in name:
       continue
@@ -82,14 +88,18 @@ def test_bfloat16_step_follows_the_precision_policy(objective, schedule):
   for types, name in exps:
     assert types == ["f32"] or (in_model(name) and "/attn/" not in name), (types, name)
   # Losses and the contrastive logits: every matmul, exp and log outside the networks in float32.
-  loss_ops = [(op, t, n) for op, t, n in ops if op != "reduce" and not in_model(n)]
+  loss_ops = [(op, t, n) for op, t, n in ops if op not in ("reduce", "subtract")
+              and not in_model(n)]
   assert any(op == "exponential" for op, _, _ in loss_ops)
   for op, types, name in loss_ops:
     assert set(types) <= {"f32", "i32", "ui32", "i1"}, (op, types, name)
   # Normalisation statistics in float32.
-  stats = [t for op, t, n in ops if op == "reduce" and under(n, ("ln1", "ln2", "norm", "bn0",
-                                                                 "bn1", "bn2"))]
+  norms = ("ln1", "ln2", "norm", "bn0", "bn1", "bn2")
+  stats = [t for op, t, n in ops if op == "reduce" and under(n, norms)]
   assert stats and all(t[0] == "f32" for t in stats), stats
+  # ... and the centring (x - mean) too: a bfloat16 reduce can hide behind a float32 accumulator.
+  centred = [t for op, t, n in ops if op == "subtract" and under(n, norms)]
+  assert centred and all(t[0] == "f32" for t in centred), centred
   # Parameters and optimiser state: float32 going in and coming out.
   floating = [(t.split("x")[-1], n) for t, n in args if n.startswith(("state.params",
                                                                        "state.ema_params",

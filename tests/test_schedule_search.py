@@ -100,3 +100,15 @@ def test_monotone_search_never_compresses_more_later_and_says_why():
   assert costs == sorted(costs)
   assert "not allowed: patch8|patch8" in mono[0]["why"][1]
   assert mono[0]["why"][0].startswith("at 10%: lowest CA-MSE keep0.5|keep0.5 0.2000 [0.1800")
+
+
+def test_paired_differences_decide_ties_when_the_table_has_them():
+  a = {**ci_row("keep0.5|keep0.5", 0.20, 0.15, 0.25, 4.0),
+       "ca_mse_diff_ci": {"keep0.25|keep0.25": [-0.03, -0.01]}}
+  b = {**ci_row("keep0.25|keep0.25", 0.22, 0.17, 0.27, 2.0),
+       "ca_mse_diff_ci": {"keep0.5|keep0.5": [0.01, 0.03]}}
+  # The intervals overlap, but on the same batches b is higher with confidence: not a tie.
+  choice = schedule_search.choose([a, b], 0.0)
+  assert choice["tied"] == ["keep0.5|keep0.5"] and choice["winner"] is a
+  b["ca_mse_diff_ci"]["keep0.5|keep0.5"] = [-0.005, 0.03]    # not resolved: tied, cheaper wins
+  assert schedule_search.pick([a, b], 0.0) is b

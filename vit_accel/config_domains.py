@@ -210,6 +210,7 @@ DOMAINS = {
     "online.reference_batches": Number(2, integer=True),
     "online.batches": Number(2, integer=True),
     "online.candidates": Each(TEXT),
+    "online.ties": Choice(("interval", "tolerance")),
     "pilot.budget_fraction": FRACTION,
     "pilot.at_progress": Each(FRACTION),
     # optimiser

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
 from vit_accel import sharding as sharding_lib
@@ -47,8 +48,9 @@ def gram_terms(rr, cc, cr, w, v, cost_ratio: float) -> dict:
   rows for every strategy of a round: batch m is the same images for all, so the draws are paired).
   Every term is a quadratic form in the weights, so no gradient vector is needed after the Grams.
   Returns {name: [K] float64} for bias2, bias2_plugin, variance, ca_mse, cosine, grad_norm2 (the
-  module docstring defines them). A candidate that is the reference itself (cc is rr, v is w) has
-  bias 0 by definition.
+  module docstring defines them) and bias2_raw (bias2 before clipping at 0, what pooling averages)
+  and cost_ratio. A candidate that is the reference itself (cc is rr, v is w) has bias 0 by
+  definition.
   """
   r, m = rr.shape[0], cc.shape[0]
   norm2 = np.einsum("kr,rs,ks->k", w, rr, w)
@@ -57,18 +59,19 @@ def gram_terms(rr, cc, cr, w, v, cost_ratio: float) -> dict:
   var_ref = r / (r - 1) * (w @ np.diag(rr) - norm2)
   if cc is rr and v is w:
     zero = np.zeros_like(norm2)
-    return {"bias2": zero, "bias2_plugin": zero, "variance": var_ref / norm2,
+    return {"bias2": zero, "bias2_raw": zero, "bias2_plugin": zero, "variance": var_ref / norm2,
             "ca_mse": var_ref * cost_ratio / norm2, "cosine": np.ones_like(norm2),
-            "grad_norm2": norm2}
+            "grad_norm2": norm2, "cost_ratio": np.full_like(norm2, cost_ratio)}
   mean2 = np.einsum("km,mn,kn->k", v, cc, v)
   var = m / (m - 1) * (v @ np.diag(cc) - mean2)
   cross = np.einsum("km,mr,kr->k", v, cr, w)
   plugin = np.maximum(mean2 - 2 * cross + norm2, 0.0)
-  bias2 = np.maximum(plugin - var / m - var_ref / r, 0.0)
-  return {"bias2": bias2 / norm2, "bias2_plugin": plugin / norm2, "variance": var / norm2,
-          "ca_mse": (bias2 + var * cost_ratio) / norm2,
+  raw = plugin - var / m - var_ref / r
+  bias2 = np.maximum(raw, 0.0)
+  return {"bias2": bias2 / norm2, "bias2_raw": raw / norm2, "bias2_plugin": plugin / norm2,
+          "variance": var / norm2, "ca_mse": (bias2 + var * cost_ratio) / norm2,
           "cosine": cross / (np.sqrt(np.maximum(mean2, 0.0) * norm2) + 1e-300),
-          "grad_norm2": norm2}
+          "grad_norm2": norm2, "cost_ratio": np.full_like(norm2, cost_ratio)}
 
 
 def bootstrap_weights(rng: np.random.Generator, n: int, draws: int) -> np.ndarray:
@@ -82,36 +85,67 @@ TERMS = ("bias2", "variance", "ca_mse")
 
 
 def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
-  """Rows pooled over independent rounds: each term is the mean of the rounds' estimates, its
-  interval the central `level` share of the rounds' bootstrap draws averaged draw by draw (the
-  bootstrap of a mean of independent rounds). rounds[i] = {spec: {term: [draws + 1] array, ...},
-  '_rows': the round's rows}. Returns the first round's rows with every term replaced by the
-  pooled value and `<term>_ci` = [low, high] added, `rounds` = how many."""
+  """Rows pooled over independent rounds, with intervals.
+
+  Each round is an independent replicate, so the pooled value of a term is the mean of the rounds'
+  values and its bootstrap distribution is the rounds' draws averaged draw by draw. bias2 is pooled
+  before clipping at 0 (averaging clipped values would keep an upward bias that more rounds cannot
+  remove), then clipped, and CA-MSE rebuilt from it; bias2_plugin is the mean of the rounds'
+  plug-in values. Intervals: the central `level` share of the draws (`<term>_ci` = [low, high]);
+  `ca_mse_diff_ci[other]` is the same for this row's CA-MSE minus the other's, draw by draw (the
+  draws are paired: every strategy of a round saw the same resampled batches).
+  rounds[i] = {spec: {term: [draws + 1] array}, '_rows', '_batches'}. Returns the first round's
+  rows with the pooled terms, intervals, `num_batches` and `rounds`.
+  """
   rows = [dict(r) for r in rounds[0]["_rows"]]
   tail = (1.0 - level) / 2
+
+  def interval(values):
+    return [float(np.quantile(values[1:], tail)), float(np.quantile(values[1:], 1.0 - tail))]
+
+  pooled = {}
   for row in rows:
     spec = row["strategy"]
-    for term in (*TERMS, "bias2_plugin", "cosine", "grad_norm2"):
-      values = np.mean([rnd[spec][term] for rnd in rounds], axis=0)
-      row[term] = float(values[0])
+    mean = {term: np.mean([rnd[spec][term] for rnd in rounds], axis=0)
+            for term in ("bias2_raw", "bias2_plugin", "variance", "cosine", "grad_norm2",
+                         "cost_ratio")}
+    bias2 = np.maximum(mean["bias2_raw"], 0.0)
+    values = {"bias2": bias2, "variance": mean["variance"],
+              "ca_mse": bias2 + mean["variance"] * mean["cost_ratio"],
+              "bias2_plugin": mean["bias2_plugin"], "cosine": mean["cosine"],
+              "grad_norm2": mean["grad_norm2"]}
+    pooled[spec] = values
+    for term, v in values.items():
+      row[term] = float(v[0])
       if term in TERMS:
-        row[f"{term}_ci"] = [float(np.quantile(values[1:], tail)),
-                             float(np.quantile(values[1:], 1.0 - tail))]
+        row[f"{term}_ci"] = interval(v)
     row["num_batches"] = int(sum(rnd["_batches"][spec] for rnd in rounds))
-  for row in rows:
     row["rounds"] = len(rounds)
+  for row in rows:
+    row["ca_mse_diff_ci"] = {other: interval(pooled[row["strategy"]]["ca_mse"] - v["ca_mse"])
+                             for other, v in pooled.items() if other != row["strategy"]}
   return rows
 
 
 def resolved(rows: list[dict], ci_target: float) -> bool:
-  """Whether more batches could still change the pick: True when every candidate's CA-MSE interval
-  is clear of the lowest one's, or the lowest one's interval is narrower than ci_target x its
-  value (what still overlaps is a tie at the precision asked for)."""
+  """Whether more batches could still change the pick: True when every other strategy's CA-MSE is
+  higher than the lowest one's with confidence (the paired difference's interval is above 0), or
+  the lowest one's interval is narrower than ci_target x its value (what is still unresolved is a
+  tie at the precision asked for)."""
   best = min(rows, key=lambda r: r["ca_mse"])
   low, high = best["ca_mse_ci"]
   if high - low <= ci_target * best["ca_mse"]:
     return True
-  return all(r is best or r["ca_mse_ci"][0] > high for r in rows)
+  return all(r is best or r["ca_mse_diff_ci"][best["strategy"]][0] > 0 for r in rows)
+
+
+def gram(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+  """a [n, P] . b [m, P]^T in float64, converting `chunk` columns at a time (the vectors are kept
+  in float32: half the host memory; the sums that bias2 subtracts need float64)."""
+  out = np.zeros((a.shape[0], b.shape[0]), np.float64)
+  for i in range(0, a.shape[1], chunk):
+    out += a[:, i:i + chunk].astype(np.float64) @ b[:, i:i + chunk].astype(np.float64).T
+  return out
 
 
 # ---------------------------------------------------------------------------- on a real model
@@ -141,27 +175,31 @@ def measure_round(config, state, global_batches, reference_batches: int, grad_fn
   strategy of `grad_fns` (full length first) on the remaining batches, at the objective's schedules
   for budget `progress`; the estimate and `draws` bootstrap draws of every term per strategy
   ({spec: {term: [draws + 1]}}, '_rows', '_batches'), the draws seeded by `seed` (a NumPy seed) so
-  every host gets the same. CA-MSE weighs the variance by each strategy's step cost relative to
+  every host gets the same. Host memory: (reference_batches + batches) flat float32 gradients.
+  CA-MSE weighs the variance by each strategy's step cost relative to
   full length: `cost_ratios[st]` (measured, --mode=cost) when given, else costs[st] / costs[full]
-  (the analytic model). Host memory: (reference_batches + batches) flat gradients in float64."""
+  (the analytic model)."""
   progress = np.float32(progress)
   strategies = list(grad_fns)
   full = strategies[0]
 
   def gradients(st, chunk, offset):
-    out = []
+    out = None
     for i, batch in enumerate(chunk):
       r = jax.random.fold_in(rng, offset + i)  # token-keep draws differ per batch
-      out.append(np.asarray(sharding_lib.to_host(grad_fns[st](state, batch, r, progress)),
-                            np.float64).ravel())
-    return np.stack(out)
+      g = np.asarray(sharding_lib.to_host(grad_fns[st](state, batch, r, progress)),
+                     np.float32).ravel()
+      if out is None:
+        out = np.empty((len(chunk), g.size), np.float32)
+      out[i] = g
+    return out
 
   measured = global_batches[reference_batches:]
   gen = np.random.default_rng(seed)
   w = bootstrap_weights(gen, reference_batches, draws)
   v = bootstrap_weights(gen, len(measured), draws)     # shared by every strategy: paired draws
   ref = gradients(full, global_batches[:reference_batches], 0)
-  rr = ref @ ref.T
+  rr = gram(ref, ref)
   out = {"_rows": [], "_batches": {}}
   for st in strategies:
     if st == full:
@@ -172,7 +210,8 @@ def measure_round(config, state, global_batches, reference_batches: int, grad_fn
     else:
       cand = gradients(st, measured, reference_batches)
       ratio = cost_ratios[st] if cost_ratios else costs[st] / costs[full]
-      terms = gram_terms(rr, cand @ cand.T, cand @ ref.T, w, v, ratio)
+      terms = gram_terms(rr, gram(cand, cand), gram(cand, ref), w, v, ratio)
+      del cand
       out["_batches"][st.spec] = len(measured)
     out[st.spec] = terms
     q, k = st.layouts(config.model.image_size, config.model.patch_size)
@@ -199,7 +238,10 @@ def measure(config, state, next_batches, reference_batches: int, batches: int, g
                                 jax.random.fold_in(rng, 1_000_003 * i), progress,
                                 int(ge.bootstrap), (seed, i), cost_ratios))
     rows = pool_rounds(rounds, float(ge.ci_level))
-    if resolved(rows, float(ge.ci_target)):
+    done = resolved(rows, float(ge.ci_target))
+    if jax.process_count() > 1:   # every host must run the same rounds: process 0 decides
+      done = bool(multihost_utils.broadcast_one_to_all(np.array(done)))
+    if done:
       break
   return rows
 

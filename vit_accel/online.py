@@ -4,7 +4,7 @@ The budget is cut into segments of `online.every`. At the first step of each seg
 measures, at the current parameters, the gradient error of full length and of `online.candidates`
 (grad_error.measure on `online.reference_batches` + `online.batches` batches drawn from a stream
 separate from training's), and the segment runs the strategy --mode=search's rules pick
-(schedule_search.choose: lowest CA-MSE, ties by interval -> the cheaper, `search.monotone`); the
+(schedule_search.choose: lowest CA-MSE, ties -> the cheaper by `online.ties`, `search.monotone`); the
 last segment runs at full length unmeasured when `search.final_full` (the default), as a searched
 schedule's last stage does. The measurement's compute is charged to the budget before the segment
 (its units are known in advance), so an online run spends the same budget as any other.
@@ -70,7 +70,7 @@ class OnlineScheduler:
     previous = next((r for r in rows if decisions and r["strategy"] == decisions[-1]["strategy"]),
                     None)
     min_cost = schedule_search.relative_cost(previous) if search.monotone and previous else 0.0
-    choice = schedule_search.choose(rows, float(search.tie_tolerance), search.ties, min_cost)
+    choice = schedule_search.choose(rows, float(search.tie_tolerance), cfg.ties, min_cost)
     winner = choice["winner"]
     decision = {"segment": segment, "step": step, "strategy": winner["strategy"],
                 "why": schedule_search.describe(progress, choice, rows),

@@ -19,8 +19,9 @@ from vit_accel.errors import UserError
 
 
 def relative_cost(row: dict) -> float:
-  """A row's step cost relative to full length: measured (--mode=cost's table, `cost_ratio`) where
-  the gradient-error run had one, else the analytic cost model's units."""
+  """A row's step cost for comparing rows of one table: the measured ratio to full length
+  (--mode=cost's table, `cost_ratio`) where the gradient-error run had one, else the analytic cost
+  model's units per sample (not a ratio, but ordered the same way)."""
   return float(row.get("cost_ratio", row["cost_units"]))
 
 
@@ -29,9 +30,10 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
   """Which strategy one table picks, and why.
 
   The lowest CA-MSE is the best; the rows tied with it are, under ties='interval' (when every row
-  has `ca_mse_ci`), those whose interval reaches the best one's (their difference is not resolved),
-  else (ties='tolerance', or tables without intervals) those within (1 + tie_tolerance) x the
-  lowest value. The cheapest tied row wins (then the lower CA-MSE): a cheaper step is a sure gain,
+  has intervals), those not higher than the best with confidence: the interval of their paired
+  CA-MSE difference to the best (`ca_mse_diff_ci`) reaches 0, or, in tables without paired
+  differences, their interval reaches the best one's; else (ties='tolerance', or tables without
+  intervals) those within (1 + tie_tolerance) x the lowest value. The cheapest tied row wins (then the lower CA-MSE): a cheaper step is a sure gain,
   a CA-MSE difference within the noise is not. `min_cost` > 0 (monotone schedules) first drops the
   rows cheaper than it (relative_cost), keeping at least the most expensive row.
   Returns {"winner": row, "best", "tied", "excluded": [strategy specs], "rule": str}.
@@ -40,7 +42,11 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
   if not allowed:
     allowed = [max(rows, key=relative_cost)]
   best = min(allowed, key=lambda r: r["ca_mse"])
-  if ties == "interval" and all("ca_mse_ci" in r for r in allowed):
+  if ties == "interval" and all("ca_mse_diff_ci" in r for r in allowed):
+    tied = [r for r in allowed
+            if r is best or r["ca_mse_diff_ci"][best["strategy"]][0] <= 0.0]
+    rule = "paired difference to the lowest CA-MSE not above 0 with confidence"
+  elif ties == "interval" and all("ca_mse_ci" in r for r in allowed):
     high = best["ca_mse_ci"][1]
     tied = [r for r in allowed if r["ca_mse_ci"][0] <= high]
     rule = "intervals overlapping the lowest CA-MSE's"

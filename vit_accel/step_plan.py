@@ -189,16 +189,22 @@ def online_segments(every: float) -> list[float]:
 
 
 def online_stages(every: float, decisions: list[dict], bucket: int, model_cfg,
-                  overhead_units: float) -> tuple[list[Stage], list[float]]:
+                  overhead_units: float, final_full: bool = False) -> tuple[list[Stage],
+                                                                     list[float]]:
   """Stages and overheads of an online schedule: decided segments run their chosen strategy; the
   rest are projected with the last choice (full length before the first) and the same
-  measurement overhead, so the plan's step count is a forecast until the last decision."""
+  measurement overhead, so the plan's step count is a forecast until the last decision. With
+  `final_full` the last segment is full length without a measurement (search.final_full)."""
   stages, overheads = [], []
   current = "full|full"
-  for k, end in enumerate(online_segments(every)):
+  ends = online_segments(every)
+  for k, end in enumerate(ends):
     if k < len(decisions):
       current = decisions[k]["strategy"]
       overheads.append(decisions[k]["overhead_units"])
+    elif final_full and k == len(ends) - 1:
+      current = "full|full"
+      overheads.append(0.0)
     else:
       overheads.append(overhead_units)
     stages.append(Stage(end, compression.parse_checked(current, bucket, model_cfg, "online")))
@@ -287,7 +293,8 @@ def make_step_plan(config, num_train_examples: int, decisions=()) -> StepPlan:
   if is_online(config):
     stages, overheads = online_stages(config.online.every, list(decisions),
                                       config.compression.bucket, config.model,
-                                      online_overhead_units(config))
+                                      online_overhead_units(config),
+                                      bool(config.search.final_full))
     return make_plan(stages, budget, config.batch_size, cost, config.model, overheads)
   return make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
 

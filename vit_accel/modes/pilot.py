@@ -61,8 +61,18 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   if jax.process_index() == 0:
     io.atomic_write_json(os.path.join(workdir, "pilot_cost.json"), cost)
     with open(os.path.join(workdir, "schedule.txt"), "a") as f:
-      f.write(f"# the pilot spent {cost['total_units']:.4g} units ({cost['fraction']:.1%} of the "
-              f"budget); charge it: --config.budget={cost['remaining_units']:.6g}\n")
+      if cost["remaining_units"] > 0:
+        f.write(f"# the pilot spent {cost['total_units']:.4g} units ({cost['fraction']:.1%} of "
+                f"the budget); charge it: --config.budget={cost['remaining_units']:.6g}\n")
+      else:
+        f.write(f"# the pilot spent {cost['total_units']:.4g} units, {cost['fraction']:.0%} of "
+                f"the budget: nothing is left for the searched run at equal total budget\n")
+  if cost["remaining_units"] <= 0:
+    print(f"warning: the pilot spent {cost['fraction']:.0%} of the budget; at equal total budget "
+          f"nothing is left for the searched schedule (lower pilot.budget_fraction or "
+          f"grad_error.max_rounds)", flush=True)
+    save_config(config, workdir, "pilot", primary=jax.process_index() == 0)
+    return text
   print(f"the pilot spent {cost['total_units']:.4g} budget units ({cost['fraction']:.1%}: training "
         f"{cost['train_units']:.4g}, gradient-error measurements {cost['measurement_units']:.4g});"
         f" at equal total budget train the searched schedule with "
