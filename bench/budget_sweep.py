@@ -237,14 +237,19 @@ def planned_runs(records: list[dict], arms: list[tuple[str, str]], grid) -> list
   return [t for t in todo if run_key(t[0], t[2], t[3], t[4], t[5]) not in done]
 
 
+def tuned_curve(records: list[dict], arm: str, best: dict) -> list[dict]:
+  """The arm's seed-0 runs at its tuned setting, by budget ([] until its grid is done)."""
+  if not best.get(arm):
+    return []
+  rows = [r for r in records if r["arm"] == arm and r["seed"] == 0
+          and (r["base_lr"], r["batch_size"]) == best[arm]]
+  return sorted(rows, key=lambda r: r["budget_epochs"])
+
+
 def speedups(records: list[dict], arms, best) -> list[dict]:
   """Per baseline budget: what each other arm needs (budget, wall-clock) to reach its final kNN."""
   base_name = arms[0][0]
-
-  def curve(arm):
-    rows = [r for r in records if r["arm"] == arm and r["seed"] == 0 and best.get(arm)
-            and (r["base_lr"], r["batch_size"]) == best[arm]]
-    return sorted(rows, key=lambda r: r["budget_epochs"])
+  curve = lambda arm: tuned_curve(records, arm, best)  # noqa: E731
 
   out = []
   for base in curve(base_name):
@@ -295,9 +300,7 @@ def seed_spread(records, arms, best) -> dict:
 def plot(records, arms, best, rows, path) -> None:
   fig, ax = plt.subplots(figsize=(7.5, 4.8))
   for arm, schedule in arms:
-    pts = sorted((r["budget_epochs"], r["final_knn"]) for r in records
-                 if r["arm"] == arm and r["seed"] == 0 and best.get(arm)
-                 and (r["base_lr"], r["batch_size"]) == best[arm])
+    pts = [(r["budget_epochs"], r["final_knn"]) for r in tuned_curve(records, arm, best)]
     if pts:
       line, = ax.plot(*zip(*pts), marker="o", label=f"{arm} ({schedule})")
       seeds = [(r["budget_epochs"], r["final_knn"]) for r in records if r["arm"] == arm
@@ -362,9 +365,7 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
             "| arm | budget (epochs) | steps | stages | final kNN | final linear | train wall | "
             "load avg |", "|---|---:|---:|---|---:|---:|---:|---:|"]
   for arm, _ in arms:
-    for r in sorted((r for r in records if r["arm"] == arm and r["seed"] == 0 and best[arm]
-                     and (r["base_lr"], r["batch_size"]) == best[arm]),
-                    key=lambda r: r["budget_epochs"]):
+    for r in tuned_curve(records, arm, best):
       stages = "; ".join(r["stages"]).replace("|", "\\|")
       lines.append(f"| {arm} | {r['budget_epochs']:g} | {r['steps']} | {stages} | "
                    f"{r['final_knn']:.4f} | {fmt(r['final_linear'])} | "
