@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 16-bit dtype (head dim a multiple of 8, <= 128), XLA's otherwise; or force 'xla' / 'cudnn'.
   c.model.attention = "auto"
   c.model.attention_pad_to = 0   # > 1: pad the sequence to a multiple of this (masked; same result)
+  # Rematerialisation for large batches: 'block' recomputes each encoder block in the backward pass,
+  # 'dots' keeps only the dense layers' outputs; same gradients, less activation memory, more compute.
+  c.model.remat = "none"
 
   # Sequence compression (vit_accel/compression.py). A strategy spec is 'full', 'keep0.25' (random
   # token keep), 'count16', 'patch8' (flexible patch size), 'patch8,keep0.5', 'res16' (resolution

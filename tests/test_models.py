@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_accel.compression import Strategy
 from vit_accel.models.heads import BatchStatNorm, MLPHead
 from vit_accel.models.vit import VisionTransformer
 
@@ -128,3 +129,46 @@ def test_attention_choice():
   assert attention_implementation("xla", jnp.bfloat16, 64, platform="gpu") == "xla"
   with pytest.raises(ValueError, match="model.attention"):
     attention_implementation("flash", jnp.bfloat16, 64)
+
+
+
+def _remat_loss(remat, images):
+  model = VisionTransformer(width=64, depth=3, num_heads=4, patch_size=8, image_size=32,
+                            remat=remat)
+  strategy = Strategy.parse("keep0.5")
+
+  def loss(p):
+    cls, tokens = model.apply(p, images, strategy, jax.random.key(2))
+    return jnp.mean(jnp.square(cls)) + jnp.mean(jnp.square(tokens))
+  return model, loss
+
+
+def _residual_bytes(loss, params):
+  """Bytes the backward pass keeps from the forward pass: jax.vjp's backward function is a pytree
+  whose leaves are those residuals (parameters included, the same for every policy)."""
+  _, backward = jax.vjp(loss, params)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(backward))
+
+
+def test_remat_keeps_parameters_and_gradients_and_stores_fewer_activations():
+  images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
+  model, loss = _remat_loss("none", images)
+  params = model.init(jax.random.key(1), images[:2])
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  stored = _residual_bytes(loss, params)
+  kept = {}
+  for policy in ("block", "dots"):
+    model2, loss2 = _remat_loss(policy, images)
+    # The same parameter tree (checkpoints and exports read it) and the same gradients.
+    assert jax.tree.structure(model2.init(jax.random.key(1), images[:2])) == \
+        jax.tree.structure(params)
+    v2, g2 = jax.jit(jax.value_and_grad(loss2))(params)
+    np.testing.assert_allclose(v2, value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    kept[policy] = _residual_bytes(loss2, params)
+  # 'block' keeps only block inputs; 'dots' also the dense outputs, still less than everything.
+  assert kept["block"] < kept["dots"] < stored, (kept, stored)
+  assert kept["block"] < 0.5 * stored, (kept, stored)
+  with pytest.raises(ValueError, match="model.remat"):
+    _remat_loss("all", images)[1](params)

@@ -159,6 +159,7 @@ DOMAINS = {
     "model.dtype": Choice(("float32", "bfloat16")),
     "model.attention": Choice(("auto", "xla", "cudnn")),
     "model.attention_pad_to": NON_NEGATIVE_INT,
+    "model.remat": Choice(("none", "block", "dots")),
     # objectives
     "mocov3.temperature": POSITIVE,
     "mocov3.base_momentum": PROBABILITY,

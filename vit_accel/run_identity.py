@@ -35,6 +35,7 @@ FREE = (
     "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
     "model.dtype",      # compute dtype only: parameters are float32 either way
     "model.attention", "model.attention_pad_to",   # how attention is computed, not what
+    "model.remat",      # what the backward pass recomputes instead of storing: same gradients
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
     "distributed.", "mesh.", "checkpoint.", "eval.", "export.",
     "finetune.",        # --mode=finetune's own recipe: pretraining never reads it

@@ -46,7 +46,8 @@ def build_model(config):
   backbone = VisionTransformer(width=m.width, depth=m.depth, num_heads=m.num_heads,
                                mlp_ratio=m.mlp_ratio, patch_size=m.patch_size,
                                image_size=m.image_size, dtype=compute_dtype(config),
-                               attention=m.attention, attention_pad_to=m.attention_pad_to)
+                               attention=m.attention, attention_pad_to=m.attention_pad_to,
+                               remat=m.remat)
   return objectives.get(config.objective).build(config, backbone)
 
 

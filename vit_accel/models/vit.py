@@ -41,6 +41,30 @@ class MlpBlock(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = DOMAINS["model.attention"].values   # the config check's list
+REMAT_POLICIES = DOMAINS["model.remat"].values
+
+
+def remat_block(block_cls, policy: str):
+  """`block_cls`, or it wrapped in `flax.linen.remat` (jax.checkpoint) by `model.remat=policy`.
+
+  - 'none': the backward pass reads every activation the forward pass stored (fastest; activation
+    memory grows with batch x sequence x depth).
+  - 'block': each encoder block keeps only its input and recomputes everything inside it in the
+    backward pass (~1/3 more matmul work; activation memory of about one block plus the block inputs).
+  - 'dots': keeps the outputs of matmuls without batch dimensions (the QKV/output projections and the
+    MLP's two dense layers) and recomputes the rest - attention's score and value products, softmax,
+    LayerNorm, GELU, residuals (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`): most of
+    the saving on long sequences for little extra compute.
+  Returns a flax Module class. Raises ValueError for an unknown policy.
+  Source: Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"; jax.checkpoint policies.
+  """
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={policy!r}; one of {REMAT_POLICIES}")
+  if policy == "none":
+    return block_cls
+  if policy == "block":
+    return nn.remat(block_cls)
+  return nn.remat(block_cls, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 def attention_implementation(choice: str, dtype, head_dim: int, platform: str | None = None) -> str:
@@ -148,6 +172,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str = "auto"
   attention_pad_to: int = 0
+  remat: str = "none"      # model.remat: 'none' | 'block' | 'dots' (see remat_block)
 
   def setup(self):
     if self.image_size % self.patch_size:
@@ -159,7 +184,8 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, grid * grid, self.width))
-    self.blocks = [EncoderBlock(self.num_heads, int(self.width * self.mlp_ratio), dtype=self.dtype,
+    block = remat_block(EncoderBlock, self.remat)
+    self.blocks = [block(self.num_heads, int(self.width * self.mlp_ratio), dtype=self.dtype,
                                 attention=self.attention, attention_pad_to=self.attention_pad_to,
                                 name=f"block{i}") for i in range(self.depth)]
     self.norm = nn.LayerNorm(dtype=self.dtype, name="norm")
