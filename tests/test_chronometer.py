@@ -24,18 +24,22 @@ def test_clock_continues_from_a_checkpoint_and_excludes_evaluations(monkeypatch)
     with clock.evaluating():
       now[0] += 3.0
     now[0] += 0.5                                # the eval's metrics line: not step time
-  now[0] += 2.0
+  with clock.waiting_for_input():
+    now[0] += 1.5                                # a data-bound wait: step time and input wait
+  now[0] += 0.5
   clock.step_done()
   assert clock.lap() == (12.0, 2)                # the evaluation is not step time
+  assert clock.lap_input_wait() == 1.5
   now[0] += 1.0                                  # writing the log line: not step time either
   clock.restart_lap()
+  assert clock.lap_input_wait() == 0.0           # a new lap
   now[0] += 4.0
   clock.step_done()
   assert clock.lap() == (4.0, 1)
-  assert clock.fields() == {"wall_s": 70.5, "train_wall_s": 62.5}
-  assert clock.meta() == {"wall_s": 70.5, "eval_wall_s": 8.0}
+  assert clock.fields() == {"wall_s": 70.5, "train_wall_s": 62.5, "input_wait_s": 1.5}
+  assert clock.meta() == {"wall_s": 70.5, "eval_wall_s": 8.0, "input_wait_s": 1.5}
   resumed = Chronometer(clock.meta())
-  assert resumed.fields() == {"wall_s": 70.5, "train_wall_s": 62.5}
+  assert resumed.fields() == {"wall_s": 70.5, "train_wall_s": 62.5, "input_wait_s": 1.5}
   assert (clock.train_s, clock.eval_s) == (16.0, 3.0)
 
 

@@ -34,9 +34,11 @@ def test_smoke_run_writes_metrics_and_checkpoints(tmp_path, needs_fashion_mnist)
   train_lines = [l for l in lines if "loss" in l]
   assert [l["step"] for l in train_lines] == [2, 4, 6]
   for l in train_lines:
-    for key in ("loss", "lr", "stage", "seq_len", "budget_units", "wall_s", "train_wall_s"):
+    for key in ("loss", "lr", "stage", "seq_len", "budget_units", "wall_s", "train_wall_s",
+                "input_wait_s", "input_wait_fraction"):
       assert key in l, key
     assert np.isfinite(l["loss"])
+    assert 0.0 <= l["input_wait_fraction"] <= 1.0 and 0.0 <= l["input_wait_s"] < l["train_wall_s"]
     assert 0 < l["train_wall_s"] < l["wall_s"]  # the evaluation at step 0 is not training time
   assert train_lines[-1]["budget_units"] > train_lines[0]["budget_units"]
   evals = [l for l in lines if "knn_top1" in l]
@@ -110,6 +112,29 @@ def test_resume_drops_metrics_logged_past_the_checkpoint(tmp_path, needs_fashion
   steps = [l["step"] for l in read_lines(workdir) if "loss" in l]
   assert steps == [2, 4, 6]
   assert all(l["loss"] != 123.0 for l in read_lines(workdir) if "loss" in l)
+
+
+def test_a_slow_input_pipeline_shows_as_input_wait(tmp_path, monkeypatch, needs_fashion_mnist):
+  import time
+  real = train.pipeline.train_dataset
+
+  class Slow:   # the real batches, each 0.5 s late: far slower than the tiny step
+    def __init__(self, *args):
+      self.dataset = real(*args)
+
+    def as_numpy_iterator(self):
+      for batch in self.dataset.as_numpy_iterator():
+        time.sleep(0.5)
+        yield batch
+
+  monkeypatch.setattr(train.pipeline, "train_dataset", lambda *args: Slow(*args))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(stop_at_step=4), workdir)
+  lines = [l for l in read_lines(workdir) if "loss" in l]
+  assert [l["step"] for l in lines] == [2, 4]
+  for l in lines:   # 2 steps x 0.5 s waited per interval, the step itself a few ms
+    assert l["input_wait_fraction"] > 0.3, l
+  assert lines[-1]["input_wait_s"] >= 4 * 0.5 - 0.05
 
 
 MULTI = "0.4:keep0.25|keep0.25; 0.7:keep0.5; 1:full"

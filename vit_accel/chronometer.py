@@ -1,9 +1,11 @@
 """Where a run's time goes: wall-clock, training and evaluation seconds over all its invocations, the
 step-time laps behind images/s, and the time left.
 
-The totals are saved in every checkpoint's metadata (`wall_s`, `eval_wall_s`), so a resumed run
-continues its clock: `train_wall_s` (wall-clock without evaluations) is what time-to-accuracy
-counts.
+The totals are saved in every checkpoint's metadata (`wall_s`, `eval_wall_s`, `input_wait_s`), so a
+resumed run continues its clock: `train_wall_s` (wall-clock without evaluations) is what
+time-to-accuracy counts, and `input_wait_s` the part of it the loop spent waiting for the input
+pipeline's next batch (a data-bound run's lost time; steps are dispatched asynchronously, so a loop
+fed faster than the accelerator steps waits elsewhere).
 """
 from __future__ import annotations
 
@@ -18,27 +20,34 @@ class Chronometer:
     saved = saved or {}
     self.wall_before = float(saved.get("wall_s", 0.0))      # earlier invocations, evals included
     self.eval_before = float(saved.get("eval_wall_s", 0.0))
+    self.input_before = float(saved.get("input_wait_s", 0.0))
     self.train_s = 0.0   # this invocation: seconds of logged step intervals
     self.eval_s = 0.0    # this invocation: seconds inside evaluations
+    self.input_s = 0.0   # this invocation: seconds waiting for the next batch
     self.start()
 
   def start(self) -> None:
     """Starts (or restarts) this invocation's clock and the first lap."""
     self._t0 = self._lap_t0 = time.time()
     self._lap_steps = 0
+    self._lap_input_s = 0.0
 
   def wall(self) -> float:
     """Wall-clock seconds of the run's loop (training + evaluations) over all its invocations."""
     return self.wall_before + time.time() - self._t0
 
   def fields(self) -> dict:
-    """wall_s, and train_wall_s = wall_s without evaluations (what time-to-accuracy counts)."""
+    """wall_s, train_wall_s = wall_s without evaluations (what time-to-accuracy counts), and
+    input_wait_s = the part of train_wall_s spent waiting for input batches (seconds, all
+    invocations)."""
     wall = self.wall()
-    return {"wall_s": wall, "train_wall_s": wall - self.eval_before - self.eval_s}
+    return {"wall_s": wall, "train_wall_s": wall - self.eval_before - self.eval_s,
+            "input_wait_s": self.input_before + self.input_s}
 
   def meta(self) -> dict:
     """The totals a checkpoint saves (and Chronometer(saved) reads back)."""
-    return {"wall_s": self.wall(), "eval_wall_s": self.eval_before + self.eval_s}
+    return {"wall_s": self.wall(), "eval_wall_s": self.eval_before + self.eval_s,
+            "input_wait_s": self.input_before + self.input_s}
 
   def step_done(self) -> None:
     self._lap_steps += 1
@@ -50,8 +59,23 @@ class Chronometer:
     self.train_s += seconds
     return seconds, self._lap_steps
 
+  def lap_input_wait(self) -> float:
+    """Seconds of the current lap spent waiting for input batches (part of lap()'s seconds)."""
+    return self._lap_input_s
+
   def restart_lap(self) -> None:
-    self._lap_t0, self._lap_steps = time.time(), 0
+    self._lap_t0, self._lap_steps, self._lap_input_s = time.time(), 0, 0.0
+
+  @contextlib.contextmanager
+  def waiting_for_input(self):
+    """Times the wait for the next input batch: step time, also counted as input wait."""
+    t0 = time.time()
+    try:
+      yield
+    finally:
+      waited = time.time() - t0
+      self.input_s += waited
+      self._lap_input_s += waited
 
   @contextlib.contextmanager
   def evaluating(self):

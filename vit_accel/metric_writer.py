@@ -14,7 +14,7 @@ from vit_accel import io
 # kind -> what its lines carry.
 KINDS = {
     "train": "the step's scalars (loss, lr, momentum, grad_norm, the objective's own), stage, "
-             "sequence lengths, budget progress, wall-clock, images/s",
+             "sequence lengths, budget progress, wall-clock, images/s, input wait",
     "eval": "kNN top-1 and linear probe of the evaluated weights (training's own evaluations, and "
             "--mode=eval's with evaluated_by='mode=eval')",
     "online": "an online schedule's decision: the chosen strategy and the measured CA-MSE",

@@ -118,8 +118,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Step.
       stage = plan.stage_at(step)
       progress = jax.device_put(np.float32(plan.progress_at(step)), replicated)
+      with clock.waiting_for_input():   # a data-bound loop waits here
+        batch = next(batches)
       train_state, metrics = compiled_steps[stage.strategies](
-          train_state, sharding_lib.host_to_global(next(batches), run.mesh), progress)
+          train_state, sharding_lib.host_to_global(batch, run.mesh), progress)
       step += 1
       clock.step_done()
       # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
@@ -211,11 +213,14 @@ def _log_step(writer, eta, clock, config, plan, marks, stage, step: int, metrics
   line = {**{name: float(value) for name, value in metrics.items()},
           "stage": stage.index, "seq_len": stage.seq_len, "key_seq_len": stage.key_seq_len,
           "budget_units": plan.units_at(step), "budget_progress": plan.progress_at(step),
-          **clock.fields(), "images_per_s": config.batch_size * steps / seconds}
+          **clock.fields(), "images_per_s": config.batch_size * steps / seconds,
+          "input_wait_fraction": clock.lap_input_wait() / max(seconds, 1e-9)}
   writer.write(step, line, kind="train")
-  logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e %.0f img/s ETA %s",
+  logging.info("step %d/%d budget %.1f%% stage %d (%s, seq %d) loss %.4f lr %.2e %.0f img/s "
+               "(input wait %.0f%%) ETA %s",
                step, marks.total_steps, 100.0 * line["budget_progress"], stage.index, stage.spec,
                stage.seq_len, line["loss"], line["lr"], line["images_per_s"],
+               100.0 * line["input_wait_fraction"],
                format_duration(eta.remaining(step, marks.stop_at)))
   clock.restart_lap()
 
@@ -239,7 +244,8 @@ def _evaluate(evaluator, writer, clock, config, params, plan, step: int, final: 
 
 def _print_summary(workdir: str, clock: Chronometer, result: dict) -> None:
   """The final line: kNN and linear probe, beside the initial network's when it was evaluated."""
-  logging.info("train %s, eval %s (%.1f%% of the run)", format_duration(clock.train_s),
+  logging.info("train %s (%.1f%% of it waiting for input), eval %s (%.1f%% of the run)",
+               format_duration(clock.train_s), 100 * clock.input_s / max(clock.train_s, 1e-9),
                format_duration(clock.eval_s),
                100 * clock.eval_s / max(clock.train_s + clock.eval_s, 1e-9))
   init = [m for m in read_metrics(workdir, kind="eval") if m["step"] == 0]
