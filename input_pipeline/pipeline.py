@@ -288,14 +288,13 @@ def _indexed_images(source, start: int, end: int):
   return lambda index: tf.cast(tf.gather(table, index), tf.float32) / 255.0
 
 
-def _indexed_views(source, start: int, end: int, config, host: int):
+def _indexed_views(source, start: int, end: int, config, host: int, crops_used=None):
   """(global position, index into this host's rows) -> make_views of that image: JPEGs marked in
   ImageFiles.jpeg / jpeg_routes as their bytes (the views decode their window), everything else
   decoded whole, as uint8."""
-  size, aug = int(config.model.image_size), config.aug
 
   def views_of(image, position):
-    return views_lib.make_views(image, _view_seed(config, position, host), size, aug)
+    return _example_views(image, position, config, host, crops_used)
 
   if isinstance(source, sources.InMemory):
     table = tf.constant(source.images[start:end])
@@ -322,7 +321,7 @@ def _indexed_views(source, start: int, end: int, config, host: int):
 
 
 def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
-                  decode_crops: bool = True):
+                  decode_crops: bool = True, local_crops_by_step=None):
   """The training stream of one host from `start_step`, batched and prefetched.
 
   Args:
@@ -338,6 +337,10 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
       False: the previous path, every image decoded whole (image folders: by Pillow) and turned
       into float before cropping; the same boxes, nearly the same views (bench/pipeline.py
       compares the two).
+    local_crops_by_step: None (every example gets all aug.local_crops local crops), or
+      ((end_step, n), ...) in step order: examples of steps before end_step get only their first
+      n local crops made, the rest zeros (step_plan.local_crops_by_step: the stages that train on
+      'crops<N>'); steps past the last end_step get the last n. The made crops are unchanged.
   Returns:
     tf.data.Dataset of {"views": (view0, view1)} uint8 [b, S, S, 3], plus "local_views" (uint8
     [b, L, L, 3] each) for multi-crop recipes; b = shard.local_batch, S = model.image_size.
@@ -345,6 +348,7 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
     UserError: the batch does not split over the processes, or exceeds the training set.
   """
   source = sources.as_source(source)
+  crops_used = _crops_used(local_crops_by_step, shard.local_batch)
   if shard.global_batch % shard.process_count:
     raise UserError(f"batch_size={shard.global_batch} is not divisible by the "
                     f"{shard.process_count} processes; pick a multiple of {shard.process_count}")
@@ -354,7 +358,7 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
     raise UserError(f"batch_size={shard.global_batch} is larger than the {num_examples} "
                     f"training images; lower batch_size")
   if isinstance(source, sources.TfdsSplit):
-    return _tfds_train_dataset(source, config, shard, start_step, decode_crops)
+    return _tfds_train_dataset(source, config, shard, start_step, decode_crops, crops_used)
   start, end = shard.shard_bounds(num_examples)
   shard_size = end - start
   first = start_step * shard.local_batch
@@ -370,13 +374,13 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
 
   ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch_examples).skip(offset)
   if decode_crops:   # read, decode and augment in one step: bytes (or uint8) reach the views
-    ds = ds.map(_indexed_views(source, start, end, config, host),
+    ds = ds.map(_indexed_views(source, start, end, config, host, crops_used),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _batched(ds, config, shard)
   load_image = _indexed_images(source, start, end)
   ds = ds.map(lambda position, index: (position, load_image(index)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _views_and_batches(ds, config, shard)
+  return _views_and_batches(ds, config, shard, crops_used)
 
 
 def _view_seed(config, position, host: int):
@@ -384,13 +388,30 @@ def _view_seed(config, position, host: int):
       tf.stack([tf.constant(int(config.seed), tf.int64), position]), host)
 
 
-def _views_and_batches(ds, config, shard: HostShard):
+def _crops_used(local_crops_by_step, local_batch: int):
+  """position (int64, this host's stream) -> int32 local crops its step uses; None for all."""
+  if not local_crops_by_step:
+    return None
+  ends = tf.constant([int(end) for end, _ in local_crops_by_step], tf.int64)
+  counts = tf.constant([int(n) for _, n in local_crops_by_step], tf.int32)
+
+  def used(position):
+    stage = tf.searchsorted(ends, tf.reshape(position // local_batch, [1]), side="right")[0]
+    return tf.gather(counts, tf.minimum(stage, len(local_crops_by_step) - 1))
+  return used
+
+
+def _example_views(image, position, config, host: int, crops_used=None):
+  """make_views of one example at its stream position (its seed, and its step's local crops)."""
+  return views_lib.make_views(image, _view_seed(config, position, host),
+                              int(config.model.image_size), config.aug,
+                              None if crops_used is None else crops_used(position))
+
+
+def _views_and_batches(ds, config, shard: HostShard, crops_used=None):
   """(global position, decoded image) elements -> augmented views, batched and prefetched."""
-  size = int(config.model.image_size)
-  aug = config.aug
   host = shard.process_index
-  ds = ds.map(lambda position, image: views_lib.make_views(image, _view_seed(config, position,
-                                                                              host), size, aug),
+  ds = ds.map(lambda position, image: _example_views(image, position, config, host, crops_used),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _batched(ds, config, shard)
 
@@ -415,19 +436,18 @@ def _tfds_builder(source: sources.TfdsSplit):
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _encoded_views(data, channels: int, seed, config):
+def _encoded_views(data, channels: int, position, config, host: int, crops_used=None):
   """make_views of one encoded TFDS image: a JPEG (magic bytes FF D8 FF) decodes its views' crop
   windows, anything else (PNG, ...) is decoded whole by tf.io.decode_image, as TFDS would."""
-  size, aug = int(config.model.image_size), config.aug
   return tf.cond(
       tf.equal(tf.strings.substr(data, 0, 3), JPEG_MAGIC),
-      lambda: views_lib.make_views(views_lib.jpeg(data, channels), seed, size, aug),
-      lambda: views_lib.make_views(
-          tf.io.decode_image(data, channels=channels, expand_animations=False), seed, size, aug))
+      lambda: _example_views(views_lib.jpeg(data, channels), position, config, host, crops_used),
+      lambda: _example_views(tf.io.decode_image(data, channels=channels, expand_animations=False),
+                             position, config, host, crops_used))
 
 
 def _tfds_train_dataset(source: sources.TfdsSplit, config, shard: HostShard, start_step: int,
-                        decode_crops: bool = True):
+                        decode_crops: bool = True, crops_used=None):
   """train_dataset for a TFDS split: this host's even split, files and buffer shuffled by (seed,
   start_step); with decode_crops, the images stay encoded through the shuffle and each example's
   views decode only their crop window (JPEG) or the whole image (anything else)."""
@@ -451,11 +471,11 @@ def _tfds_train_dataset(source: sources.TfdsSplit, config, shard: HostShard, sta
   ds = ds.repeat().shuffle(int(config.data.shuffle_buffer), seed=shuffle_seed)
   ds = ds.enumerate(start=start_step * shard.local_batch)
   if not encoded:
-    return _views_and_batches(ds, config, shard)
+    return _views_and_batches(ds, config, shard, crops_used)
   channels = feature.shape[-1] or 3
   host = shard.process_index
-  ds = ds.map(lambda position, data: _encoded_views(data, channels,
-                                                    _view_seed(config, position, host), config),
+  ds = ds.map(lambda position, data: _encoded_views(data, channels, position, config, host,
+                                                    crops_used),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _batched(ds, config, shard)
 

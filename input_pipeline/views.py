@@ -146,7 +146,7 @@ def local_views(image, seed, aug):
   return _views(image, _local_specs(seed, aug), aug)
 
 
-def make_views(image, seed, size: int, aug) -> dict:
+def make_views(image, seed, size: int, aug, local_used=None) -> dict:
   """All the views of one image for the recipe `aug` (SimCLR, BYOL / MoCo-v3, DINO multi-crop).
 
   Args:
@@ -155,12 +155,24 @@ def make_views(image, seed, size: int, aug) -> dict:
     seed: int [2], the example's view seed (the same seed always gives the same views).
     size: global view side, px.
     aug: the recipe (config.aug).
+    local_used: None (every local crop is made), or an int32 scalar tensor: only the first
+      `local_used` local crops are made, the others are zeros of the same shape (a stage that
+      trains on fewer crops, 'crops<N>', does not pay for the rest). The made crops are the same
+      as with None: every crop's box is still drawn (and a JPEG still decodes the window of all).
   Returns:
     {'views': two uint8 [size, size, 3]} plus {'local_views': aug.local_crops uint8
     [aug.local_size, aug.local_size, 3]} when the recipe has local crops.
   """
-  views = _views(image, _global_specs(seed, size, aug) + _local_specs(seed, aug), aug)
-  out = {"views": views[:2]}
+  specs = _global_specs(seed, size, aug) + _local_specs(seed, aug)
+  crops = _crops(image, specs, aug)
+  views = [_finish_view(crop, spec, aug) for crop, spec in zip(crops[:2], specs[:2])]
+  for j, (crop, spec) in enumerate(zip(crops[2:], specs[2:])):
+    if local_used is None:
+      views.append(_finish_view(crop, spec, aug))
+    else:
+      views.append(tf.cond(j < local_used, lambda c=crop, sp=spec: _finish_view(c, sp, aug),
+                           lambda sp=spec: tf.zeros([sp.size, sp.size, 3], tf.uint8)))
+  out = {"views": tuple(views[:2])}
   if aug.local_crops:
     out["local_views"] = tuple(views[2:])
   return out

@@ -118,3 +118,22 @@ def test_momentum_on_budget_progress():
   assert float(mocov3.momentum_at(0.0, 0.99)) == pytest.approx(0.99)
   assert float(mocov3.momentum_at(0.5, 0.99)) == pytest.approx(0.995)
   assert float(mocov3.momentum_at(1.0, 0.99)) == pytest.approx(1.0)
+
+
+def test_local_crops_by_step_follows_the_stages_crop_counts():
+  from conftest import tiny_config
+  cfg = tiny_config(recipe="dino", steps=10)
+  cfg.aug.local_crops = 4
+  cfg.schedule = "0.5:patch8|patch8|full,crops2; 0.8:full|full|full,crops0; 1:full"
+  plan = step_plan.make_step_plan(cfg, 1000)
+  table = step_plan.local_crops_by_step(cfg, plan)
+  assert [n for _, n in table] == [2, 0, 4]
+  assert [end for end, _ in table] == [s.end_step for s in plan.stages]
+  assert table[-1][0] == plan.total_steps
+  # Nothing to skip: every stage on all crops, a recipe without local crops, an online schedule.
+  cfg.schedule = "0.5:patch8|patch8|full; 1:full"
+  assert step_plan.local_crops_by_step(cfg, step_plan.make_step_plan(cfg, 1000)) is None
+  moco = tiny_config(steps=10, schedule="0.5:keep0.25; 1:full")
+  assert step_plan.local_crops_by_step(moco, step_plan.make_step_plan(moco, 1000)) is None
+  cfg.schedule = "online"   # even with a plan that has crops2 stages: later decisions may not
+  assert step_plan.local_crops_by_step(cfg, plan) is None

@@ -81,3 +81,31 @@ def test_multicrop_batches_have_local_views_of_their_own_size():
   # Resumable like the two-view stream: the same position gives the same local crops.
   again = next(pipeline.train_dataset(images, cfg, pipeline.HostShard(0, 1, 16)).as_numpy_iterator())
   np.testing.assert_array_equal(batch["local_views"][2], again["local_views"][2])
+
+
+def test_a_stage_on_fewer_local_crops_makes_only_those_and_the_same_ones():
+  cfg = tiny_config(recipe="dino")
+  cfg.aug.local_crops = 3
+  cfg.aug.local_size = 12
+  images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)
+  shard = pipeline.HostShard(0, 1, 16)
+  steps = 4   # 64 examples / 16: one epoch, so no reshuffle between the two streams' steps
+  full = list(pipeline.train_dataset(images, cfg, shard).take(steps).as_numpy_iterator())
+  # Steps 0-1 train on 1 local crop, step 2 on none, step 3 (past the table) on the last count, 2.
+  table = ((2, 1), (3, 0), (4, 2))
+  fewer = list(pipeline.train_dataset(images, cfg, shard, local_crops_by_step=table)
+               .take(steps).as_numpy_iterator())
+  used = [1, 1, 0, 2]
+  for step, (a, b) in enumerate(zip(full, fewer)):
+    for x, y in zip(a["views"], b["views"]):
+      np.testing.assert_array_equal(x, y)
+    for j, (x, y) in enumerate(zip(a["local_views"], b["local_views"])):
+      if j < used[step]:
+        np.testing.assert_array_equal(x, y)   # made: exactly the crops of the full stream
+        assert x.any()
+      else:
+        assert y.shape == x.shape and not y.any(), (step, j)   # skipped: zeros
+  # Resuming inside the table reads the right stage for each step.
+  resumed = next(pipeline.train_dataset(images, cfg, shard, start_step=2,
+                                        local_crops_by_step=table).as_numpy_iterator())
+  assert not any(v.any() for v in resumed["local_views"])

@@ -299,6 +299,19 @@ def make_step_plan(config, num_train_examples: int, decisions=()) -> StepPlan:
   return make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
 
 
+def local_crops_by_step(config, plan: StepPlan) -> tuple[tuple[int, int], ...] | None:
+  """((end_step, local crops the stage uses), ...) per stage, for the input pipeline to skip the
+  local crops a stage does not train on ('crops<N>'); None when every stage uses all of them, the
+  recipe has none, or the schedule is online (a later decision may want crops the stream would
+  not have made). Source of the counts: BranchStrategies.local_crops (None = all)."""
+  total = int(config.aug.local_crops)
+  if not total or is_online(config):
+    return None
+  table = tuple((stage.end_step, total if stage.strategies.local_crops is None
+                 else min(stage.strategies.local_crops, total)) for stage in plan.stages)
+  return table if any(n < total for _, n in table) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanMarks:
   """The steps a plan fixes for the loop: its end, where this invocation stops (stop_at_step), and

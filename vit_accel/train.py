@@ -98,8 +98,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   saved_meta = lambda: {**meta, **clock.meta(), "online_decisions": decisions}  # noqa: E731
   if start_step == 0 and config.eval.at_start:
     evaluate(0, final=True)
-  batches = pipeline.train_dataset(run.train_source, config, run.host_shard,
-                                   start_step).as_numpy_iterator()
+  batches = pipeline.train_dataset(
+      run.train_source, config, run.host_shard, start_step,
+      local_crops_by_step=step_plan.local_crops_by_step(config, plan)).as_numpy_iterator()
   clock.restart_lap()
   result, step = {}, start_step
   # SIGTERM / SIGINT: finish the step, checkpoint, raise Preempted (see preemption.py).
