@@ -26,11 +26,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import child  # noqa: E402  (bench/child.py)
 
 STRATEGIES = {"full": 1.0, "keep0.25|keep0.25": 0.25}
 
@@ -74,11 +76,7 @@ def run_role(python: str, role: str, args) -> dict | str:
   cmd = [python, os.path.abspath(__file__), f"--role={role}", f"--batch={args.batch}",
          f"--repeats={args.repeats}"] + (["--tiny"] if args.tiny else [])
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-  for line in reversed(done.stdout.splitlines()):
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  return (done.stderr.strip().splitlines() or ["no output"])[-1]
+  return child.run(cmd, env=env, cwd=ROOT)
 
 
 def markdown(res: dict) -> str:
@@ -114,7 +112,7 @@ def main():
   spec = model_spec(args.tiny)
   if args.role:
     fn = measure_ours if args.role == "ours" else measure_peer
-    print("RESULT " + json.dumps(fn(spec, args.batch, args.repeats)), flush=True)
+    child.emit(fn(spec, args.batch, args.repeats))
     return
 
   ours_rounds, peer_rounds, peer_error, versions = [], [], None, None

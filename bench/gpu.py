@@ -2,6 +2,7 @@
 
   python bench/gpu.py --out_dir=bench/results            # on a CUDA machine, < 10 minutes
   python bench/gpu.py --tiny --out_dir=/tmp/gpu_bench    # the same code path on a CPU, in ~1 minute
+  python bench/gpu.py --xla_ab --out_dir=bench/results   # XLA GPU flag sets on the ViT-B/16 step
 
 Side by side in the same run (first, each in its own process, before JAX holds the accelerator):
 the same MoCo-v3 step in PyTorch + timm (bench/timm_peer.py: bf16 autocast, torch.compile,
@@ -35,6 +36,9 @@ from absl import app, flags  # noqa: E402
 from configs import fmnist_mocov3, imagenet_mocov3_vit_b16  # noqa: E402
 from vit_accel import cost_table, io  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import child  # noqa: E402  (bench/child.py)
+
 flags.DEFINE_string("out_dir", "bench/results", "Where gpu_<device>.json / .md go.")
 flags.DEFINE_bool("tiny", False, "Tiny models and batches: checks the code path on a CPU.")
 flags.DEFINE_integer("vit_b_batch", 256, "Global batch of the ViT-B/16 steps.")
@@ -47,7 +51,24 @@ flags.DEFINE_bool("peer", True, "Also time the same step in PyTorch + timm (benc
 flags.DEFINE_integer("vit_s_batch", 256, "Global batch of the ViT-S/16 steps.")
 flags.DEFINE_string("peer_python", sys.executable, "The Python that runs the peer (needs torch, "
                     "timm).")
+flags.DEFINE_bool("xla_ab", False, "Instead: the ViT-B/16 full-length step under each of "
+                  "XLA_FLAG_SETS, each in its own process (XLA reads XLA_FLAGS once), written to "
+                  "gpu_xla_flags_<device>.{json,md}.")
+flags.DEFINE_list("xla_sets", [], "With --xla_ab: only these XLA_FLAG_SETS entries ('default' "
+                  "always runs).")
+flags.DEFINE_string("xla_child", "", "Internal: time one XLA_FLAG_SETS entry and print RESULT.")
 FLAGS = flags.FLAGS
+
+# XLA GPU flags that matter for transformer training (XLA's GPU flag guide, MaxText's launchers);
+# each set is timed against the default in one --xla_ab run and kept only where it measures faster.
+XLA_FLAG_SETS = {
+    "default": "",
+    "latency_hiding_scheduler": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "no_command_buffers": "--xla_gpu_enable_command_buffer=",
+    "lhs+no_triton_gemm": ("--xla_gpu_enable_latency_hiding_scheduler=true "
+                           "--xla_gpu_enable_triton_gemm=false"),
+}
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 DENSE_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}
@@ -102,17 +123,12 @@ PEER_STRATEGIES = {"full": 1.0, "keep0.5|keep0.5": 0.5, "keep0.25|keep0.25": 0.2
 def run_peer(config, device: str) -> dict | str:
   """PyTorch + timm's step for `config` in a child process (the GPU is not yet JAX's); its
   {strategy: ms} or the reason it did not run."""
-  import subprocess
   args = {"spec": peer_spec(config), "batch": config.batch_size, "repeats": FLAGS.repeats,
           "strategies": PEER_STRATEGIES, "device": device,
           "dtype": "bfloat16" if device != "cpu" else "float32",
           "compile_model": device != "cpu"}
-  done = subprocess.run([FLAGS.peer_python, os.path.join(os.path.dirname(__file__), "timm_peer.py"),
-                         json.dumps(args)], capture_output=True, text=True)
-  for line in reversed(done.stdout.splitlines()):
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  return (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+  return child.run([FLAGS.peer_python, os.path.join(os.path.dirname(__file__), "timm_peer.py"),
+                    json.dumps(args)])
 
 
 def matmul_tflops(dtype="bfloat16", n: int = 8192, repeats: int = 10) -> float:
@@ -187,8 +203,63 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def xla_child(name: str) -> None:
+  """In a process started with XLA_FLAGS = XLA_FLAG_SETS[name]: the ViT-B/16 full-length step."""
+  config = vit_b16_config(32 if FLAGS.tiny else FLAGS.vit_b_batch, FLAGS.tiny)
+  config.compression.cost_candidates = ()
+  config.compression.cost_repeats = FLAGS.repeats
+  row = cost_table.measure(config)[0]
+  child.emit({"ms_per_step": row["ms_per_step"], "compile_s": row["compile_s"],
+              "device": jax.devices()[0].device_kind})
+
+
+def xla_ab() -> None:
+  """Every XLA_FLAG_SETS entry (or --xla_sets) in its own process, alternating twice (drift hits
+  all); the lower of each entry's two medians, and its speed relative to the default's. This process never starts
+  JAX: the children need the accelerator's memory."""
+  unknown = set(FLAGS.xla_sets) - set(XLA_FLAG_SETS)
+  if unknown:
+    raise app.UsageError(f"--xla_sets: unknown {sorted(unknown)}; known {list(XLA_FLAG_SETS)}")
+  rows = {k: [] for k in XLA_FLAG_SETS
+          if k == "default" or not FLAGS.xla_sets or k in FLAGS.xla_sets}
+  for _ in range(2):
+    for key in rows:
+      xla_flags = XLA_FLAG_SETS[key]
+      cmd = [sys.executable, os.path.abspath(__file__), f"--xla_child={key}",
+             f"--vit_b_batch={FLAGS.vit_b_batch}", f"--repeats={FLAGS.repeats}"]
+      got = child.run(cmd + (["--tiny"] if FLAGS.tiny else []),
+                      env=dict(os.environ, XLA_FLAGS=xla_flags))
+      rows[key].append(got)
+      print(f"== {key}: {got}", flush=True)
+  base = [r["ms_per_step"] for r in rows["default"] if isinstance(r, dict)]
+  kinds = [r["device"] for got in rows.values() for r in got if isinstance(r, dict)]
+  name = "cpu_tiny" if FLAGS.tiny else (kinds[0] if kinds else "unknown").replace(" ", "_").lower()
+  lines = ["# XLA flags: the ViT-B/16 full-length MoCo-v3 step", "",
+           f"Device: {kinds[0] if kinds else 'unknown'}. Date: {time.strftime('%Y-%m-%d')}. "
+           f"Batch {32 if FLAGS.tiny else FLAGS.vit_b_batch}; each set in its own process, "
+           "twice, alternating; ms = the lower of the two processes' medians.", "",
+           "| set | XLA_FLAGS | ms/step | vs default |", "|---|---|---:|---:|"]
+  out = []
+  for key, got in rows.items():
+    ok = [r["ms_per_step"] for r in got if isinstance(r, dict)]
+    ms = min(ok) if ok else None
+    rel = f"{min(base) / ms:.3f}x" if ms and base else "n/a"
+    lines.append(f"| {key} | `{XLA_FLAG_SETS[key] or '(none)'}` | "
+                 f"{f'{ms:.1f}' if ms else 'failed: ' + str(got[-1])[:80]} | {rel} |")
+    out.append({"set": key, "xla_flags": XLA_FLAG_SETS[key], "ms_per_step": ms, "runs": got})
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  path = os.path.join(FLAGS.out_dir, f"gpu_xla_flags_{name}")
+  io.atomic_write_json(path + ".json", out)
+  io.atomic_write_text(path + ".md", "\n".join(lines) + "\n")
+  print("\n".join(lines), flush=True)
+
+
 def main(argv):
   del argv
+  if FLAGS.xla_child:
+    return xla_child(FLAGS.xla_child)
+  if FLAGS.xla_ab:
+    return xla_ab()
   if FLAGS.rerender:
     with open(FLAGS.rerender) as f:
       text = markdown(json.load(f))

@@ -1,0 +1,46 @@
+"""The benchmarks' shared pieces and their CPU code paths (bench/child.py, bench/gpu.py --tiny)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import child  # noqa: E402  (bench/child.py)
+
+
+def test_child_returns_the_last_result_line_or_the_error_line():
+  script = "import child; print('RESULT {\"x\": 0}'); child.emit({'x': 1, 'ok': True}); print('bye')"
+  got = child.run([sys.executable, "-c", script], cwd=os.path.join(ROOT, "bench"))
+  assert got == {"x": 1, "ok": True}
+  failed = child.run([sys.executable, "-c", "import sys; print('hello'); sys.exit('boom: no GPU')"])
+  assert failed == "boom: no GPU"
+  assert child.run([sys.executable, "-c", "pass"]) == "no output"
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_code_paths_run_on_cpu(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = str(tmp_path / "gpu")
+  subprocess.run([sys.executable, "bench/gpu.py", "--tiny", "--nopeer", "--repeats=5",
+                  f"--out_dir={out}"], cwd=ROOT, env=env, check=True, capture_output=True)
+  with open(os.path.join(out, "gpu_cpu_tiny.json")) as f:
+    results = json.load(f)
+  for block in results["models"]:
+    assert not block.get("error"), block["error"]
+    assert block["rows"][0]["strategy"] == "full" and len(block["rows"]) >= 3
+    assert all(r["ms_per_step"] > 0 for r in block["rows"])
+  # The XLA-flag A/B: each set in its own process, the default always, a table of both.
+  subprocess.run([sys.executable, "bench/gpu.py", "--xla_ab", "--tiny", "--repeats=5",
+                  "--xla_sets=no_triton_gemm", f"--out_dir={out}"], cwd=ROOT, env=env,
+                 check=True, capture_output=True)
+  with open(os.path.join(out, "gpu_xla_flags_cpu_tiny.json")) as f:
+    sets = json.load(f)
+  assert [s["set"] for s in sets] == ["default", "no_triton_gemm"]
+  assert all(s["ms_per_step"] > 0 and len(s["runs"]) == 2 for s in sets)
+  bad = subprocess.run([sys.executable, "bench/gpu.py", "--xla_ab", "--tiny", "--xla_sets=fast",
+                        f"--out_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert bad.returncode != 0 and "unknown ['fast']" in bad.stderr
