@@ -3,6 +3,7 @@ nothing moved; a failed write names the cause and the last complete checkpoint a
 partial; a --workdir that cannot be written is refused before anything starts."""
 import errno
 import os
+import re
 import subprocess
 import sys
 
@@ -396,3 +397,22 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     io.atomic_write_text(path, "new")
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["plan.json"]
   assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
+  config = tiny_config(steps=100, schedule="online")
+  plan = step_plan.make_step_plan(config, 1000)
+  saved = run_identity.run_metadata(config, plan, {}, online=True)
+  run_identity.check_resumable(saved, saved, "/run/checkpoints", False)
+  for key, value in (("search.monotone", True), ("search.final_full", False),
+                     ("search.tie_tolerance", 0.2), ("grad_error.ci_level", 0.5),
+                     ("online.ties", "interval")):
+    changed = tiny_config(steps=100, schedule="online", **{key: value})
+    current = run_identity.run_metadata(changed, step_plan.make_step_plan(changed, 1000), {},
+                                        online=True)
+    with pytest.raises(UserError, match=re.escape(key) + r": .* there, .* now"):
+      run_identity.check_resumable(saved, current, "/run/checkpoints", False)
+    run_identity.check_resumable(saved, current, "/run/checkpoints", True)
+  # A checkpoint from before the rules were recorded still resumes.
+  older = dict(saved, plan={k: v for k, v in saved["plan"].items() if k != "rules"})
+  run_identity.check_resumable(older, saved, "/run/checkpoints", False)

@@ -57,11 +57,19 @@ def identity(config, data_fingerprint: dict) -> dict:
   return json.loads(json.dumps(flat))
 
 
+# The keys outside `online.` by which an online schedule decides (vit_accel/online.py): a resumed
+# online run takes its remaining decisions by the rules it started with.
+ONLINE_RULES = ("search.final_full", "search.monotone", "search.tie_tolerance",
+                "grad_error.bootstrap", "grad_error.ci_level")
+
+
 def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:
   """The metadata saved with every checkpoint: format, identity, and the step plan (for an online
-  schedule, how it decides: its plan grows with its decisions, which are saved beside it)."""
-  plan_key = ({"online": config.online.to_dict(), "budget": plan.budget} if online
-              else plan.to_dict())
+  schedule, how it decides - `online.*` and ONLINE_RULES: its plan grows with its decisions, which
+  are saved beside it)."""
+  flat = flatten(config.to_dict())
+  plan_key = ({"online": config.online.to_dict(), "rules": {k: flat[k] for k in ONLINE_RULES},
+               "budget": plan.budget} if online else plan.to_dict())
   meta = {"state_format": STATE_FORMAT, "run": identity(config, data_fingerprint),
           "plan": plan_key}
   return json.loads(json.dumps(meta))
@@ -119,9 +127,12 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
     logging.warning("%s: checkpoint from an older vit-accel, which recorded only the objective, "
                     "model, batch size and seed; the rest of the config and the data are not "
                     "checked (array shapes still are)", directory)
-  if "plan" in saved and saved["plan"] != current["plan"] and not allow_schedule_change:
-    key, was, now = first_difference(flatten(saved["plan"]), flatten(current["plan"])) or (
-        "stages", len(saved["plan"].get("stages", [])), len(current["plan"].get("stages", [])))
+  plan = current["plan"]
+  if "online" in saved.get("plan", {}) and "rules" not in saved["plan"]:
+    plan = {k: v for k, v in plan.items() if k != "rules"}   # saved before the rules were recorded
+  if "plan" in saved and saved["plan"] != plan and not allow_schedule_change:
+    key, was, now = first_difference(flatten(saved["plan"]), flatten(plan)) or (
+        "stages", len(saved["plan"].get("stages", [])), len(plan.get("stages", [])))
     raise UserError(f"{directory} holds a checkpoint of a run with step plan "
                     f"[{_short_plan(saved['plan'])}], this config plans "
                     f"[{_short_plan(current['plan'])}] (step plan's {key}: {was} there, {now} "
