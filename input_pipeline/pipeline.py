@@ -491,30 +491,44 @@ def eval_view(image, size: int):
   return views_lib.to_rgb_uint8(tf.clip_by_value(image, 0.0, 1.0))
 
 
-def eval_arrays(source, size: int, limit: int, seed: int):
-  """A fixed subset of at most `limit` examples (<= 0: all) as (uint8 [n, size, size, 3], labels).
-  Indexable sources: a seeded random subset; TFDS: the first `limit` in file order."""
+def eval_batches(source, size: int, batch_size: int, limit: int = -1, seed: int = 0):
+  """The evaluation inputs of eval_arrays, `batch_size` examples at a time (the last may be
+  shorter): (uint8 [b, size, size, 3], int labels [b]) in a fixed order, so memory holds one batch
+  however large the split (ImageNet's 50k validation images at 224 px are 7.5 GB as one array).
+  Indexable sources: a seeded random subset of at most `limit` (<= 0: all), in index order; TFDS:
+  the first `limit` in file order."""
   source = sources.as_source(source)
   if isinstance(source, sources.InMemory):
     images, labels = subsample(source.images, source.labels, limit, seed)
-    return eval_images(images, size), labels
+    for start in range(0, images.shape[0], batch_size):
+      yield (eval_images(images[start:start + batch_size], size),
+             labels[start:start + batch_size])
+    return
   if isinstance(source, sources.ImageFiles):
     n = source.num_examples
     idx = (np.arange(n) if limit <= 0 or limit >= n
            else np.sort(np.random.default_rng(seed).permutation(n)[:limit]))
-    ds = tf.data.Dataset.from_tensor_slices(source.paths[idx])
-    ds = ds.map(lambda p: eval_view(tf.cast(decode_image_file(p), tf.float32) / 255.0, size),
+    ds = tf.data.Dataset.from_tensor_slices((source.paths[idx], source.labels[idx]))
+    ds = ds.map(lambda p, label: (eval_view(tf.cast(decode_image_file(p), tf.float32) / 255.0,
+                                            size), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return np.concatenate(list(ds.batch(256).as_numpy_iterator())), source.labels[idx]
-  tfds, builder = _tfds_builder(source)
-  ds = builder.as_dataset(split=source.split, shuffle_files=False, as_supervised=True)
-  if limit > 0:
-    ds = ds.take(limit)
-  ds = ds.map(lambda image, label: (eval_view(tf.cast(image, tf.float32) / 255.0, size), label),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  batches = list(ds.batch(256).as_numpy_iterator())
-  return (np.concatenate([b[0] for b in batches]),
-          np.concatenate([b[1] for b in batches]).astype(np.int32))
+  else:
+    tfds, builder = _tfds_builder(source)
+    ds = builder.as_dataset(split=source.split, shuffle_files=False, as_supervised=True)
+    if limit > 0:
+      ds = ds.take(limit)
+    ds = ds.map(lambda image, label: (eval_view(tf.cast(image, tf.float32) / 255.0, size),
+                                      tf.cast(label, tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  yield from ds.batch(batch_size).prefetch(1).as_numpy_iterator()
+
+
+def eval_arrays(source, size: int, limit: int, seed: int):
+  """A fixed subset of at most `limit` examples (<= 0: all) as (uint8 [n, size, size, 3], labels):
+  eval_batches, concatenated. Indexable sources: a seeded random subset; TFDS: the first `limit`
+  in file order."""
+  batches = list(eval_batches(source, size, 256, limit, seed))
+  return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
 
 
 def eval_images(images: np.ndarray, size: int) -> np.ndarray:

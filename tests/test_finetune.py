@@ -247,3 +247,24 @@ def test_the_mode_is_registered_with_its_config_record():
   mode = modes.MODES["finetune"]
   assert (mode.module, mode.reads_data, mode.config_record) == (
       "vit_accel.modes.finetune", True, "config.finetune.json")
+
+
+def test_top1_streams_the_test_batches_and_ignores_the_padding():
+  mesh = sharding.make_mesh(tiny_config())
+  batch_sharding = sharding.batch_sharding(mesh)
+  # A "classifier" that predicts the image's first pixel: the labels say which are right.
+  predict = jax.jit(lambda params, images: images[:, 0, 0, 0].astype(jnp.int32),
+                    in_shardings=(None, batch_sharding), out_shardings=batch_sharding)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 10, (23, 4, 4, 3)).astype(np.uint8)
+  labels = images[:, 0, 0, 0].astype(np.int32)
+  labels[:5] = (labels[:5] + 1) % 10                  # 5 of 23 wrong
+  seen = []
+
+  def batches():   # 8, 8, 7: the last one is padded to the compiled batch
+    for start in range(0, 23, 8):
+      seen.append(start)
+      yield images[start:start + 8], labels[start:start + 8]
+  accuracy, examples = finetune.top1(predict, {}, batches(), 8, mesh)
+  assert examples == 23 and accuracy == pytest.approx(18 / 23)
+  assert seen == [0, 8, 16]

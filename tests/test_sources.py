@@ -104,6 +104,15 @@ def test_image_folder_streams_views_and_eval_arrays_of_any_format(tmp_path):
   # The same subset again (the evaluator's fixed bank).
   again, _ = pipeline.eval_arrays(source, 32, 20, seed=1)
   np.testing.assert_array_equal(images, again)
+  # Streamed in batches (fine-tuning's whole test split): the same examples, in the same order,
+  # never more than a batch at once.
+  for src in (source, sources.InMemory(images, labels)):
+    whole_x, whole_y = pipeline.eval_arrays(src, 32, -1, seed=0)
+    chunks = list(pipeline.eval_batches(src, 32, 7))
+    assert [len(y) for _, y in chunks] == [7] * (len(whole_y) // 7) + (
+        [len(whole_y) % 7] if len(whole_y) % 7 else [])
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in chunks]), whole_x)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in chunks]), whole_y)
 
 
 @pytest.mark.parametrize("layout, message", [

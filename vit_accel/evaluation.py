@@ -18,18 +18,23 @@ def batched_apply(fn, params, images: np.ndarray, batch_size: int, mesh) -> np.n
 
   `fn` must be jitted; the last batch is zero-padded so every batch has the same (compiled) shape and
   the padding's outputs are dropped. Every process feeds its slice of each global batch."""
-  n = images.shape[0]
+  chunks = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
+  return np.concatenate(list(apply_to_chunks(fn, params, chunks, batch_size, mesh)))
+
+
+def apply_to_chunks(fn, params, chunks, batch_size: int, mesh):
+  """batched_apply over an iterable of uint8 chunks [b <= batch_size, S, S, 3] (e.g.
+  pipeline.eval_batches' images): yields fn's host output [b, ...] for each, so the inputs need
+  never be in memory at once. Every process must pass the same chunks; each feeds its slice."""
   pc, pi = jax.process_count(), jax.process_index()
   local = batch_size // pc
-  out = []
-  for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
-    if chunk.shape[0] < batch_size:
-      pad = np.zeros((batch_size - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
+  for chunk in chunks:
+    n = chunk.shape[0]
+    if n < batch_size:
+      pad = np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)
       chunk = np.concatenate([chunk, pad])
     x = sharding_lib.host_to_global(chunk[pi * local:(pi + 1) * local], mesh)
-    out.append(sharding_lib.to_host(fn(params, x)))
-  return np.concatenate(out)[:n]
+    yield sharding_lib.to_host(fn(params, x))[:n]
 
 
 def extract_features(feature_fn, params, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:

@@ -269,13 +269,21 @@ def make_plan(config, train_source, mesh) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------ loop
-def top1(predict_fn, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
-         mesh) -> float:
-  """Share of `images` (uint8 [N, S, S, 3]) whose predicted class equals `labels` (int [N]), in
-  sharded batches of `batch_size` (the last zero-padded and the padding ignored). `predict_fn`
-  (jitted): (params, uint8 batch) -> int32 [batch]."""
-  predictions = evaluation.batched_apply(predict_fn, params, images, batch_size, mesh)
-  return float(np.mean(predictions == labels))
+def top1(predict_fn, params, batches, batch_size: int, mesh) -> tuple[float, int]:
+  """(share of examples whose predicted class equals its label, examples seen) over `batches`, an
+  iterable of (uint8 images [b <= batch_size, S, S, 3], int labels [b]) (pipeline.eval_batches),
+  each run as one sharded batch of `batch_size` (zero-padded, the padding ignored): memory holds one
+  batch. `predict_fn` (jitted): (params, uint8 batch) -> int32 [batch]."""
+  labels = []
+
+  def images():
+    for x, y in batches:
+      labels.append(np.asarray(y))
+      yield x
+  predictions = list(evaluation.apply_to_chunks(predict_fn, params, images(), batch_size, mesh))
+  correct = sum(int(np.sum(p == y)) for p, y in zip(predictions, labels))
+  total = sum(len(y) for y in labels)
+  return correct / max(total, 1), total
 
 
 def train_and_evaluate(config, mesh, train_source, test_source, plan: Plan, backbone=None,
@@ -338,9 +346,11 @@ def train_and_evaluate(config, mesh, train_source, test_source, plan: Plan, back
       lambda p, images: jnp.argmax(model.apply({"params": p}, normalize_images(images, config)),
                                    axis=-1).astype(jnp.int32),
       in_shardings=(shardings["params"], batch_sharding), out_shardings=batch_sharding)
-  # The whole test split, deterministic views; any device count (padded like the Evaluator's).
-  test_x, test_y = pipeline.eval_arrays(test_source, size, -1, rng_streams.EVAL_QUERIES)
+  # The whole test split, deterministic views, streamed one batch at a time (an ImageNet-sized
+  # split is never in memory at once); any device count (padded like the Evaluator's).
   eval_batch = -(-config.eval.batch_size // mesh.size) * mesh.size
+  test_batches = lambda: pipeline.eval_batches(  # noqa: E731
+      test_source, size, eval_batch, -1, rng_streams.EVAL_QUERIES)
 
   shard = pipeline.HostShard(jax.process_index(), jax.process_count(), ft.batch_size)
   batches = train_dataset(train_source, config, shard).as_numpy_iterator()
@@ -367,9 +377,10 @@ def train_and_evaluate(config, mesh, train_source, test_source, plan: Plan, back
       log_t, log_step = time.time(), step
     if evaluates:
       e0 = time.time()
-      accuracy = top1(predict_fn, train_state["params"], test_x, test_y, eval_batch, mesh)
+      accuracy, examples = top1(predict_fn, train_state["params"], test_batches(), eval_batch,
+                                mesh)
       eval_s += time.time() - e0
-      line = {"test_top1": accuracy, "test_examples": int(test_x.shape[0]),
+      line = {"test_top1": accuracy, "test_examples": examples,
               "train_loss": float(recent.mean()), "finetune_steps": step,
               "epoch": step / plan.steps_per_epoch, "lr": lr, "final": bool(final),
               "eval_s": eval_s, "finetune_wall_s": time.time() - t0}
