@@ -17,10 +17,15 @@ def emit(result) -> None:
   print(PREFIX + json.dumps(result), flush=True)
 
 
-def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None) -> dict | str:
-  """Runs `cmd` to completion; the object of its last `RESULT` line, else (a str) its stderr's last
-  line, at most 300 characters ('no output' when it printed nothing)."""
-  done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None,
+        timeout: float | None = None) -> dict | str:
+  """Runs `cmd` to completion (killed after `timeout` seconds, if given); the object of its last
+  `RESULT` line, else (a str) its stderr's last line, at most 300 characters ('no output' when it
+  printed nothing; 'timed out after N s')."""
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return f"timed out after {timeout:g} s"
   for line in reversed(done.stdout.splitlines()):
     if line.startswith(PREFIX):
       return json.loads(line[len(PREFIX):])

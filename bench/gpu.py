@@ -56,6 +56,8 @@ flags.DEFINE_bool("xla_ab", False, "Instead: the ViT-B/16 full-length step under
                   "gpu_xla_flags_<device>.{json,md}.")
 flags.DEFINE_list("xla_sets", [], "With --xla_ab: only these XLA_FLAG_SETS entries ('default' "
                   "always runs).")
+flags.DEFINE_integer("xla_timeout_s", 300, "With --xla_ab: a set's process is stopped (and reported "
+                     "as such) after this many seconds.")
 flags.DEFINE_string("xla_child", "", "Internal: time one XLA_FLAG_SETS entry and print RESULT.")
 FLAGS = flags.FLAGS
 
@@ -222,13 +224,14 @@ def xla_ab() -> None:
     raise app.UsageError(f"--xla_sets: unknown {sorted(unknown)}; known {list(XLA_FLAG_SETS)}")
   rows = {k: [] for k in XLA_FLAG_SETS
           if k == "default" or not FLAGS.xla_sets or k in FLAGS.xla_sets}
+  inherited = os.environ.get("XLA_FLAGS", "")   # the user's own flags stay under every set
   for _ in range(2):
     for key in rows:
       xla_flags = XLA_FLAG_SETS[key]
       cmd = [sys.executable, os.path.abspath(__file__), f"--xla_child={key}",
              f"--vit_b_batch={FLAGS.vit_b_batch}", f"--repeats={FLAGS.repeats}"]
-      got = child.run(cmd + (["--tiny"] if FLAGS.tiny else []),
-                      env=dict(os.environ, XLA_FLAGS=xla_flags))
+      got = child.run(cmd + (["--tiny"] if FLAGS.tiny else []), timeout=FLAGS.xla_timeout_s,
+                      env=dict(os.environ, XLA_FLAGS=f"{inherited} {xla_flags}".strip()))
       rows[key].append(got)
       print(f"== {key}: {got}", flush=True)
   base = [r["ms_per_step"] for r in rows["default"] if isinstance(r, dict)]
@@ -237,7 +240,9 @@ def xla_ab() -> None:
   lines = ["# XLA flags: the ViT-B/16 full-length MoCo-v3 step", "",
            f"Device: {kinds[0] if kinds else 'unknown'}. Date: {time.strftime('%Y-%m-%d')}. "
            f"Batch {32 if FLAGS.tiny else FLAGS.vit_b_batch}; each set in its own process, "
-           "twice, alternating; ms = the lower of the two processes' medians.", "",
+           "twice, alternating; ms = the lower of the two processes' medians"
+           + (f"; every set on top of the environment's XLA_FLAGS=`{inherited}`" if inherited
+              else "") + ".", "",
            "| set | XLA_FLAGS | ms/step | vs default |", "|---|---|---:|---:|"]
   out = []
   for key, got in rows.items():

@@ -44,3 +44,8 @@ def test_gpu_benchmark_code_paths_run_on_cpu(tmp_path):
   bad = subprocess.run([sys.executable, "bench/gpu.py", "--xla_ab", "--tiny", "--xla_sets=fast",
                         f"--out_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert bad.returncode != 0 and "unknown ['fast']" in bad.stderr
+
+
+def test_child_that_hangs_is_stopped_and_reported():
+  assert child.run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1) == \
+      "timed out after 1 s"

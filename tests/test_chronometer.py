@@ -24,8 +24,8 @@ def test_clock_continues_from_a_checkpoint_and_excludes_evaluations(monkeypatch)
     with clock.evaluating():
       now[0] += 3.0
     now[0] += 0.5                                # the eval's metrics line: not step time
-  with clock.waiting_for_input():
-    now[0] += 1.5                                # a data-bound wait: step time and input wait
+  now[0] += 1.5
+  clock.add_input_wait(1.5)                      # a data-bound wait: step time and input wait
   now[0] += 0.5
   clock.step_done()
   assert clock.lap() == (12.0, 2)                # the evaluation is not step time

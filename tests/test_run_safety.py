@@ -410,7 +410,8 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
     changed = tiny_config(steps=100, schedule="online", **{key: value})
     current = run_identity.run_metadata(changed, step_plan.make_step_plan(changed, 1000), {},
                                         online=True)
-    with pytest.raises(UserError, match=re.escape(key) + r": .* there, .* now"):
+    fix = f"resume with --config.{key}=" if not key.startswith("online.") else "restore"
+    with pytest.raises(UserError, match=re.escape(key) + r": .* there, .* now.*" + re.escape(fix)):
       run_identity.check_resumable(saved, current, "/run/checkpoints", False)
     run_identity.check_resumable(saved, current, "/run/checkpoints", True)
   # A checkpoint from before the rules were recorded still resumes.

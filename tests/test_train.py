@@ -119,15 +119,15 @@ def test_a_slow_input_pipeline_shows_as_input_wait(tmp_path, monkeypatch, needs_
   real = train.pipeline.train_dataset
 
   class Slow:   # the real batches, each 0.5 s late: far slower than the tiny step
-    def __init__(self, *args):
-      self.dataset = real(*args)
+    def __init__(self, *args, **kwargs):
+      self.dataset = real(*args, **kwargs)
 
     def as_numpy_iterator(self):
       for batch in self.dataset.as_numpy_iterator():
         time.sleep(0.5)
         yield batch
 
-  monkeypatch.setattr(train.pipeline, "train_dataset", lambda *args: Slow(*args))
+  monkeypatch.setattr(train.pipeline, "train_dataset", Slow)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(stop_at_step=4), workdir)
   lines = [l for l in read_lines(workdir) if "loss" in l]

@@ -91,7 +91,7 @@ def test_a_stage_on_fewer_local_crops_makes_only_those_and_the_same_ones():
   shard = pipeline.HostShard(0, 1, 16)
   steps = 4   # 64 examples / 16: one epoch, so no reshuffle between the two streams' steps
   full = list(pipeline.train_dataset(images, cfg, shard).take(steps).as_numpy_iterator())
-  # Steps 0-1 train on 1 local crop, step 2 on none, step 3 (past the table) on the last count, 2.
+  # Steps 0-1 train on 1 local crop, step 2 on none, step 3 on 2.
   table = ((2, 1), (3, 0), (4, 2))
   fewer = list(pipeline.train_dataset(images, cfg, shard, local_crops_by_step=table)
                .take(steps).as_numpy_iterator())

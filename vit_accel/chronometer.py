@@ -3,9 +3,9 @@ step-time laps behind images/s, and the time left.
 
 The totals are saved in every checkpoint's metadata (`wall_s`, `eval_wall_s`, `input_wait_s`), so a
 resumed run continues its clock: `train_wall_s` (wall-clock without evaluations) is what
-time-to-accuracy counts, and `input_wait_s` the part of it the loop spent waiting for the input
-pipeline's next batch (a data-bound run's lost time; steps are dispatched asynchronously, so a loop
-fed faster than the accelerator steps waits elsewhere).
+time-to-accuracy counts, and `input_wait_s` the part of it the accelerator sat idle waiting for the
+input pipeline's next batch (a data-bound run's lost time; steps are dispatched asynchronously, so
+a wait while earlier steps still run is hidden behind them and not counted: see add_input_wait).
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import time
 
 
 class Chronometer:
-  """The run's clock. `saved`: a checkpoint's metadata (its wall_s / eval_wall_s), {} for a new run."""
+  """The run's clock. `saved`: a checkpoint's metadata (its wall_s / eval_wall_s / input_wait_s), {}
+  for a new run."""
 
   def __init__(self, saved: dict | None = None):
     saved = saved or {}
@@ -23,7 +24,7 @@ class Chronometer:
     self.input_before = float(saved.get("input_wait_s", 0.0))
     self.train_s = 0.0   # this invocation: seconds of logged step intervals
     self.eval_s = 0.0    # this invocation: seconds inside evaluations
-    self.input_s = 0.0   # this invocation: seconds waiting for the next batch
+    self.input_s = 0.0   # this invocation: seconds idle waiting for the next batch
     self.start()
 
   def start(self) -> None:
@@ -66,16 +67,11 @@ class Chronometer:
   def restart_lap(self) -> None:
     self._lap_t0, self._lap_steps, self._lap_input_s = time.time(), 0, 0.0
 
-  @contextlib.contextmanager
-  def waiting_for_input(self):
-    """Times the wait for the next input batch: step time, also counted as input wait."""
-    t0 = time.time()
-    try:
-      yield
-    finally:
-      waited = time.time() - t0
-      self.input_s += waited
-      self._lap_input_s += waited
+  def add_input_wait(self, seconds: float) -> None:
+    """Counts `seconds` (>= 0) of waiting for an input batch with nothing left running on the
+    accelerator (the caller decides that): step time that is also input wait."""
+    self.input_s += seconds
+    self._lap_input_s += seconds
 
   @contextlib.contextmanager
   def evaluating(self):

@@ -137,5 +137,7 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     f"[{_short_plan(saved['plan'])}], this config plans "
                     f"[{_short_plan(current['plan'])}] (step plan's {key}: {was} there, {now} "
                     f"now); "
-                    f"restore schedule/budget, use a new --workdir, or set "
-                    f"--config.allow_schedule_change=True to continue with the new plan")
+                    + (f"resume with --config.{key[len('rules.'):]}={_cli(was)}"
+                       if key.startswith("rules.") else "restore schedule/budget")
+                    + ", use a new --workdir, or set "
+                    "--config.allow_schedule_change=True to continue with the new plan")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -102,7 +103,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run.train_source, config, run.host_shard, start_step,
       local_crops_by_step=step_plan.local_crops_by_step(config, plan)).as_numpy_iterator()
   clock.restart_lap()
-  result, step = {}, start_step
+  result, step, running = {}, start_step, None
   # SIGTERM / SIGINT: finish the step, checkpoint, raise Preempted (see preemption.py).
   with preemption.StopRequest(config.preemption_check_every_steps) as stop_request, closer:
     while step < marks.stop_at:
@@ -119,10 +120,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Step.
       stage = plan.stage_at(step)
       progress = jax.device_put(np.float32(plan.progress_at(step)), replicated)
-      with clock.waiting_for_input():   # a data-bound loop waits here
-        batch = next(batches)
+      waiting = time.perf_counter()
+      batch = next(batches)
+      waited = time.perf_counter() - waiting
+      # Lost time only if the accelerator had run out of work meanwhile: with earlier steps still
+      # running (asynchronous dispatch) the wait is hidden behind them.
+      if running is None or all(m.is_ready() for m in jax.tree.leaves(running)):
+        clock.add_input_wait(waited)
       train_state, metrics = compiled_steps[stage.strategies](
           train_state, sharding_lib.host_to_global(batch, run.mesh), progress)
+      running = metrics    # the dispatched step's outputs (still on the device)
       step += 1
       clock.step_done()
       # Log at the cadence, at the end, and at stage ends (so per-stage step times are measured).
