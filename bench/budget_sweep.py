@@ -155,6 +155,7 @@ def run_once(arm: str, schedule: str, budget: float, lr: float, batch: int, seed
           "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
           "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),
           "train_wall_s": final["train_wall_s"], "budget_units": final["budget_units"],
+          "input_wait_s": final.get("input_wait_s"),
           "steps": final["step"], "stages": [f"{s['spec']} x{s['num_steps']}"
                                             for s in plan["stages"]],
           "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
@@ -237,6 +238,17 @@ def planned_runs(records: list[dict], arms: list[tuple[str, str]], grid) -> list
   return [t for t in todo if run_key(t[0], t[2], t[3], t[4], t[5]) not in done]
 
 
+def cpu_shared(record: dict) -> bool:
+  """Whether the run's wall-clock is inflated by other work on the machine: marked so in its record
+  (`cpu_shared`, set by hand where that is known), or a 1-minute load average at its end of 2.5
+  or more (a lone run on 2 cores shows ~2)."""
+  return bool(record.get("cpu_shared")) or record.get("load_avg_1m", 0.0) >= 2.5
+
+
+def wall(record: dict) -> str:
+  return f"{record['train_wall_s']:.0f} s" + ("*" if cpu_shared(record) else "")
+
+
 def tuned_curve(records: list[dict], arm: str, best: dict) -> list[dict]:
   """The arm's seed-0 runs at its tuned setting, by budget ([] until its grid is done)."""
   if not best.get(arm):
@@ -256,7 +268,8 @@ def speedups(records: list[dict], arms, best) -> list[dict]:
     if base["budget_epochs"] not in {float(b) for b in FLAGS.budgets}:
       continue
     row = {"budget_epochs": base["budget_epochs"], "target": base["final_knn"],
-           "baseline_wall_s": base["train_wall_s"], "arms": {}}
+           "baseline_wall_s": base["train_wall_s"], "baseline_cpu_shared": cpu_shared(base),
+           "arms": {}}
     for arm, _ in arms[1:]:
       rows = curve(arm)
       if len(rows) < 2:
@@ -276,7 +289,8 @@ def speedups(records: list[dict], arms, best) -> list[dict]:
         wall = math.exp(math.log(r0["train_wall_s"]) + t * (math.log(r1["train_wall_s"])
                                                              - math.log(r0["train_wall_s"])))
         entry.update(wall_s=wall, speedup_budget=base["budget_epochs"] / got["budget"],
-                     speedup_wall=base["train_wall_s"] / wall)
+                     speedup_wall=base["train_wall_s"] / wall,
+                     cpu_shared=cpu_shared(base) or cpu_shared(r0) or cpu_shared(r1))
       row["arms"][arm] = entry
     out.append(row)
   return out
@@ -360,7 +374,7 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
         continue
       mark = "**" if best[arm] == (lr, bs) else ""
       lines.append(f"| {arm} | {lr:g} | {bs} | {mark}{r['final_knn']:.4f}{mark} | "
-                   f"{fmt(r['final_linear'])} | {r['train_wall_s']:.0f} s |")
+                   f"{fmt(r['final_linear'])} | {wall(r)} |")
   lines += ["", "## Final kNN against budget (seed 0, tuned settings)", "",
             "| arm | budget (epochs) | steps | stages | final kNN | final linear | train wall | "
             "load avg |", "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -369,7 +383,7 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
       stages = "; ".join(r["stages"]).replace("|", "\\|")
       lines.append(f"| {arm} | {r['budget_epochs']:g} | {r['steps']} | {stages} | "
                    f"{r['final_knn']:.4f} | {fmt(r['final_linear'])} | "
-                   f"{r['train_wall_s']:.0f} s | {r['load_avg_1m']:.1f} |")
+                   f"{wall(r)} | {r['load_avg_1m']:.1f} |")
   lines += ["", "## Speed-up: budget to reach the baseline's final kNN", "",
             "| baseline budget | baseline kNN | baseline wall | arm | budget needed | wall needed | "
             "speed-up (budget) | speed-up (wall) |", "|---:|---:|---:|---|---:|---:|---:|---:|"]
@@ -381,10 +395,16 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
         lines.append(f"| {row['budget_epochs']:g} | {row['target']:.4f} | "
                      f"{row['baseline_wall_s']:.0f} s | {arm} | not reached | | | |")
         continue
+      star = "*" if e["cpu_shared"] else ""
       lines.append(f"| {row['budget_epochs']:g} | {row['target']:.4f} | "
                    f"{row['baseline_wall_s']:.0f} s | {arm} | {le}{e['budget_epochs']:.3g}{flag} | "
                    f"{le}{e['wall_s']:.0f} s | {ge}{e['speedup_budget']:.2f}x | "
-                   f"{ge}{e['speedup_wall']:.2f}x |")
+                   f"{ge}{e['speedup_wall']:.2f}x{star} |")
+  if any(cpu_shared(r) for r in records):
+    lines += ["", "\\* wall-clock inflated: the machine was shared with other work during this run "
+              "(or one of the runs the figure is read from): marked in the record, or a 1-minute "
+              "load average of 2.5 or more at its end. Budgets and accuracies do not depend on it "
+              "(a run's numbers are the same alone or shared); the budget speed-up is the exact one."]
   lines += ["", f"## Seed spread at {FLAGS.seed_budget:g} epochs", "",
             "| arm | seeds | final kNN | mean | std | range |", "|---|---|---|---:|---:|---:|"]
   for arm, s in spread.items():
