@@ -11,8 +11,9 @@ from vit_accel.modes import Args
 from vit_accel.modes import report as report_mode
 
 
-def fake_run(directory, config, speed):
-  """metrics.jsonl + plan.json as a run of `config` would write them."""
+def fake_run(directory, config, speed, input_wait=None):
+  """metrics.jsonl + plan.json as a run of `config` would write them (`input_wait`: the share of
+  training spent waiting for input; None: a run logged before it was measured)."""
   os.makedirs(directory)
   plan = step_plan.make_step_plan(config, 60000)
   with open(os.path.join(directory, "plan.json"), "w") as f:
@@ -23,7 +24,10 @@ def fake_run(directory, config, speed):
       stage = plan.stage_at(step - 1)
       f.write(json.dumps({"step": step, "loss": 4.0 - step / plan.total_steps, "stage": stage.index,
                           "seq_len": stage.seq_len, "budget_units": plan.units_at(step),
-                          "budget_progress": plan.progress_at(step), "wall_s": step / speed})
+                          "budget_progress": plan.progress_at(step), "wall_s": step / speed,
+                          "train_wall_s": step / speed}
+                         | ({} if input_wait is None else
+                            {"input_wait_s": input_wait * step / speed}))
               + "\n")
     f.write(json.dumps({"step": plan.total_steps, "knn_top1": 0.6, "wall_s": plan.total_steps / speed,
                         "budget_units": plan.units_at(plan.total_steps)}) + "\n")
@@ -31,7 +35,7 @@ def fake_run(directory, config, speed):
 
 def test_report_writes_plots_and_table(tmp_path, capsys, needs_fashion_mnist):
   fast = tiny_config(schedule="0.4:keep0.25|keep0.25; 0.7:patch8; 1:full")
-  fake_run(str(tmp_path / "fast"), fast, speed=4.0)
+  fake_run(str(tmp_path / "fast"), fast, speed=4.0, input_wait=0.125)
   fake_run(str(tmp_path / "base"), tiny_config(), speed=1.0)
   written = report_mode.run(fast, str(tmp_path / "fast"),
                             Args(compare=(str(tmp_path / "base"),)))
@@ -44,6 +48,8 @@ def test_report_writes_plots_and_table(tmp_path, capsys, needs_fashion_mnist):
     assert os.path.getsize(path) > 5000
   table = capsys.readouterr().out
   assert "fast" in table and "base" in table and "keep0.25|keep0.25 -> patch8 -> full" in table
+  rows = {line.split()[0]: line for line in table.splitlines() if line.startswith(("fast", "base"))}
+  assert " 12.5% " in rows["fast"] and " - " in rows["base"]   # the older run: not measured
 
 
 def test_report_on_a_directory_without_metrics_is_one_clear_error(tmp_path):

@@ -111,17 +111,22 @@ def plot_stages(run: dict, config, path: str, num_images: int = 3) -> None:
 
 
 def summary_table(runs) -> str:
-  """Per run: final kNN, budget units, wall-clock, steps and stages, as printed text."""
-  head = f"{'run':<24} {'final kNN':>9} {'budget units':>13} {'wall':>8} {'steps':>6}  stages"
+  """Per run: final kNN, budget units, wall-clock, the share of training spent waiting for input
+  with the accelerator idle ('-' for runs logged before it was measured), steps and stages, as
+  printed text."""
+  head = (f"{'run':<24} {'final kNN':>9} {'budget units':>13} {'wall':>8} {'input wait':>10} "
+          f"{'steps':>6}  stages")
   lines = [head, "-" * len(head)]
   for run in runs:
     final = run["evals"][-1] if run["evals"] else {}
     last = run["train"][-1] if run["train"] else {}
     stages = " -> ".join(s["spec"] for s in run["plan"]["stages"]) if run["plan"] else "?"
     knn = f"{final['knn_top1']:.4f}" if final else "-"
+    wait = (f"{100 * last['input_wait_s'] / last['train_wall_s']:.1f}%"
+            if last.get("input_wait_s") is not None and last.get("train_wall_s") else "-")
     lines.append(f"{run['name']:<24} {knn:>9} {last.get('budget_units', 0):>13.4g} "
-                 f"{final.get('wall_s', last.get('wall_s', 0)):>7.0f}s {last.get('step', 0):>6}"
-                 f"  {stages}")
+                 f"{final.get('wall_s', last.get('wall_s', 0)):>7.0f}s {wait:>10} "
+                 f"{last.get('step', 0):>6}  {stages}")
   return "\n".join(lines)
 
 
