@@ -1,6 +1,7 @@
 """Input-pipeline throughput on CPU: ImageNet-like JPEGs -> the shipped recipes' training views.
 
-  python bench/pipeline.py [--quick] [--threads=N] [--baseline=HEAD|none] [--out=bench/results/pipeline_cpu]
+  python bench/pipeline.py [--quick] [--threads=N] [--baseline=HEAD|none] [--variants=...]
+                           [--out=bench/results/pipeline_cpu]
 
 Generates ImageNet-like JPEGs (500x375 and 375x500, natural-looking content: smooth colour fields,
 shapes, texture and noise; quality 90) into a temporary image folder, then builds the real training
@@ -11,6 +12,8 @@ folder) and measures batches after a warm-up. Paths, side by side in one run:
   crops   this tree: JPEGs decode only the window holding the views' crop boxes, views are cropped
           in uint8 (train_dataset's default)
   whole   this tree, decode_crops=False: every image decoded whole by Pillow, cropped in float
+  crops[K=V,...]  the crops path with config overrides, one case per --variants entry (default:
+          aug.downscale=area; aug.downscale=bilinear), image folder only
   HEAD    the committed input_pipeline/ (git archive of --baseline), as it was before this tree's
           changes (skipped with --baseline=none or outside a git checkout)
 
@@ -25,7 +28,8 @@ of the process, and the CPU that other processes used meanwhile (from /proc/stat
 not ~0, the machine was shared and the absolute numbers are low (the ratios between paths, measured
 alternately in the same conditions, hold up better). Writes OUT.md and OUT.json.
 
---quick (16 JPEGs per class, batch 16, 1.5 s per case, one round, TFDS and HEAD for MoCo-v3 only)
+--quick (16 JPEGs per class, batch 16, 1.5 s per case, one round, TFDS, variants and HEAD for
+MoCo-v3 only)
 runs in about a minute: a smoke test of the bench, its numbers are not measurements.
 """
 from __future__ import annotations
@@ -270,7 +274,10 @@ def run_worker(spec: dict) -> None:
           row["load_source_s"] = time.perf_counter() - t
         if not can_choose and case["path"] != "whole":
           raise ValueError(f"{impl} has no crop-decoding path")
-        kwargs = {"decode_crops": case["path"] == "crops"} if can_choose else {}
+        for key, value in case.get("overrides", {}).items():
+          section, name = key.split(".")
+          config[section][name] = value
+        kwargs = {"decode_crops": case["path"].startswith("crops")} if can_choose else {}
         ds = pipeline.train_dataset(loaded[source], config,
                                     pipeline.HostShard(0, 1, spec["batch"]), **kwargs)
         options = tf.data.Options()
@@ -293,6 +300,36 @@ def run_worker(spec: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ driver
+# Keys a case may override: how views are made, not what is loaded (the source is loaded once per
+# process and shared by the cases; the batch is the bench's --batch).
+VARIANT_KEYS = ("aug.", "data.prefetch")
+
+
+def parse_variant(text: str) -> dict:
+  """'aug.downscale=area,data.prefetch=8' -> {key: value}: `aug.*` or data.prefetch keys
+  (VARIANT_KEYS) with a value inside the key's domain
+  (vit_accel/config_domains.py); tuple values as 'aug.crop_scale=(0.2,1.0)'.
+  Raises ValueError otherwise."""
+  import ast
+  import re
+
+  from vit_accel.config_domains import DOMAINS
+  out = {}
+  for item in re.split(r",(?=[\w.]+=)", text):
+    key, eq, raw = item.strip().partition("=")
+    allowed = any(key == k or (k.endswith(".") and key.startswith(k)) for k in VARIANT_KEYS)
+    if not eq or key not in DOMAINS or not allowed:
+      raise ValueError(f"{item!r} is not key=value with a config key of {VARIANT_KEYS}")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    if not DOMAINS[key].ok(value):
+      raise ValueError(f"{key}={raw}: expected {DOMAINS[key].describe()}")
+    out[key] = value
+  return out
+
+
 def head_tree(ref: str, into: str) -> str | None:
   """input_pipeline/ of git `ref` extracted under `into` (None, with a note, when impossible)."""
   try:
@@ -371,8 +408,10 @@ def report(rows: list, meta: dict) -> str:
       f"alternating.", "",
       "Paths: `crops` = JPEGs decode only the window holding the views' crops (default); `whole` = "
       "`decode_crops=False`, every image decoded whole (Pillow for image folders) and cropped in "
-      "float; `HEAD` = the committed input_pipeline/ before this change (decode whole, original "
-      "augmentation ops). TFDS rows read a TFDS dataset of the same files, auto-cache off (every "
+      "float; `crops[K=V]` = the crops path with those config overrides (defaults: "
+      "`aug.downscale=antialias`); "
+      "`HEAD whole` / `HEAD crops` = those paths of the committed input_pipeline/ (--baseline); "
+      "`vs HEAD` compares a path with HEAD's same path (variants with HEAD's crops). TFDS rows read a TFDS dataset of the same files, auto-cache off (every "
       "epoch decodes again, as on ImageNet). `other cores` = CPU used by other processes during the case: when it is "
       "not ~0 the machine was shared and absolute rates are depressed.", ""]
   if meta.get("contaminated"):
@@ -386,14 +425,17 @@ def report(rows: list, meta: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in cases:
     if "error" in r:
-      lines.append(f"| {r['recipe']} | - | {r['source']} | {r['impl'] if r['impl'] == 'HEAD' else r['path']} "
+      label = f"HEAD {r['path']}" if r["impl"] == "HEAD" else r["path"]
+      lines.append(f"| {r['recipe']} | - | {r['source']} | {label} "
                    f"| error: {r['error']} | | | | | | |")
       continue
     whole = by_key.get((r["recipe"], r["source"], "current", "whole"))
-    head = by_key.get((r["recipe"], r["source"], "HEAD", "whole"))
+    # HEAD's same path: `whole` against whole, `crops` and its variants against HEAD's crops.
+    head = by_key.get((r["recipe"], r["source"], "HEAD",
+                       "whole" if r["path"] == "whole" else "crops"))
     ratio = lambda other: (f"{r['images_per_s'] / other['images_per_s']:.2f}x"
                            if other and "error" not in other and other is not r else "-")
-    path = "HEAD" if r["impl"] == "HEAD" else r["path"]
+    path = f"HEAD {r['path']}" if r["impl"] == "HEAD" else r["path"]
     res = f"{r['resolution']}" + (f" + {r['local_crops']}x96" if r.get("local_crops") else "")
     lines.append(
         f"| {r['recipe']} | {res} | {r['source']} | {path} | {r['images_per_s']:.0f} | "
@@ -429,6 +471,10 @@ def main(argv=None):
                       help="this tree's and HEAD's processes alternate this many times (2; quick 1)")
   parser.add_argument("--baseline", default="HEAD", help="git ref of the 'HEAD' column, or none")
   parser.add_argument("--no-tfds", action="store_true")
+  parser.add_argument("--variants",
+                      default="aug.downscale=area;aug.downscale=bilinear",
+                      help="';'-separated cases of the crops path, each 'key=value[,key=value]' "
+                           "config overrides ('' for none)")
   parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "pipeline_cpu"))
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -444,6 +490,12 @@ def main(argv=None):
   unknown = set(recipes) - set(RECIPES)
   if unknown:
     parser.error(f"unknown recipe(s) {sorted(unknown)}; available: {', '.join(RECIPES)}")
+  if ROOT not in sys.path:
+    sys.path.append(ROOT)
+  try:
+    variants = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
+  except ValueError as e:
+    parser.error(f"--variants: {e}")
   cores = min(args.threads, os.cpu_count() or 1)
   tmp = tempfile.mkdtemp(prefix="bench_pipeline_")
   try:
@@ -458,6 +510,9 @@ def main(argv=None):
                   min_batches=2 if quick else 10, chunks=2 if quick else 5)
     current = [{"recipe": r, "source": "image_folder", "path": p}
                for r in recipes for p in ("whole", "crops")]
+    current += [{"recipe": r, "source": "image_folder", "overrides": v,
+                 "path": "crops[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]"}
+                for r in (recipes[:1] if quick else recipes) for v in variants]
     tfds_recipes = recipes[:1] if quick else recipes
     if tfds_dir:
       current += [{"recipe": r, "source": "tfds", "path": p}
@@ -473,7 +528,8 @@ def main(argv=None):
       if head_dir:
         raw += [dict(r, round=round_index) for r in spawn(dict(
             common, impl="HEAD", impl_dir=head_dir, build_tfds=False, cases=[
-                {"recipe": r, "source": "image_folder", "path": "whole"} for r in head_recipes]))]
+                {"recipe": r, "source": "image_folder", "path": p}
+                for r in head_recipes for p in ("whole", "crops")]))]
     rows = combine(raw)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

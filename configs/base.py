@@ -146,6 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.aug.crop_scale = (0.2, 1.0)
   c.aug.crop_ratio = (3 / 4, 4 / 3)
   c.aug.flip = True
+  c.aug.downscale = "antialias"  # shrinking a crop: 'antialias' (PIL) | 'area' | 'bilinear'
   c.aug.jitter_p = 0.8
   c.aug.brightness = 0.4
   c.aug.contrast = 0.4

@@ -13,9 +13,10 @@ big_vision's `decode_jpeg_and_inception_crop`); `resize_crop` takes either to th
 
 Costs are kept down without changing what is computed (up to float rounding): every op after the
 crop works on the view-size image, the flip is applied to the crop before it is resized, the
-antialiasing filter is skipped when the crop is only enlarged (where it changes nothing), luma
-blends are one 3x3 colour-matrix product, clips are one op, and the blur kernel stops at 4 sigma
-(see `gaussian_blur`).
+antialiasing filter is skipped when the crop is only enlarged (where it changes nothing; how a crop
+is shrunk is the recipe's `aug.downscale`, see `resize_crop`), luma blends are one 3x3
+colour-matrix product, clips are one op, and the blur kernel stops at 4 sigma (see
+`gaussian_blur`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import math
 from typing import NamedTuple
 
 from input_pipeline.tf_runtime import tf
+
+from vit_accel import config_domains
 
 # ITU-R BT.601 luma weights (the greyscale of SimCLR / torchvision / PIL's convert("L")).
 LUMA = (0.299, 0.587, 0.114)
@@ -111,23 +114,59 @@ def decode_jpeg_crop(data, box: CropBox, channels: int = 3):
   return crop
 
 
-def resize_crop(crop, size: int):
+# How a crop larger than its view is shrunk (aug.downscale); enlarging is always plain bilinear.
+DOWNSCALE_FILTERS = config_domains.DOMAINS["aug.downscale"].values
+
+
+def resize_crop(crop, size: int, downscale: str = "antialias"):
   """A crop (uint8 in 0..255, or float in [0, 1]) [h, w, C] -> float32 [size, size, C] in [0, 1]
   (up to float rounding).
 
-  Bilinear with antialiasing (`tf.image.resize(..., antialias=True)`, a triangle filter widened
-  by the downscaling factor). When neither side shrinks the antialiasing filter is the plain
-  bilinear one, so the 4x cheaper `antialias=False` resize is used there (same values up to float
-  rounding, < 2e-7).
+  Along a side that grows, plain bilinear interpolation (every filter below is that bilinear
+  one there). Along a side that shrinks, `downscale`:
+    "antialias"  bilinear with the filter widened by the shrink factor (`tf.image.resize(...,
+                 antialias=True)`; PIL's and so torchvision's RandomResizedCrop): the default.
+    "area"       each output pixel the mean of the input pixels under its footprint, weighted by
+                 overlap (`method="area"`, OpenCV's INTER_AREA): a box filter, so much less
+                 aliasing than sampling, a little sharper than "antialias", ~4x cheaper per
+                 224 px view (bench/pipeline.py measures the whole view).
+    "bilinear"   plain bilinear sampling (big_vision's inception crop): cheapest, aliases on
+                 strong shrinks.
+  When neither side shrinks the antialiasing filter is the plain bilinear one, so the 4x cheaper
+  `antialias=False` resize is used there (same values up to float rounding, < 2e-7).
+
+  Raises:
+    ValueError: `downscale` not one of DOWNSCALE_FILTERS.
   """
+  if downscale not in DOWNSCALE_FILTERS:
+    raise ValueError(f"downscale={downscale!r}; expected one of {DOWNSCALE_FILTERS}")
   shape = tf.shape(crop)
-  shrinks = tf.logical_or(shape[0] > size, shape[1] > size)
+  h_shrinks, w_shrinks = shape[0] > size, shape[1] > size
   batch = crop[None]
-  out = tf.cond(
-      shrinks,
-      lambda: tf.image.resize(batch, (size, size), method="bilinear", antialias=True),
-      lambda: tf.image.resize(batch, (size, size), method="bilinear", antialias=False))[0]
-  # Both filters have non-negative weights summing to 1: the values stay in the input's range (up
+
+  def bilinear(x):
+    return tf.image.resize(x, (size, size), method="bilinear", antialias=False)
+
+  if downscale == "bilinear":
+    out = bilinear(batch)
+  elif downscale == "antialias":
+    out = tf.cond(
+        tf.logical_or(h_shrinks, w_shrinks),
+        lambda: tf.image.resize(batch, (size, size), method="bilinear", antialias=True),
+        lambda: bilinear(batch))
+  else:
+    # Area only along the shrinking sides (area along a growing side would repeat pixels, as
+    # nearest-neighbour does): an area resize to (size or h, size or w) is the identity along a
+    # side it leaves alone, then bilinear takes the other side up (the identity along the first).
+    def mixed():
+      hw = tf.stack([tf.where(h_shrinks, size, shape[0]), tf.where(w_shrinks, size, shape[1])])
+      return bilinear(tf.image.resize(batch, hw, method="area"))
+    out = tf.case([(tf.logical_and(h_shrinks, w_shrinks),
+                    lambda: tf.image.resize(batch, (size, size), method="area")),
+                   (tf.logical_or(h_shrinks, w_shrinks), mixed)],
+                  default=lambda: bilinear(batch))
+  out = out[0]
+  # Every filter's weights are non-negative and sum to 1: the values stay in the input's range (up
   # to float rounding, which every later op's clip, and to_uint8's, absorbs).
   return out * (1.0 / 255.0) if crop.dtype == tf.uint8 else out
 

@@ -21,6 +21,7 @@ def _base(image_size: int) -> ml_collections.ConfigDict:
   a.crop_scale = (0.08, 1.0)
   a.crop_ratio = (3 / 4, 4 / 3)
   a.flip = True
+  a.downscale = "antialias"  # how a crop larger than its view shrinks (augment.resize_crop)
   a.jitter_p = 0.8
   a.brightness = 0.4
   a.contrast = 0.4

@@ -79,7 +79,7 @@ def _finish_view(crop, spec: _ViewSpec, aug):
   s = spec.seeds
   if aug.flip:
     crop = augment.random_flip(crop, s[1])
-  x = augment.resize_crop(crop, spec.size)
+  x = augment.resize_crop(crop, spec.size, aug.downscale)
   x = augment.random_apply(
       lambda im, sd: augment.color_jitter(im, sd, aug.brightness, aug.contrast, aug.saturation,
                                           aug.hue), x, s[2], aug.jitter_p)

@@ -1,4 +1,5 @@
-"""The benchmarks' shared pieces and their CPU code paths (bench/child.py, bench/gpu.py --tiny)."""
+"""The benchmarks' shared pieces and their CPU code paths (bench/child.py, bench/gpu.py --tiny,
+bench/pipeline.py's case parsing)."""
 import json
 import os
 import subprocess
@@ -49,3 +50,15 @@ def test_gpu_benchmark_code_paths_run_on_cpu(tmp_path):
 def test_child_that_hangs_is_stopped_and_reported():
   assert child.run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1) == \
       "timed out after 1 s"
+
+
+def test_pipeline_bench_variants_are_checked_config_overrides():
+  import pipeline as pipeline_bench  # bench/pipeline.py
+  got = pipeline_bench.parse_variant("aug.downscale=area,data.prefetch=8")
+  assert got == {"aug.downscale": "area", "data.prefetch": 8}
+  assert pipeline_bench.parse_variant("aug.crop_scale=(0.2,1.0),aug.flip=False") == {
+      "aug.crop_scale": (0.2, 1.0), "aug.flip": False}
+  for bad in ("aug.downscale=lanczos", "aug.nothing=1", "aug.downscale", "batch_size=8",
+              "data.verify_images=False"):
+    with pytest.raises(ValueError):
+      pipeline_bench.parse_variant(bad)

@@ -205,3 +205,70 @@ def test_cheap_colour_ops_equal_their_textbook_definitions():
   large = tf.constant(rng.integers(0, 256, (90, 70, 3)), tf.uint8)
   close(augment.resize_crop(large, 64),
         tf.image.resize(tf.cast(large, tf.float32)[None] / 255.0, (64, 64), antialias=True)[0])
+
+
+def test_downscale_filters_shrink_by_area_or_sampling_and_enlarge_bilinearly():
+  """aug.downscale: 'area' averages each output pixel's footprint along a shrinking side (an exact
+  2x shrink is the mean of pixel pairs) and is plain bilinear along a growing side (not the
+  repeated pixels an area resize gives there); 'bilinear' samples; a bad name is a ValueError."""
+  rng = np.random.default_rng(7)
+  values = rng.uniform(size=128).astype(np.float32)
+  pairs = values.reshape(64, 2).mean(axis=1)
+  ramp = np.linspace(0.0, 1.0, 20, dtype=np.float32)
+  for side in (0, 1):   # the shrinking side: rows (tall crop), then columns (wide crop)
+    def orient(a):      # a [shrinking, growing] -> the crop's [H, W, 3]
+      return tf.constant(np.repeat((a if side == 0 else a.T)[..., None], 3, -1))
+    # 128 -> 64 along the shrinking side: pairs averaged; 20 -> 64 along the other: bilinear.
+    out = augment.resize_crop(orient(np.broadcast_to(values[:, None], (128, 20))), 64, "area")
+    out = out.numpy()[..., 0] if side == 0 else out.numpy()[..., 0].T
+    np.testing.assert_allclose(out, np.broadcast_to(pairs[:, None], (64, 64)), atol=1e-6)
+    # A ramp along the growing side stays linear inside (a repeated-pixel resize is a staircase).
+    crop = orient(np.broadcast_to(ramp[None, :], (128, 20)))
+    out = augment.resize_crop(crop, 64, "area").numpy()[..., 0]
+    out = out if side == 0 else out.T
+    steps = np.diff(out[0, 4:-4])
+    np.testing.assert_allclose(steps, steps.mean(), atol=1e-5)
+    np.testing.assert_allclose(out, np.broadcast_to(out[:1], out.shape), atol=1e-6)
+  # A side exactly the view's size is left as it is; a 1-pixel crop becomes a constant view.
+  exact = tf.constant(rng.uniform(size=(64, 128, 3)), tf.float32)
+  np.testing.assert_allclose(augment.resize_crop(exact, 64, "area").numpy(),
+                             tf.image.resize(exact[None], (64, 64), method="area")[0].numpy(),
+                             atol=1e-6)
+  dot = tf.constant([[[0.25, 0.5, 0.75]]], tf.float32)
+  for name in augment.DOWNSCALE_FILTERS:
+    np.testing.assert_allclose(augment.resize_crop(dot, 8, name).numpy(),
+                               np.broadcast_to([0.25, 0.5, 0.75], (8, 8, 3)), atol=1e-6)
+  # Both sides shrinking 3x: area and antialias low-pass (the mean of 9 pixels: a third of the
+  # noise's spread is left), plain sampling keeps one pixel in 9 (all of it).
+  noise = tf.constant(rng.integers(0, 256, (192, 192, 3)), tf.uint8)
+  spread = {name: augment.resize_crop(noise, 64, name).numpy().std()
+            for name in augment.DOWNSCALE_FILTERS}
+  full = noise.numpy().std() / 255.0
+  assert spread["area"] == pytest.approx(full / 3, rel=0.1)
+  assert spread["antialias"] < 0.5 * full < spread["bilinear"]
+  # Only growing: every filter is the same bilinear resize.
+  small = tf.constant(rng.uniform(size=(30, 50, 3)), tf.float32)
+  for name in augment.DOWNSCALE_FILTERS:
+    np.testing.assert_allclose(augment.resize_crop(small, 64, name).numpy(),
+                               augment.resize_crop(small, 64).numpy(), atol=1e-6)
+  # In a graph, with the crop's size unknown until it runs (as in tf.data), the view's is static.
+  graph = tf.function(lambda x: augment.resize_crop(x, 32, "area"),
+                      input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
+  assert graph.get_concrete_function().structured_outputs.shape == (32, 32, 3)
+  np.testing.assert_allclose(graph(exact).numpy(), augment.resize_crop(exact, 32, "area").numpy())
+  with pytest.raises(ValueError, match="downscale"):
+    augment.resize_crop(small, 64, "lanczos")
+
+
+def test_downscale_reaches_the_views():
+  """aug.downscale is what make_views shrinks crops with: on a noisy image larger than the view,
+  'area' and 'antialias' views differ (and 'antialias' is the recipes' default)."""
+  from input_pipeline import recipes, views
+  aug = recipes.byol_asymmetric(image_size=32)
+  assert aug.downscale == "antialias"
+  image = tf.constant(np.random.default_rng(8).integers(0, 256, (160, 160, 3)), tf.uint8)
+  seed = tf.constant([1, 2], tf.int64)
+  default = views.make_views(image, seed, 32, aug)["views"][0].numpy()
+  aug.downscale = "area"
+  area = views.make_views(image, seed, 32, aug)["views"][0].numpy()
+  assert np.abs(default.astype(int) - area).max() > 2

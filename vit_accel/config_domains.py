@@ -242,6 +242,7 @@ DOMAINS = {
     "aug.crop_scale": RANGE_01,
     "aug.crop_ratio": Each(POSITIVE, 2, ordered=True),
     "aug.flip": FLAG,
+    "aug.downscale": Choice(("antialias", "area", "bilinear")),   # augment.resize_crop
     "aug.jitter_p": PROBABILITY,
     "aug.brightness": NON_NEGATIVE,
     "aug.contrast": NON_NEGATIVE,
