@@ -2,6 +2,7 @@
 
   python bench/cpu_peer.py --peer_python=/path/to/python-with-torch-and-timm
   python bench/cpu_peer.py --tiny            # seconds: checks the code path
+  python bench/cpu_peer.py --ours_xla_flags="--xla_cpu_experimental_ynn_fusion_type= ..."
 
 The step: symmetric MoCo-v3 (Chen et al. 2021) on the embedded default's ViT (width 128, depth 4, 4
 heads, patch 4 on 32 px, MLP ratio 4, CLS token without a position embedding), projector 3 layers /
@@ -16,7 +17,9 @@ tokens after the position embedding, as ours does).
 The two run in separate processes, one after the other, `--rounds` times alternately (ours, peer,
 ours, peer, ...), so neither competes with the other for cores and slow drift hits both; reported:
 the median over rounds of each process's median step time, and peer ms / our ms (>= 1: ours is at
-least as fast). torch and timm are not requirements of vit-accel: the peer runs with
+least as fast). --ours_xla_flags adds a third process per round, ours under those XLA flags (on top
+of the environment's XLA_FLAGS), with its own columns: XLA's CPU flags change which kernels run the
+matmuls and fusions, and are measured here rather than assumed. torch and timm are not requirements of vit-accel: the peer runs with
 `--peer_python` (default: this Python) where they import, and the report says so where they do not.
 Output: bench/results/cpu_peer.{md,json}.
 """
@@ -71,11 +74,14 @@ def measure_peer(spec: dict, batch: int, repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- orchestration
-def run_role(python: str, role: str, args) -> dict | str:
-  """Runs one measurement in a fresh process; its result dict, or the error's last line."""
+def run_role(python: str, role: str, args, xla_flags: str = "") -> dict | str:
+  """Runs one measurement in a fresh process (with `xla_flags` added to XLA_FLAGS); its result
+  dict, or the error's last line."""
   cmd = [python, os.path.abspath(__file__), f"--role={role}", f"--batch={args.batch}",
          f"--repeats={args.repeats}"] + (["--tiny"] if args.tiny else [])
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  if xla_flags:
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
   return child.run(cmd, env=env, cwd=ROOT)
 
 
@@ -87,13 +93,28 @@ def markdown(res: dict) -> str:
            f"steps. Peer: {res.get('peer_versions') or 'not run'}.", ""]
   if res.get("peer_error"):
     lines += [f"Peer not measured: {res['peer_error']}", ""]
-  lines += ["| strategy | ours ms/step | peer ms/step | peer / ours |", "|---|---:|---:|---:|"]
+  flagged = res.get("ours_flagged") or {}
+  if flagged:
+    lines += [f"`ours + flags` = our step with XLA_FLAGS `{res['ours_xla_flags']}` added.", ""]
+  head = "| strategy | ours ms/step | peer ms/step | peer / ours |"
+  rule = "|---|---:|---:|---:|"
+  if flagged:
+    head += " ours + flags ms/step | peer / (ours + flags) |"
+    rule += "---:|---:|"
+  lines += [head, rule]
+
+  def ms(v):
+    return f"{v:.1f}" if v else "n/a"
+
+  def ratio(peer, ours):
+    return f"{peer / ours:.2f}x" if peer and ours else "n/a"
   for name in STRATEGIES:
     ours, peer = res["ours"].get(name), res["peer"].get(name)
-    ratio = f"{peer / ours:.2f}x" if ours and peer else "n/a"
     cell = name.replace("|", "\\|")
-    lines.append(f"| {cell} | {ours:.1f} | {peer:.1f} | {ratio} |" if peer else
-                 f"| {cell} | {ours:.1f} | n/a | n/a |")
+    row = f"| {cell} | {ms(ours)} | {ms(peer)} | {ratio(peer, ours)} |"
+    if flagged:
+      row += f" {ms(flagged.get(name))} | {ratio(peer, flagged.get(name))} |"
+    lines.append(row)
   return "\n".join(lines) + "\n"
 
 
@@ -106,6 +127,8 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--tiny", action="store_true", help="A tiny model and batch: the code path.")
+  p.add_argument("--ours_xla_flags", default="",
+                 help="Also time our step with these XLA flags added (a third process per round).")
   p.add_argument("--out_dir", default=os.path.join(ROOT, "bench", "results"))
   p.add_argument("--role", choices=("ours", "peer"), help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -115,12 +138,17 @@ def main():
     child.emit(fn(spec, args.batch, args.repeats))
     return
 
-  ours_rounds, peer_rounds, peer_error, versions = [], [], None, None
+  ours_rounds, flagged_rounds, peer_rounds, peer_error, versions = [], [], [], None, None
   for i in range(args.rounds):
     ours = run_role(sys.executable, "ours", args)
     if isinstance(ours, str):
       sys.exit(f"error: our step failed: {ours}")
     ours_rounds.append(ours)
+    if args.ours_xla_flags:
+      flagged = run_role(sys.executable, "ours", args, args.ours_xla_flags)
+      if isinstance(flagged, str):
+        sys.exit(f"error: our step with XLA_FLAGS {args.ours_xla_flags!r} failed: {flagged}")
+      flagged_rounds.append(flagged)
     if peer_error is None:
       peer = run_role(args.peer_python, "peer", args)
       if isinstance(peer, str):
@@ -128,8 +156,9 @@ def main():
       else:
         versions = peer.pop("_versions")
         peer_rounds.append(peer)
-    print(f"round {i + 1}: ours {ours}" + (f", peer {peer_rounds[-1]}" if peer_rounds else ""),
-          flush=True)
+    print(f"round {i + 1}: ours {ours}"
+          + (f", ours + flags {flagged_rounds[-1]}" if flagged_rounds else "")
+          + (f", peer {peer_rounds[-1]}" if peer_rounds else ""), flush=True)
 
   def med(rounds):
     return {k: statistics.median(r[k] for r in rounds) for k in STRATEGIES} if rounds else {}
@@ -142,7 +171,9 @@ def main():
                    "{hidden}->{out}").format(**spec),
          "batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
          "ours": med(ours_rounds), "peer": med(peer_rounds), "peer_versions": versions,
-         "peer_error": peer_error, "ours_rounds": ours_rounds, "peer_rounds": peer_rounds}
+         "peer_error": peer_error, "ours_rounds": ours_rounds, "peer_rounds": peer_rounds,
+         "ours_xla_flags": args.ours_xla_flags, "ours_flagged": med(flagged_rounds),
+         "ours_flagged_rounds": flagged_rounds}
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, "cpu_peer" + ("_tiny" if args.tiny else ""))
   with open(stem + ".json", "w") as f:

@@ -1,5 +1,5 @@
 """The benchmarks' shared pieces and their CPU code paths (bench/child.py, bench/gpu.py --tiny,
-bench/pipeline.py's case parsing)."""
+bench/cpu_peer.py --tiny, bench/pipeline.py's case parsing)."""
 import json
 import os
 import subprocess
@@ -20,6 +20,7 @@ def test_child_returns_the_last_result_line_or_the_error_line():
   failed = child.run([sys.executable, "-c", "import sys; print('hello'); sys.exit('boom: no GPU')"])
   assert failed == "boom: no GPU"
   assert child.run([sys.executable, "-c", "pass"]) == "no output"
+  assert child.run(["/nonexistent/python", "-c", "pass"]).startswith("cannot start /nonexistent")
 
 
 @pytest.mark.slow
@@ -45,6 +46,25 @@ def test_gpu_benchmark_code_paths_run_on_cpu(tmp_path):
   bad = subprocess.run([sys.executable, "bench/gpu.py", "--xla_ab", "--tiny", "--xla_sets=fast",
                         f"--out_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert bad.returncode != 0 and "unknown ['fast']" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cpu_peer_times_ours_with_and_without_xla_flags(tmp_path):
+  """bench/cpu_peer.py --tiny: our step in its own process, again under --ours_xla_flags, and a
+  peer that cannot run (no such Python) reported as such rather than failing the bench."""
+  out = str(tmp_path / "peer")
+  subprocess.run([sys.executable, "bench/cpu_peer.py", "--tiny", "--rounds=1", "--repeats=2",
+                  "--peer_python=/nonexistent/python", f"--out_dir={out}",
+                  "--ours_xla_flags=--xla_cpu_enable_fast_math=false"], cwd=ROOT, check=True,
+                 capture_output=True)
+  with open(os.path.join(out, "cpu_peer_tiny.json")) as f:
+    res = json.load(f)
+  for timing in (res["ours"], res["ours_flagged"]):
+    assert set(timing) == {"full", "keep0.25|keep0.25"} and all(v > 0 for v in timing.values())
+  assert res["peer_error"] and not res["peer"]
+  with open(os.path.join(out, "cpu_peer_tiny.md")) as f:
+    text = f.read()
+  assert "ours + flags ms/step" in text and "--xla_cpu_enable_fast_math=false" in text
 
 
 def test_child_that_hangs_is_stopped_and_reported():
