@@ -29,27 +29,29 @@ average after each run is recorded, because two jobs on a 2-core machine slow ea
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import matplotlib  # noqa: E402
-from absl import app, flags  # noqa: E402
+import matplotlib
+from absl import app, flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from sweep_runs import (  # noqa: E402  (bench/ is the script's directory)
+  ROOT,
+  Runner,
+  append,
+  cpu_shared,
+  load,
+  run_key,
+  wall,
+)
 
 from vit_accel import io  # noqa: E402
 from vit_accel import time_to_accuracy as tta  # noqa: E402
-from vit_accel.metric_writer import read_metrics  # noqa: E402
 
 flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
 flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist_X.py:ARG "
@@ -76,138 +78,6 @@ flags.DEFINE_string("tag", "", "Suffix of the result files (budget_sweep_<object
 flags.DEFINE_bool("report_only", False, "Rewrite the report from the .jsonl; run nothing.")
 flags.DEFINE_bool("dry_run", False, "Print the runs still to do; run nothing.")
 FLAGS = flags.FLAGS
-
-# One evaluation protocol for every run: the recipe's final one, written out so that a recipe
-# change cannot silently change the protocol mid-sweep.
-PROTOCOL = {"eval.final_bank_size": 10000, "eval.final_query_size": 5000, "eval.knn_k": 20,
-            "eval.knn_temperature": 0.07, "eval.linear": "ridge"}
-
-
-def recipe_path() -> str:
-  path = os.path.join(ROOT, "configs", f"fmnist_{FLAGS.objective}.py")
-  if not os.path.exists(path):
-    raise app.UsageError(f"no recipe {path} for --objective={FLAGS.objective}")
-  return path
-
-
-def recipe_base_lr() -> float:
-  sys.path.insert(0, ROOT)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("recipe", recipe_path())
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return float(module.get_config(FLAGS.config_arg or None).optim.base_lr)
-
-
-def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
-  return f"{arm}_b{budget:g}_lr{lr:g}_bs{batch}_s{seed}"
-
-
-def run_once(arm: str, schedule: str, budget: float, lr: float, batch: int, seed: int) -> dict:
-  """Trains (or resumes) one run through main.py and returns its record."""
-  workdir = os.path.join(FLAGS.workdir_root, FLAGS.objective + (f"_{FLAGS.tag}" if FLAGS.tag
-                                                                  else ""),
-                         run_key(arm, budget, lr, batch, seed))
-  common = {"budget_epochs": budget, "optim.base_lr": lr, "batch_size": batch, "seed": seed,
-            "eval.every_steps": 0, "eval.at_start": False, "eval.at_progress": "()",
-            "checkpoint.at_progress": "()", **PROTOCOL}
-  for item in FLAGS.extra:
-    key, _, value = item.partition("=")
-    common[key] = value
-  t0 = time.time()
-  pilot = None
-  if schedule == "pilot":
-    # The paper's procedure at equal total budget: --mode=pilot (uncompressed pilot run, gradient
-    # error at its milestones, search), then the searched schedule on what the pilot left.
-    if not os.path.exists(os.path.join(workdir, "pilot_cost.json")):   # done once, kept on resume
-      main_py(workdir, {k: v for k, v in common.items() if k != "checkpoint.at_progress"},
-              mode="pilot")
-    with open(os.path.join(workdir, "pilot_cost.json")) as f:
-      pilot = json.load(f)
-    if pilot["remaining_units"] <= 0:
-      raise SystemExit(f"error: at {budget:g} epochs the pilot spends {pilot['fraction']:.0%} of "
-                       f"the budget, leaving nothing for the searched run; drop this budget from "
-                       f"the sweep or lower pilot.budget_fraction (--extra)")
-    with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
-      measure_s = json.load(f)["seconds"]
-    pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")
-                   if "evaluated_by" not in m][-1]
-    pilot["wall_s"] = pilot_train["train_wall_s"] + measure_s
-    run_dir = os.path.join(workdir, "run")
-    chosen = {"schedule_file": os.path.join(workdir, "schedule.txt"),
-              "budget": pilot["remaining_units"]}
-  else:
-    run_dir = workdir
-    chosen = ({} if schedule == "recipe" else
-              {"schedule_file": os.path.abspath(schedule)} if os.path.isfile(schedule) else
-              {"schedule": schedule})
-  main_py(run_dir, {**chosen, **common})
-  final = [m for m in read_metrics(run_dir, kind="eval") if "evaluated_by" not in m][-1]
-  with open(os.path.join(run_dir, "plan.json")) as f:
-    plan = json.load(f)
-  extra = {}
-  if pilot is not None:   # the pilot's spending counts in the arm's budget and wall-clock
-    final = dict(final, budget_units=final["budget_units"] + pilot["total_units"],
-                 train_wall_s=final["train_wall_s"] + pilot["wall_s"])
-    extra = {"pilot_units": pilot["total_units"], "pilot_wall_s": pilot["wall_s"],
-             "pilot_fraction": pilot["fraction"]}
-  return {"key": run_key(arm, budget, lr, batch, seed), "arm": arm, "schedule": schedule,
-          "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
-          "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),
-          "train_wall_s": final["train_wall_s"], "budget_units": final["budget_units"],
-          "input_wait_s": final.get("input_wait_s"),
-          "steps": final["step"], "stages": [f"{s['spec']} x{s['num_steps']}"
-                                            for s in plan["stages"]],
-          "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
-          "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(),
-          **extra}
-
-
-def main_py(workdir: str, overrides: dict, mode: str = "train") -> None:
-  """Runs main.py on the recipe (resuming whatever `workdir` holds) with --config overrides."""
-  config = recipe_path() + (f":{FLAGS.config_arg}" if FLAGS.config_arg else "")
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
-         f"--workdir={workdir}", f"--mode={mode}"] + [f"--config.{k}={v}"
-                                                     for k, v in overrides.items()]
-  print("$ " + " ".join(cmd[1:]), flush=True)
-  subprocess.run(cmd, check=True, cwd=ROOT)
-
-
-def wait_while_paused() -> None:
-  """Holds the next run while WORKDIR_ROOT/PAUSE exists: a timing benchmark needs the machine to
-  itself, and two jobs on a few cores slow each other (the finished runs' wall-clock stays clean)."""
-  pause = os.path.join(FLAGS.workdir_root, "PAUSE")
-  if os.path.exists(pause):
-    print(f"paused: {pause} exists; the next run starts when it is removed", flush=True)
-  while os.path.exists(pause):
-    time.sleep(10)
-
-
-def machine() -> str:
-  return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}"
-
-
-def commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
-def load(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def append(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
 
 def best_setting(records: list[dict], arm: str, grid: list[tuple[float, int]]
                  ) -> tuple[float, int] | None:
@@ -236,17 +106,6 @@ def planned_runs(records: list[dict], arms: list[tuple[str, str]], grid) -> list
         todo.append((a, s, FLAGS.seed_budget, *best[a], seed))
   done = {r["key"] for r in records}
   return [t for t in todo if run_key(t[0], t[2], t[3], t[4], t[5]) not in done]
-
-
-def cpu_shared(record: dict) -> bool:
-  """Whether the run's wall-clock is inflated by other work on the machine: marked so in its record
-  (`cpu_shared`, set by hand where that is known), or a 1-minute load average at its end of 2.5
-  or more (a lone run on 2 cores shows ~2)."""
-  return bool(record.get("cpu_shared")) or record.get("load_avg_1m", 0.0) >= 2.5
-
-
-def wall(record: dict) -> str:
-  return f"{record['train_wall_s']:.0f} s" + ("*" if cpu_shared(record) else "")
 
 
 def tuned_curve(records: list[dict], arm: str, best: dict) -> list[dict]:
@@ -428,7 +287,9 @@ def main(argv):
     if not sep or not name or not schedule:
       raise app.UsageError(f"--arms wants NAME=SCHEDULE pairs, got {item!r}")
     arms.append((name, schedule))
-  base_lr = recipe_base_lr()
+  runner = Runner(FLAGS.objective, FLAGS.config_arg, FLAGS.workdir_root, FLAGS.tag,
+                  tuple(FLAGS.extra))
+  base_lr = float(runner.recipe_config().optim.base_lr)
   grid = [(base_lr * float(f), int(b)) for f in FLAGS.lr_factors for b in FLAGS.batches]
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stem = os.path.join(FLAGS.out_dir, f"budget_sweep_{FLAGS.objective}"
@@ -442,8 +303,8 @@ def main(argv):
     todo = planned_runs(records, arms, grid)
     if not todo:
       break
-    wait_while_paused()
-    record = run_once(*todo[0])
+    runner.wait_while_paused()
+    record = runner.run(*todo[0])
     append(stem + ".jsonl", record)
     records.append(record)
     report(records, arms, grid, stem)

@@ -38,3 +38,49 @@ def test_tiny_sweep_runs_reports_and_resumes_without_rerunning(tmp_path, needs_f
   assert second.returncode == 0, second.stderr[-3000:]
   assert "main.py" not in second.stdout
   assert len(open(f"{stem}.jsonl").readlines()) == 4
+
+
+@pytest.mark.slow
+def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
+    tmp_path, needs_fashion_mnist):
+  """bench/schedule_comparison.py on the smoke recipe: the searched arm (pilot included) spends the
+  preset's budget, every seed is run, the verdict uses the measured seed range, the plan files with
+  their reasons are kept, and a restart runs nothing."""
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "schedule_comparison.py"),
+         "--config_arg=smoke", "--settings=recipe", "--arms=accelerated=recipe,searched=pilot",
+         "--budgets=0.05", "--seeds=0,1", f"--out_dir={tmp_path / 'out'}",
+         f"--workdir_root={tmp_path / 'runs'}", "--tag=tiny",
+         "--extra=compile_cache_dir=,tensorboard=False,grad_error.reference_batches=2,"
+         "grad_error.batches=2,grad_error.max_rounds=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  assert first.returncode == 0, first.stderr[-3000:]
+  records = {(r["arm"], r["seed"]): r for r in map(json.loads, open(
+      tmp_path / "out" / "budget_sweep_mocov3_tiny.jsonl"))}
+  assert sorted(records) == [("accelerated", 0), ("accelerated", 1), ("searched", 0),
+                             ("searched", 1)]
+  for seed in (0, 1):
+    preset, searched = records["accelerated", seed], records["searched", seed]
+    # equal total budget: the pilot's units are in the searched arm's, which matches the preset's
+    # to within a step of the smoke model
+    assert 0 < searched["pilot_units"] < searched["budget_units"]
+    assert abs(searched["budget_units"] / preset["budget_units"] - 1) < 0.05
+    assert searched["why"] and all("lowest CA-MSE" in line for line in searched["why"])
+    assert preset["why"] == []
+  report = json.load(open(tmp_path / "out" / "schedule_comparison_mocov3_tiny.json"))
+  (row,) = report["budgets"]
+  knn = {arm: e["knn"] for arm, e in row["arms"].items()}
+  assert row["noise"] == pytest.approx(max(max(v) - min(v) for v in knn.values()))
+  diff = row["arms"]["searched"]["diff"]
+  assert diff == pytest.approx(sum(knn["searched"]) / 2 - sum(knn["accelerated"]) / 2)
+  expected = ("above" if diff > row["noise"] else "within noise" if diff >= -row["noise"]
+              else "below")
+  assert row["arms"]["searched"]["verdict"] == expected
+  kept = tmp_path / "out" / "schedule_comparison_mocov3_tiny"
+  plans = sorted(os.listdir(kept))
+  assert plans == [f"searched_b0.05_lr0.002_bs64_s{s}.schedule.txt" for s in (0, 1)]
+  assert "# at " in open(kept / plans[0]).read()
+
+  second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "main.py" not in second.stdout

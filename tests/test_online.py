@@ -73,6 +73,9 @@ def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
   lines = read_lines(workdir)
   choices = [l for l in lines if "online_choice" in l]
   assert [l["online_choice"] for l in choices] == [KEEP, "full"]
+  # each decision says why: the measured pick, or the final full-length rule
+  assert "lowest CA-MSE" in choices[0]["online_why"]
+  assert ("search.final_full" in choices[1]["online_why"]) == final_full
   with open(os.path.join(workdir, "plan.json")) as f:
     stages = json.load(f)["stages"]
   assert [s["spec"] for s in stages] == [KEEP, "full"]

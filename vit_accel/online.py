@@ -88,6 +88,7 @@ class OnlineScheduler:
 def metrics_line(decision: dict) -> dict:
   """The `online` metrics line of a decision."""
   return {"online_segment": decision["segment"], "online_choice": decision["strategy"],
+          "online_why": decision.get("why", ""),
           "online_overhead_units": decision["overhead_units"],
           "online_measure_s": decision["seconds"],
           **{f"ca_mse/{k}": v for k, v in decision["ca_mse"].items()}}

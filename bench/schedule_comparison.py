@@ -1,0 +1,232 @@
+"""Does the measured schedule earn its place? Searched and online schedules against the hand-set
+preset and the uncompressed baseline, at equal total budget, with the seed-to-seed noise measured.
+
+  python bench/schedule_comparison.py --objective=mocov3                 # after budget_sweep's grid
+  python bench/schedule_comparison.py --objective=dino --budgets=0.5,1 --seeds=0,1
+
+Arms (--arms, NAME=SCHEDULE): `baseline=none`, `accelerated=recipe` (the recipe's hand-set preset),
+`searched=pilot` (--mode=pilot: an uncompressed pilot on pilot.budget_fraction of the budget, the
+gradient error at its milestones, the schedule search; then the searched schedule on the budget the
+pilot left, so the pilot's units and wall-clock are in the arm's) and `online=online` (CA-MSE
+re-measured during training, the measurements charged to the budget). Every arm runs at every
+--budgets and --seeds.
+
+Settings: --settings=sweep takes each arm's base_lr and batch from bench/budget_sweep.py's tuning
+grid in the same .jsonl (the baseline its own; every compressed arm the accelerated arm's, the
+setting tuned for the preset: if anything, the preset's advantage); --settings=recipe runs every
+arm at the recipe's own. Runs are shared with the budget sweep (same .jsonl, same keys and
+workdirs), so the baseline and preset runs it already has are not run again.
+
+Verdict per budget: an arm's mean final kNN over the seeds against the preset's; the noise is the
+largest seed-to-seed range among the arms at that budget (measured, not assumed). "above": more
+than the noise above the preset; "within noise"; "below": more than the noise below.
+
+Pausable and resumable as the budget sweep (sweep_runs): WORKDIR_ROOT/PAUSE holds the next run;
+finished runs are skipped; the report (schedule_comparison_<objective>.{md,json}, and each searched
+run's schedule.txt with its reasons) is rewritten after every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from sweep_runs import ROOT, Runner, append, load, run_key, wall  # bench/ is the script's directory
+
+from vit_accel import io  # (sweep_runs put the repository on sys.path)
+
+flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
+flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist_X.py:ARG.")
+flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe", "searched=pilot",
+                           "online=online"],
+                  "NAME=SCHEDULE pairs (see the module docstring); the arm named 'accelerated' "
+                  "is the preset the others are compared with.")
+flags.DEFINE_list("budgets", ["0.5", "1"], "Full-cost epochs.")
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm at every budget.")
+flags.DEFINE_enum("settings", "sweep", ["sweep", "recipe"],
+                  "base_lr and batch: the budget sweep's tuned ones, or the recipe's.")
+flags.DEFINE_list("extra", [], "More --config overrides for every run, e.g. eval.linear=logistic.")
+flags.DEFINE_string("workdir_root", "/tmp/vit_accel_sweep", "Run directories go below this.")
+flags.DEFINE_string("out_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+flags.DEFINE_string("tag", "", "Suffix of the result files, as the budget sweep's.")
+flags.DEFINE_bool("report_only", False, "Rewrite the report from the .jsonl; run nothing.")
+flags.DEFINE_bool("dry_run", False, "Print the runs still to do; run nothing.")
+FLAGS = flags.FLAGS
+
+PRESET = "accelerated"
+
+
+def tuned_settings(runner: Runner, sweep_report: str) -> dict:
+  """{'baseline': (lr, batch), 'compressed': (lr, batch)}: the budget sweep's best grid points
+  (its report's `best`, set once an arm's grid is complete) for its baseline and accelerated arms,
+  or the recipe's own (--settings=recipe); exits with an error line when the grid is not done."""
+  if FLAGS.settings == "recipe":
+    config = runner.recipe_config()
+    own = (float(config.optim.base_lr), int(config.batch_size))
+    return {"baseline": own, "compressed": own}
+  best = {}
+  if os.path.exists(sweep_report):
+    with open(sweep_report) as f:
+      best = json.load(f).get("best", {})
+  missing = [arm for arm in ("baseline", PRESET) if not best.get(arm)]
+  if missing:
+    raise SystemExit(f"error: the budget sweep's tuning grid for {' and '.join(missing)} is not "
+                     f"complete in {sweep_report}; run bench/budget_sweep.py "
+                     f"--objective={FLAGS.objective} first, or pass --settings=recipe")
+  return {"baseline": tuple(best["baseline"]), "compressed": tuple(best[PRESET])}
+
+
+def planned_runs(arms, settings) -> list[tuple]:
+  """(arm, schedule, budget, lr, batch, seed) of the comparison, seed-major (a first seed of every
+  arm at every budget, then the next)."""
+  runs = []
+  for seed in (int(s) for s in FLAGS.seeds):
+    for budget in sorted(float(b) for b in FLAGS.budgets):
+      for arm, schedule in arms:
+        lr, bs = settings["baseline" if arm == "baseline" else "compressed"]
+        runs.append((arm, schedule, budget, lr, bs, seed))
+  return runs
+
+
+def find(records, run) -> dict | None:
+  key = run_key(run[0], *run[2:])
+  return next((r for r in records if r["key"] == key), None)
+
+
+def compare(records, arms, settings) -> list[dict]:
+  """Per budget and arm: seeds, kNN per seed, mean, stages and reasons of each seed's run; per
+  budget the noise (largest seed range) and each arm's difference to the preset with a verdict."""
+  out = []
+  runs = planned_runs(arms, settings)
+  for budget in sorted(float(b) for b in FLAGS.budgets):
+    row = {"budget_epochs": budget, "arms": {}}
+    for arm, schedule in arms:
+      done = [r for r in (find(records, run) for run in runs
+                          if run[0] == arm and run[2] == budget) if r]
+      if not done:
+        continue
+      knn = [r["final_knn"] for r in done]
+      row["arms"][arm] = {
+          "schedule": schedule, "seeds": [r["seed"] for r in done], "knn": knn,
+          "linear": [r.get("final_linear") for r in done], "mean": statistics.mean(knn),
+          "range": max(knn) - min(knn) if len(knn) > 1 else None,
+          "stages": {r["seed"]: r["stages"] for r in done},
+          "why": {r["seed"]: r.get("why", []) for r in done},
+          "pilot_fraction": [r.get("pilot_fraction") for r in done],
+          "wall": [wall(r) for r in done], "keys": [r["key"] for r in done]}
+    ranges = [e["range"] for e in row["arms"].values() if e["range"] is not None]
+    row["noise"] = max(ranges) if ranges else None
+    preset = row["arms"].get(PRESET)
+    for arm, e in row["arms"].items():
+      if preset is None or arm == PRESET:
+        continue
+      e["diff"] = e["mean"] - preset["mean"]
+      complete = len(e["knn"]) == len(preset["knn"]) == len(FLAGS.seeds) > 1
+      if not complete or row["noise"] is None:
+        e["verdict"] = "seeds incomplete"
+      elif e["diff"] > row["noise"]:
+        e["verdict"] = "above"
+      elif e["diff"] >= -row["noise"]:
+        e["verdict"] = "within noise"
+      else:
+        e["verdict"] = "below"
+    out.append(row)
+  return out
+
+
+def merged(stages: list[str]) -> list[str]:
+  """'SPEC xN' stages with neighbours of one spec merged (an online run lists every segment)."""
+  out = []
+  for stage in stages:
+    spec, _, n = stage.rpartition(" x")
+    if out and out[-1][0] == spec:
+      out[-1][1] += int(n)
+    else:
+      out.append([spec, int(n)])
+  return [f"{spec} x{n}" for spec, n in out]
+
+
+def report(records, arms, settings, stem: str, runner: Runner) -> None:
+  rows = compare(records, arms, settings)
+  lines = [f"# Schedules compared: {FLAGS.objective}", "",
+           f"Written by `python bench/schedule_comparison.py {' '.join(sys.argv[1:])}` on "
+           f"{time.strftime('%Y-%m-%d')}. Every run: the embedded recipe (configs/fmnist_"
+           f"{FLAGS.objective}.py), evaluated once at its end (kNN k=20 and a ridge probe, 10k "
+           "train / 5k test images). Equal total budget: a searched run's budget includes its "
+           "pilot (uncompressed training + gradient-error measurements), an online run's its "
+           "measurements. Settings (base_lr, batch): baseline "
+           f"{settings['baseline']}, every compressed arm {settings['compressed']} "
+           f"({'the budget sweep' if FLAGS.settings == 'sweep' else 'the recipe'}'s).", "",
+           "| budget (epochs) | arm | final kNN per seed | mean | vs preset | verdict | "
+           "schedule (seed 0: stages x steps) | pilot share | train wall |",
+           "|---:|---|---|---:|---:|---|---|---:|---|"]
+  for row in rows:
+    for arm, e in row["arms"].items():
+      knn = ", ".join(f"{k:.4f} (s{s})" for k, s in zip(e["knn"], e["seeds"]))
+      stages = "; ".join(merged(next(iter(e["stages"].values())))).replace("|", "\\|")
+      diff = f"{e['diff']:+.4f}" if "diff" in e else ""
+      pilot = ", ".join(f"{p:.0%}" for p in e["pilot_fraction"] if p is not None)
+      lines.append(f"| {row['budget_epochs']:g} | {arm} | {knn} | {e['mean']:.4f} | {diff} | "
+                   f"{e.get('verdict', '')} | {stages} | {pilot} | {', '.join(e['wall'])} |")
+  lines += ["", "Noise (largest seed-to-seed range of final kNN among the arms, per budget): "
+            + ", ".join(f"{r['budget_epochs']:g} epochs: "
+                        + (f"{r['noise']:.4f}" if r["noise"] is not None else "not yet measured")
+                        for r in rows) + ".", "", "## Why each measured schedule is what it is", ""]
+  copies = os.path.join(os.path.dirname(stem), os.path.basename(stem))
+  for row in rows:
+    for arm, e in row["arms"].items():
+      for seed, why in e["why"].items():
+        if not why:
+          continue
+        key = e["keys"][e["seeds"].index(seed)]
+        lines.append(f"**{arm}, {row['budget_epochs']:g} epochs, seed {seed}** "
+                     f"({'; '.join(merged(e['stages'][seed]))}):")
+        lines += [f"- {line}" for line in why] + [""]
+        searched = os.path.join(runner.workdir(key), "schedule.txt")
+        if os.path.exists(searched):   # the plan file itself, reasons in its comment lines
+          os.makedirs(copies, exist_ok=True)
+          shutil.copyfile(searched, os.path.join(copies, f"{key}.schedule.txt"))
+  io.atomic_write_text(stem + ".md", "\n".join(lines) + "\n")
+  io.atomic_write_json(stem + ".json", {"objective": FLAGS.objective, "arms": arms,
+                                        "settings": settings, "budgets": rows})
+
+
+def main(argv):
+  del argv
+  arms = []
+  for item in FLAGS.arms:
+    name, sep, schedule = item.partition("=")
+    if not sep or not name or not schedule:
+      raise app.UsageError(f"--arms wants NAME=SCHEDULE pairs, got {item!r}")
+    arms.append((name, schedule))
+  if PRESET not in [a for a, _ in arms]:
+    raise app.UsageError(f"--arms needs the preset arm '{PRESET}' to compare with")
+  runner = Runner(FLAGS.objective, FLAGS.config_arg, FLAGS.workdir_root, FLAGS.tag,
+                  tuple(FLAGS.extra))
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  suffix = FLAGS.objective + (f"_{FLAGS.tag}" if FLAGS.tag else "")
+  records_path = os.path.join(FLAGS.out_dir, f"budget_sweep_{suffix}.jsonl")
+  stem = os.path.join(FLAGS.out_dir, f"schedule_comparison_{suffix}")
+  records = load(records_path)
+  settings = tuned_settings(runner, os.path.join(FLAGS.out_dir, f"budget_sweep_{suffix}.json"))
+  todo = [run for run in planned_runs(arms, settings) if find(records, run) is None]
+  if FLAGS.dry_run:
+    for run in todo:
+      print(run_key(run[0], *run[2:]), run[1])
+    return
+  for run in [] if FLAGS.report_only else todo:
+    runner.wait_while_paused()
+    record = runner.run(*run)
+    append(records_path, record)
+    records.append(record)
+    report(records, arms, settings, stem, runner)
+  report(records, arms, settings, stem, runner)
+  print(open(stem + ".md").read(), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

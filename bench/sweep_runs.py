@@ -1,0 +1,197 @@
+"""One training run of a sweep, started through main.py as a user would, and its record.
+
+Shared by bench/budget_sweep.py (accuracy against budget) and bench/schedule_comparison.py
+(searched and online schedules against the preset): both keep their finished runs in one .jsonl per
+objective, keyed by run_key, so a run one of them finished is not run again by the other.
+
+Every run evaluates once, at its end, on one fixed protocol (PROTOCOL: kNN k=20 and a ridge linear
+probe on a 10k train / 5k test subset, full-length features). A run's workdir is kept below
+`workdir_root`, so an interrupted run resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from vit_accel.metric_writer import read_metrics  # noqa: E402
+
+# One evaluation protocol for every run: the recipe's final one, written out so that a recipe
+# change cannot silently change the protocol mid-sweep.
+PROTOCOL = {"eval.final_bank_size": 10000, "eval.final_query_size": 5000, "eval.knn_k": 20,
+            "eval.knn_temperature": 0.07, "eval.linear": "ridge"}
+
+
+def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
+  """The run's name: its workdir below the runner's and its key in the .jsonl."""
+  return f"{arm}_b{budget:g}_lr{lr:g}_bs{batch}_s{seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+  """Runs one objective's recipe (configs/fmnist_<objective>.py[:config_arg]) with `extra`
+  ('key=value' --config overrides) added to every run; workdirs below
+  workdir_root/<objective>[_tag]."""
+  objective: str
+  config_arg: str = ""
+  workdir_root: str = "/tmp/vit_accel_sweep"
+  tag: str = ""
+  extra: tuple[str, ...] = ()
+
+  @property
+  def recipe_path(self) -> str:
+    path = os.path.join(ROOT, "configs", f"fmnist_{self.objective}.py")
+    if not os.path.exists(path):
+      raise SystemExit(f"error: no recipe {path} for --objective={self.objective}")
+    return path
+
+  def recipe_config(self):
+    """The recipe's config as main.py would build it (before --config overrides)."""
+    spec = importlib.util.spec_from_file_location("recipe", self.recipe_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(self.config_arg or None)
+
+  def workdir(self, key: str) -> str:
+    return os.path.join(self.workdir_root, self.objective + (f"_{self.tag}" if self.tag else ""),
+                        key)
+
+  def run(self, arm: str, schedule: str, budget: float, lr: float, batch: int,
+          seed: int) -> dict:
+    """Trains (or resumes) one run and returns its record. `schedule`: a preset, a stage string,
+    a schedule file, 'recipe' (the config's own) or 'pilot' (--mode=pilot, then its searched
+    schedule on the budget the pilot left: the pilot's units and wall-clock count in the run's)."""
+    workdir = self.workdir(run_key(arm, budget, lr, batch, seed))
+    common = {"budget_epochs": budget, "optim.base_lr": lr, "batch_size": batch, "seed": seed,
+              "eval.every_steps": 0, "eval.at_start": False, "eval.at_progress": "()",
+              "checkpoint.at_progress": "()", **PROTOCOL}
+    for item in self.extra:
+      key, _, value = item.partition("=")
+      common[key] = value
+    t0 = time.time()
+    pilot = None
+    if schedule == "pilot":
+      # The paper's procedure at equal total budget: --mode=pilot (uncompressed pilot run, gradient
+      # error at its milestones, search), then the searched schedule on what the pilot left.
+      if not os.path.exists(os.path.join(workdir, "pilot_cost.json")):  # done once, kept on resume
+        self.main_py(workdir, {k: v for k, v in common.items() if k != "checkpoint.at_progress"},
+                     mode="pilot")
+      with open(os.path.join(workdir, "pilot_cost.json")) as f:
+        pilot = json.load(f)
+      if pilot["remaining_units"] <= 0:
+        raise SystemExit(f"error: at {budget:g} epochs the pilot spends {pilot['fraction']:.0%} "
+                         f"of the budget, leaving nothing for the searched run; drop this budget "
+                         f"or lower pilot.budget_fraction (--extra)")
+      with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
+        measure_s = json.load(f)["seconds"]
+      pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")
+                     if "evaluated_by" not in m][-1]
+      pilot["wall_s"] = pilot_train["train_wall_s"] + measure_s
+      run_dir = os.path.join(workdir, "run")
+      chosen = {"schedule_file": os.path.join(workdir, "schedule.txt"),
+                "budget": pilot["remaining_units"]}
+    else:
+      run_dir = workdir
+      chosen = ({} if schedule == "recipe" else
+                {"schedule_file": os.path.abspath(schedule)} if os.path.isfile(schedule) else
+                {"schedule": schedule})
+    self.main_py(run_dir, {**chosen, **common})
+    final = [m for m in read_metrics(run_dir, kind="eval") if "evaluated_by" not in m][-1]
+    with open(os.path.join(run_dir, "plan.json")) as f:
+      plan = json.load(f)
+    extra = {"why": schedule_reasons(workdir, run_dir)}
+    if pilot is not None:   # the pilot's spending counts in the arm's budget and wall-clock
+      final = dict(final, budget_units=final["budget_units"] + pilot["total_units"],
+                   train_wall_s=final["train_wall_s"] + pilot["wall_s"])
+      extra.update(pilot_units=pilot["total_units"], pilot_wall_s=pilot["wall_s"],
+                   pilot_fraction=pilot["fraction"])
+    return {"key": run_key(arm, budget, lr, batch, seed), "arm": arm, "schedule": schedule,
+            "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
+            "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),
+            "train_wall_s": final["train_wall_s"], "budget_units": final["budget_units"],
+            "input_wait_s": final.get("input_wait_s"),
+            "steps": final["step"], "stages": [f"{s['spec']} x{s['num_steps']}"
+                                              for s in plan["stages"]],
+            "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
+            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(),
+            **extra}
+
+  def main_py(self, workdir: str, overrides: dict, mode: str = "train") -> None:
+    """Runs main.py on the recipe (resuming whatever `workdir` holds) with --config overrides."""
+    config = self.recipe_path + (f":{self.config_arg}" if self.config_arg else "")
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
+           f"--workdir={workdir}", f"--mode={mode}"] + [f"--config.{k}={v}"
+                                                       for k, v in overrides.items()]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc:   # its own error line is above; the sweep stops, finished runs stay in the .jsonl
+      raise SystemExit(f"error: main.py --mode={mode} exited with status {rc} on {workdir}")
+
+  def wait_while_paused(self) -> None:
+    """Holds the next run while WORKDIR_ROOT/PAUSE exists: a timing benchmark needs the machine to
+    itself, and two jobs on a few cores slow each other (finished runs' wall-clock stays clean)."""
+    pause = os.path.join(self.workdir_root, "PAUSE")
+    if os.path.exists(pause):
+      print(f"paused: {pause} exists; the next run starts when it is removed", flush=True)
+    while os.path.exists(pause):
+      time.sleep(10)
+
+
+def schedule_reasons(workdir: str, run_dir: str) -> list[str]:
+  """Why the run's schedule is what it is, where a measurement chose it: a searched schedule's
+  reasons (WORKDIR/schedule.json, one line per analysed checkpoint) or an online run's decisions
+  (its `online` metrics lines); [] for a fixed schedule."""
+  path = os.path.join(workdir, "schedule.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return [line for stage in json.load(f)["stages"] for line in stage["why"]]
+  return [m["online_why"] for m in read_metrics(run_dir, kind="online") if "online_why" in m]
+
+
+def machine() -> str:
+  return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}"
+
+
+def commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def load(path: str) -> list[dict]:
+  """The records of a .jsonl ([] when it does not exist yet)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def append(path: str, record: dict) -> None:
+  """Appends one record durably (a crash after this line keeps it)."""
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def cpu_shared(record: dict) -> bool:
+  """Whether the run's wall-clock is inflated by other work on the machine: marked so in its record
+  (`cpu_shared`, set by hand where that is known), or a 1-minute load average at its end of 2.5
+  or more (a lone run on 2 cores shows ~2)."""
+  return bool(record.get("cpu_shared")) or record.get("load_avg_1m", 0.0) >= 2.5
+
+
+def wall(record: dict) -> str:
+  """The run's training wall-clock, starred when the machine was shared."""
+  return f"{record['train_wall_s']:.0f} s" + ("*" if cpu_shared(record) else "")
