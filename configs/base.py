@@ -7,6 +7,8 @@ what it needs. `apply_smoke(c)` holds the smoke overrides the fmnist recipes sha
 """
 import ml_collections
 
+from input_pipeline import recipes
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -140,26 +142,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.std = (0.353, 0.353, 0.353)
   c.data.prefetch = 4
 
-  # Two-view recipe for grey images; the colour ops (saturation, hue, greyscale, blur, solarise)
-  # are in the op set for colour data and off here.
-  c.aug = ml_collections.ConfigDict()
+  # Two-view recipe for grey images: the augmentation keys and their meaning are recipes.defaults'
+  # (one home); the colour ops (saturation, hue, greyscale, blur, solarise) are off here.
+  c.aug = recipes.defaults()
   c.aug.crop_scale = (0.2, 1.0)
-  c.aug.crop_ratio = (3 / 4, 4 / 3)
-  c.aug.flip = True
-  c.aug.downscale = "antialias"  # shrinking a crop: 'antialias' (PIL) | 'area' | 'bilinear'
-  c.aug.jitter_p = 0.8
-  c.aug.brightness = 0.4
-  c.aug.contrast = 0.4
   c.aug.saturation = 0.0
   c.aug.hue = 0.0
   c.aug.grayscale_p = 0.0
-  c.aug.blur_p = (0.0, 0.0)      # per view
-  c.aug.solarize_p = (0.0, 0.0)  # per view
-  c.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range, px (when blur_p > 0)
-  c.aug.local_crops = 0          # multi-crop (DINO): local crops per image; 0 = two views only
-  c.aug.local_size = 0           # ... their side, px
-  c.aug.local_crop_scale = (0.05, 0.4)
-  c.aug.local_blur_p = 0.5
+  c.aug.blur_sigma = (0.1, 2.0)  # px (unused while blur_p is 0)
 
   # Multi-process runs (vit_accel/distributed.py): one process per host, same command on each.
   c.distributed = ml_collections.ConfigDict()

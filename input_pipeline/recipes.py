@@ -16,30 +16,32 @@ from __future__ import annotations
 import ml_collections
 
 
-def _base(image_size: int) -> ml_collections.ConfigDict:
+def defaults(image_size: int = 224) -> ml_collections.ConfigDict:
+  """Every `config.aug` key (the one place they are defined), at BYOL / MoCo-v3 strengths without
+  blur or solarisation; `image_size` (px) scales the blur sigma range."""
   a = ml_collections.ConfigDict()
-  a.crop_scale = (0.08, 1.0)
-  a.crop_ratio = (3 / 4, 4 / 3)
+  a.crop_scale = (0.08, 1.0)  # area fraction of the image a (global) crop covers
+  a.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio range of a crop
   a.flip = True
-  a.downscale = "antialias"  # how a crop larger than its view shrinks (augment.resize_crop)
-  a.jitter_p = 0.8
+  a.downscale = "antialias"  # shrinking a crop: 'antialias' (PIL) | 'area' | 'bilinear'
+  a.jitter_p = 0.8           # colour jitter probability per view
   a.brightness = 0.4
   a.contrast = 0.4
   a.saturation = 0.2
   a.hue = 0.1
   a.grayscale_p = 0.2
-  a.blur_sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)
+  a.blur_sigma = (0.1 * image_size / 224, 2.0 * image_size / 224)  # Gaussian blur sigma, px
   a.blur_p = (0.0, 0.0)      # per global view
   a.solarize_p = (0.0, 0.0)  # per global view
   a.local_crops = 0          # DINO multi-crop: local crops per image (0 = two views only)
-  a.local_size = 0
+  a.local_size = 0           # ... their side, px
   a.local_crop_scale = (0.05, 0.4)
   a.local_blur_p = 0.5
   return a
 
 
 def simclr(strength: float = 1.0, image_size: int = 224) -> ml_collections.ConfigDict:
-  a = _base(image_size)
+  a = defaults(image_size)
   a.brightness = a.contrast = a.saturation = 0.8 * strength
   a.hue = 0.2 * strength
   a.blur_p = (0.5, 0.5)
@@ -47,7 +49,7 @@ def simclr(strength: float = 1.0, image_size: int = 224) -> ml_collections.Confi
 
 
 def byol_asymmetric(image_size: int = 224) -> ml_collections.ConfigDict:
-  a = _base(image_size)
+  a = defaults(image_size)
   a.blur_p = (1.0, 0.1)
   a.solarize_p = (0.0, 0.2)
   return a
