@@ -45,7 +45,8 @@ flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe", "searched=pilo
                            "online=online"],
                   "NAME=SCHEDULE pairs (see the module docstring); the arm named 'accelerated' "
                   "is the preset the others are compared with.")
-flags.DEFINE_list("budgets", ["0.5", "1"], "Full-cost epochs.")
+flags.DEFINE_list("budgets", ["1", "2"], "Full-cost epochs (the pilot's measurements need a "
+                  "budget that pays for them: pilot.measure_fraction).")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm at every budget.")
 flags.DEFINE_enum("settings", "sweep", ["sweep", "recipe"],
                   "base_lr and batch: the budget sweep's tuned ones, or the recipe's.")

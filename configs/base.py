@@ -112,6 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.pilot = ml_collections.ConfigDict()
   c.pilot.budget_fraction = 0.15
   c.pilot.at_progress = (0.1, 0.35, 0.6, 0.9)
+  # The gradient-error measurements' cap, as a share of the budget: a round costs the same at any
+  # budget, so at small budgets grad_error's R and M shrink (to 2 each at least) and fewer rounds
+  # run, so that the pilot costs at most budget_fraction + measure_fraction.
+  c.pilot.measure_fraction = 0.1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 2e-3         # x batch_size / 256 (MoCo-v3 ViT: 1.5e-4 at batch 4096)

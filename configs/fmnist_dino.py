@@ -43,6 +43,9 @@ def get_config(arg: str | None = None):
       "patch8", "patch8|full|full", "patch8|patch8", "patch8|patch8|full", "full|patch8",
       "keep0.5", "keep0.5|full|full", "keep0.5|keep0.5", "full|keep0.5", "full|full|keep0.5",
       "keep0.25|keep0.25", "patch8|patch8|full,crops2", "full|full|full,crops2")
+  # 13 candidates make a gradient-error round ~4x MoCo-v3's: --mode=pilot may spend up to 20% of
+  # the budget measuring (one round of 2 + 2 batches per milestone at the default budget).
+  c.pilot.measure_fraction = 0.2
   c.compression.cost_candidates = ("patch8", "keep0.5", "keep0.25", "patch8|patch8",
                                    "keep0.5|keep0.5", "patch8|patch8|full", "full|full|keep0.5",
                                    "patch8|patch8|full,crops2")

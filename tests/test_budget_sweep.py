@@ -51,7 +51,7 @@ def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
          "--budgets=0.05", "--seeds=0,1", f"--out_dir={tmp_path / 'out'}",
          f"--workdir_root={tmp_path / 'runs'}", "--tag=tiny",
          "--extra=compile_cache_dir=,tensorboard=False,grad_error.reference_batches=2,"
-         "grad_error.batches=2,grad_error.max_rounds=1"]
+         "grad_error.batches=2,grad_error.max_rounds=1,pilot.measure_fraction=1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
   assert first.returncode == 0, first.stderr[-3000:]

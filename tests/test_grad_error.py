@@ -268,6 +268,7 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
 def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mnist):
   from conftest import tiny_config
   config = tiny_config(**{"pilot.budget_fraction": 1.0, "pilot.at_progress": (0.3, 0.9),
+                          "pilot.measure_fraction": 1.0,
                           "grad_error.reference_batches": 2, "grad_error.batches": 2,
                           "grad_error.candidates": ("keep0.25|keep0.25",)})
   text = pilot_mode.run(config, str(tmp_path))
@@ -289,6 +290,32 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   assert per_round > 0 and cost["measurement_units"] == pytest.approx(rounds * per_round)
   assert cost["remaining_units"] == pytest.approx(budget - cost["total_units"])
   assert "nothing is left" in (tmp_path / "schedule.txt").read_text()   # fraction 1.0 here
+
+
+def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashion_mnist):
+  """measurement_plan: the configured R, M and rounds where the cap allows; R and M shrunk together
+  (not below 2) and fewer rounds at smaller budgets, one round per milestone always within the
+  cap; a budget that cannot pay for R = M = 2 is one UserError before the pilot trains."""
+  from conftest import tiny_config
+  config = tiny_config(**{"grad_error.reference_batches": 8, "grad_error.batches": 6,
+                          "grad_error.max_rounds": 3, "pilot.measure_fraction": 0.1,
+                          "pilot.at_progress": (0.2, 0.5, 0.8)})
+  strategies = step_plan.candidates(config, "grad_error.candidates")
+  units = lambda r, m: step_plan.measurement_units(config, strategies, r, m)  # noqa: E731
+  for budget, expected in ((1e3 * 30 * units(8, 6), (8, 6, 3)),   # plenty: as configured
+                           (30 * units(8, 6) * 2.5, (8, 6, 2)),   # two full rounds per milestone
+                           (30 * units(4, 3) * 1.01, (4, 3, 1)),  # half the batches, one round
+                           (30 * units(2, 2) * 1.001, (2, 2, 1))):  # the floor
+    config.budget = budget
+    plan = pilot_mode.measurement_plan(config, 60000)
+    assert (plan["reference_batches"], plan["batches"], plan["max_rounds"]) == expected
+    assert plan["round_units"] == pytest.approx(units(*expected[:2]))
+    assert 3 * plan["max_rounds"] * plan["round_units"] <= 0.1 * budget * (1 + 1e-9)
+  config.budget = 30 * units(2, 2) * 0.9
+  with pytest.raises(UserError, match=r"pilot.measure_fraction=0.1 .* cannot pay for one "
+                                      r"gradient-error round"):
+    pilot_mode.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "pilot")   # nothing trained
 
 
 def test_measured_step_times_replace_the_cost_model_only_when_complete(tmp_path):

@@ -213,6 +213,7 @@ DOMAINS = {
     "online.candidates": Each(TEXT),
     "online.ties": Choice(("interval", "tolerance")),
     "pilot.budget_fraction": FRACTION,
+    "pilot.measure_fraction": FRACTION,
     "pilot.at_progress": Each(FRACTION),
     # optimiser
     "optim.base_lr": POSITIVE,

@@ -4,18 +4,22 @@ A short uncompressed run (pilot.budget_fraction of the budget) in WORKDIR/pilot 
 pilot.at_progress of its own budget, the gradient-error tables at those milestones (--mode=grad_error
 on WORKDIR/pilot), and the schedule searched from them (--mode=search: WORKDIR/schedule.txt). A
 milestone at fraction p of the pilot stands for progress p of the full run (the pilot's lr and
-momentum schedules are the full run's, compressed in time). What the pilot spent (training and
-measurements, in budget units) goes to WORKDIR/pilot_cost.json and schedule.txt's last comment,
-with the budget that is left: comparisons at equal total budget train the searched schedule on it.
+momentum schedules are the full run's, compressed in time). The measurements spend at most
+pilot.measure_fraction of the budget (measurement_plan: fewer batches and rounds at small budgets).
+What the pilot spent (training and measurements, in budget units) goes to WORKDIR/pilot_cost.json
+and schedule.txt's last comment, with the budget that is left: comparisons at equal total budget
+train the searched schedule on it.
 """
 from __future__ import annotations
 
 import os
 
 import jax
+from absl import logging
 
 from input_pipeline import pipeline
 from vit_accel import distributed, io, step_plan, train
+from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
 from vit_accel.modes import grad_error as grad_error_mode
 from vit_accel.modes import search as search_mode
@@ -37,12 +41,53 @@ def pilot_config(config, num_train: int):
   return pilot
 
 
+def measurement_plan(config, num_train: int) -> dict:
+  """How much the pilot measures: {reference_batches, batches, max_rounds, cap_units,
+  round_units} such that one round at every milestone fits in pilot.measure_fraction of the budget
+  and at most max_rounds rounds do (grad_error.measure stops earlier once the pick is resolved).
+
+  A round's cost does not depend on the budget (R + M batches of gradients per candidate), so at
+  small budgets the configured grad_error.reference_batches (R) and batches (M) shrink together,
+  to 2 each at least, and max_rounds falls; at large ones they are the configured values.
+  Raises UserError, before anything trains, when even R = M = 2 does not fit.
+  """
+  ge = config.grad_error
+  strategies = step_plan.candidates(config, "grad_error.candidates")
+  milestones = len(config.pilot.at_progress)
+  cap = float(config.pilot.measure_fraction) * step_plan.budget_units(config, num_train)
+  per_milestone = cap / milestones
+  units = lambda r, m: step_plan.measurement_units(config, strategies, r, m)  # noqa: E731
+  r, m = int(ge.reference_batches), int(ge.batches)
+  if units(r, m) > per_milestone:   # units are linear in R and M: scale both by the same factor
+    scale = per_milestone / units(r, m)
+    r, m = max(2, int(r * scale)), max(2, int(m * scale))
+  if units(r, m) > per_milestone:
+    raise UserError(
+        f"pilot.measure_fraction={config.pilot.measure_fraction:g} of the budget "
+        f"({cap:.4g} units) cannot pay for one gradient-error round of 2 + 2 batches at each of "
+        f"{milestones} milestones ({units(2, 2) * milestones:.4g} units for "
+        f"{len(strategies) - 1} candidates at batch {config.batch_size}); raise the budget or "
+        f"pilot.measure_fraction, or measure fewer grad_error.candidates or pilot.at_progress")
+  rounds = max(1, min(int(ge.max_rounds), int(per_milestone // units(r, m))))
+  return {"reference_batches": r, "batches": m, "max_rounds": rounds, "cap_units": cap,
+          "round_units": units(r, m)}
+
+
 def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
   distributed.initialize(config)   # multi-host: before anything touches a device
   num_train = pipeline.load_source(config, "train").num_examples
+  measure = measurement_plan(config, num_train)   # a budget too small for it fails before training
+  logging.info("pilot measurements: R=%d reference and M=%d batches per candidate, at most %d "
+               "round(s) per milestone (%.4g units each; cap %.4g units = pilot.measure_fraction)",
+               measure["reference_batches"], measure["batches"], measure["max_rounds"],
+               measure["round_units"], measure["cap_units"])
   pilot = pilot_config(config, num_train)
+  with pilot.unlocked():
+    pilot.grad_error.reference_batches = measure["reference_batches"]
+    pilot.grad_error.batches = measure["batches"]
+    pilot.grad_error.max_rounds = measure["max_rounds"]
   pilot_dir = os.path.join(workdir, "pilot")
   train.train_and_evaluate(pilot, pilot_dir)
   plan = step_plan.make_step_plan(pilot, num_train)
