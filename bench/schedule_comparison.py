@@ -82,11 +82,11 @@ def tuned_settings(runner: Runner, sweep_report: str) -> dict:
 
 
 def planned_runs(arms, settings) -> list[tuple]:
-  """(arm, schedule, budget, lr, batch, seed) of the comparison, seed-major (a first seed of every
-  arm at every budget, then the next)."""
+  """(arm, schedule, budget, lr, batch, seed) of the comparison, budget-major (every arm and seed
+  at the smallest budget first: a partial comparison has whole verdicts)."""
   runs = []
-  for seed in (int(s) for s in FLAGS.seeds):
-    for budget in sorted(float(b) for b in FLAGS.budgets):
+  for budget in sorted(float(b) for b in FLAGS.budgets):
+    for seed in (int(s) for s in FLAGS.seeds):
       for arm, schedule in arms:
         lr, bs = settings["baseline" if arm == "baseline" else "compressed"]
         runs.append((arm, schedule, budget, lr, bs, seed))
