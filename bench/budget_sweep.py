@@ -60,7 +60,8 @@ flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe"],
                   "NAME=SCHEDULE pairs; the first is the baseline whose final kNN is the target. "
                   "SCHEDULE: a preset, a stage string, a schedule file, 'recipe' (the "
                   "config's own) or 'pilot' (--mode=pilot, then its searched schedule on the "
-                  "budget the pilot left: pilot included in the arm's budget and wall-clock).")
+                  "budget the pilot left: pilot included in the arm's budget and wall-clock; "
+                  "it needs budgets that pay for its measurements, pilot.measure_fraction).")
 flags.DEFINE_list("budgets", ["0.25", "0.5", "1", "2", "4"], "Full-cost epochs, every arm.")
 flags.DEFINE_list("low_budgets", ["0.03125", "0.0625", "0.125"],
                   "Full-cost epochs run by every arm but the baseline (where it already beats "

@@ -2,7 +2,7 @@
 preset and the uncompressed baseline, at equal total budget, with the seed-to-seed noise measured.
 
   python bench/schedule_comparison.py --objective=mocov3                 # after budget_sweep's grid
-  python bench/schedule_comparison.py --objective=dino --budgets=0.5,1 --seeds=0,1
+  python bench/schedule_comparison.py --objective=simclr --budgets=1,2 --seeds=0,1
 
 Arms (--arms, NAME=SCHEDULE): `baseline=none`, `accelerated=recipe` (the recipe's hand-set preset),
 `searched=pilot` (--mode=pilot: an uncompressed pilot on pilot.budget_fraction of the budget, the
@@ -94,8 +94,11 @@ def planned_runs(arms, settings) -> list[tuple]:
 
 
 def find(records, run) -> dict | None:
+  """The finished record of `run`: same key, schedule and --extra (a budget-sweep run of the same
+  name but another schedule or other overrides is not this run)."""
   key = run_key(run[0], *run[2:])
-  return next((r for r in records if r["key"] == key), None)
+  return next((r for r in records if r["key"] == key and r["schedule"] == run[1]
+               and r.get("extra", []) == list(FLAGS.extra)), None)
 
 
 def compare(records, arms, settings) -> list[dict]:
@@ -117,7 +120,8 @@ def compare(records, arms, settings) -> list[dict]:
           "range": max(knn) - min(knn) if len(knn) > 1 else None,
           "stages": {r["seed"]: r["stages"] for r in done},
           "why": {r["seed"]: r.get("why", []) for r in done},
-          "pilot_fraction": [r.get("pilot_fraction") for r in done],
+          "pilot": [(r["pilot_fraction"], r.get("pilot_measure")) for r in done
+                    if r.get("pilot_fraction") is not None],
           "wall": [wall(r) for r in done], "keys": [r["key"] for r in done]}
     ranges = [e["range"] for e in row["arms"].values() if e["range"] is not None]
     row["noise"] = max(ranges) if ranges else None
@@ -126,8 +130,9 @@ def compare(records, arms, settings) -> list[dict]:
       if preset is None or arm == PRESET:
         continue
       e["diff"] = e["mean"] - preset["mean"]
-      complete = len(e["knn"]) == len(preset["knn"]) == len(FLAGS.seeds) > 1
-      if not complete or row["noise"] is None:
+      if len(FLAGS.seeds) < 2:
+        e["verdict"] = "one seed: noise not measured"
+      elif not len(e["knn"]) == len(preset["knn"]) == len(FLAGS.seeds) or row["noise"] is None:
         e["verdict"] = "seeds incomplete"
       elif e["diff"] > row["noise"]:
         e["verdict"] = "above"
@@ -163,14 +168,18 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
            f"{settings['baseline']}, every compressed arm {settings['compressed']} "
            f"({'the budget sweep' if FLAGS.settings == 'sweep' else 'the recipe'}'s).", "",
            "| budget (epochs) | arm | final kNN per seed | mean | vs preset | verdict | "
-           "schedule (seed 0: stages x steps) | pilot share | train wall |",
+           "schedule per seed (stages x steps) | pilot share (R, M, rounds) | train wall |",
            "|---:|---|---|---:|---:|---|---|---:|---|"]
   for row in rows:
     for arm, e in row["arms"].items():
       knn = ", ".join(f"{k:.4f} (s{s})" for k, s in zip(e["knn"], e["seeds"]))
-      stages = "; ".join(merged(next(iter(e["stages"].values())))).replace("|", "\\|")
+      shown = {seed: "; ".join(merged(st)) for seed, st in e["stages"].items()}
+      stages = (next(iter(shown.values())) if len(set(shown.values())) == 1 else
+                " / ".join(f"s{seed}: {text}" for seed, text in shown.items())).replace("|", "\\|")
       diff = f"{e['diff']:+.4f}" if "diff" in e else ""
-      pilot = ", ".join(f"{p:.0%}" for p in e["pilot_fraction"] if p is not None)
+      pilot = ", ".join(f"{share:.0%}" + (f" ({m['reference_batches']}, {m['batches']}, "
+                                         f"<={m['max_rounds']})" if m else "")
+                        for share, m in e["pilot"])
       lines.append(f"| {row['budget_epochs']:g} | {arm} | {knn} | {e['mean']:.4f} | {diff} | "
                    f"{e.get('verdict', '')} | {stages} | {pilot} | {', '.join(e['wall'])} |")
   lines += ["", "Noise (largest seed-to-seed range of final kNN among the arms, per budget): "
@@ -219,14 +228,23 @@ def main(argv):
     for run in todo:
       print(run_key(run[0], *run[2:]), run[1])
     return
+  failed = []
   for run in [] if FLAGS.report_only else todo:
     runner.wait_while_paused()
-    record = runner.run(*run)
+    try:
+      record = runner.run(*run)
+    except SystemExit as e:   # e.g. a budget too small for the pilot: the other runs go on
+      failed.append(f"{run_key(run[0], *run[2:])}: {e}")
+      print(f"{failed[-1]}; going on with the next run", flush=True)
+      continue
     append(records_path, record)
     records.append(record)
     report(records, arms, settings, stem, runner)
   report(records, arms, settings, stem, runner)
   print(open(stem + ".md").read(), flush=True)
+  if failed:
+    raise SystemExit("error: these runs failed (not in the report; the error line of each is "
+                     "above):\n  " + "\n  ".join(failed))
 
 
 if __name__ == "__main__":

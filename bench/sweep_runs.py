@@ -90,9 +90,11 @@ class Runner:
       if pilot["remaining_units"] <= 0:
         raise SystemExit(f"error: at {budget:g} epochs the pilot spends {pilot['fraction']:.0%} "
                          f"of the budget, leaving nothing for the searched run; drop this budget "
-                         f"or lower pilot.budget_fraction (--extra)")
+                         f"or lower pilot.budget_fraction / pilot.measure_fraction (--extra)")
       with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
-        measure_s = json.load(f)["seconds"]
+        measured = json.load(f)
+      measure_s = measured["seconds"]
+      pilot["measure"] = {k: measured[k] for k in ("reference_batches", "batches", "max_rounds")}
       pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")
                      if "evaluated_by" not in m][-1]
       pilot["wall_s"] = pilot_train["train_wall_s"] + measure_s
@@ -113,7 +115,8 @@ class Runner:
       final = dict(final, budget_units=final["budget_units"] + pilot["total_units"],
                    train_wall_s=final["train_wall_s"] + pilot["wall_s"])
       extra.update(pilot_units=pilot["total_units"], pilot_wall_s=pilot["wall_s"],
-                   pilot_fraction=pilot["fraction"])
+                   pilot_fraction=pilot["fraction"], pilot_rounds=pilot["rounds"],
+                   pilot_measure=pilot["measure"])
     return {"key": run_key(arm, budget, lr, batch, seed), "arm": arm, "schedule": schedule,
             "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
             "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),
@@ -123,7 +126,7 @@ class Runner:
                                               for s in plan["stages"]],
             "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(),
-            **extra}
+            "extra": list(self.extra), **extra}
 
   def main_py(self, workdir: str, overrides: dict, mode: str = "train") -> None:
     """Runs main.py on the recipe (resuming whatever `workdir` holds) with --config overrides."""

@@ -311,6 +311,12 @@ def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashio
     assert (plan["reference_batches"], plan["batches"], plan["max_rounds"]) == expected
     assert plan["round_units"] == pytest.approx(units(*expected[:2]))
     assert 3 * plan["max_rounds"] * plan["round_units"] <= 0.1 * budget * (1 + 1e-9)
+  # Uneven R:M: scaled together one of them falls below 2; held at 2, the other takes the rest.
+  config.grad_error.reference_batches, config.grad_error.batches = 16, 4
+  config.budget = 30 * units(2, 2) * 1.3
+  plan = pilot_mode.measurement_plan(config, 60000)
+  assert min(plan["reference_batches"], plan["batches"]) >= 2
+  assert 3 * plan["round_units"] <= 0.1 * config.budget * (1 + 1e-9)
   config.budget = 30 * units(2, 2) * 0.9
   with pytest.raises(UserError, match=r"pilot.measure_fraction=0.1 .* cannot pay for one "
                                       r"gradient-error round"):

@@ -57,10 +57,14 @@ def measurement_plan(config, num_train: int) -> dict:
   cap = float(config.pilot.measure_fraction) * step_plan.budget_units(config, num_train)
   per_milestone = cap / milestones
   units = lambda r, m: step_plan.measurement_units(config, strategies, r, m)  # noqa: E731
+  per_r, per_m = units(1, 0), units(0, 1)   # units are linear in R and M
   r, m = int(ge.reference_batches), int(ge.batches)
-  if units(r, m) > per_milestone:   # units are linear in R and M: scale both by the same factor
-    scale = per_milestone / units(r, m)
-    r, m = max(2, int(r * scale)), max(2, int(m * scale))
+  if units(r, m) > per_milestone and units(2, 2) <= per_milestone:
+    # Both shrink by the same factor; where one is held at 2, the other takes what is left.
+    r = max(2, int(r * per_milestone / units(r, m)))
+    m = max(2, min(m, int((per_milestone - r * per_r) / per_m)))
+    if units(r, m) > per_milestone:
+      r = max(2, int((per_milestone - m * per_m) / per_r))
   if units(r, m) > per_milestone:
     raise UserError(
         f"pilot.measure_fraction={config.pilot.measure_fraction:g} of the budget "
@@ -115,7 +119,7 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   if cost["remaining_units"] <= 0:
     print(f"warning: the pilot spent {cost['fraction']:.0%} of the budget; at equal total budget "
           f"nothing is left for the searched schedule (lower pilot.budget_fraction or "
-          f"grad_error.max_rounds)", flush=True)
+          f"pilot.measure_fraction)", flush=True)
     save_config(config, workdir, "pilot", primary=jax.process_index() == 0)
     return text
   print(f"the pilot spent {cost['total_units']:.4g} budget units ({cost['fraction']:.1%}: training "
