@@ -41,21 +41,20 @@ from absl import app, flags
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from sweep_runs import (  # noqa: E402  (bench/ is the script's directory)
-  ROOT,
-  Runner,
   append,
   cpu_shared,
+  define_flags,
   load,
+  parse_arms,
   run_key,
+  runner_from_flags,
   wall,
 )
 
 from vit_accel import io  # noqa: E402
 from vit_accel import time_to_accuracy as tta  # noqa: E402
 
-flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
-flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist_X.py:ARG "
-                    "(e.g. 'smoke' for a tiny end-to-end check).")
+define_flags()
 flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe"],
                   "NAME=SCHEDULE pairs; the first is the baseline whose final kNN is the target. "
                   "SCHEDULE: a preset, a stage string, a schedule file, 'recipe' (the "
@@ -72,12 +71,6 @@ flags.DEFINE_list("lr_factors", ["0.5", "1", "2"], "Tuning grid: multiples of th
 flags.DEFINE_list("batches", ["64", "128"], "Tuning grid: global batch sizes.")
 flags.DEFINE_float("seed_budget", 0.5, "Budget of the extra-seed runs.")
 flags.DEFINE_list("extra_seeds", ["1", "2"], "Seeds run at --seed_budget besides seed 0.")
-flags.DEFINE_list("extra", [], "More --config overrides for every run, e.g. eval.linear=logistic.")
-flags.DEFINE_string("workdir_root", "/tmp/vit_accel_sweep", "Run directories go below this.")
-flags.DEFINE_string("out_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
-flags.DEFINE_string("tag", "", "Suffix of the result files (budget_sweep_<objective>[_tag]).")
-flags.DEFINE_bool("report_only", False, "Rewrite the report from the .jsonl; run nothing.")
-flags.DEFINE_bool("dry_run", False, "Print the runs still to do; run nothing.")
 FLAGS = flags.FLAGS
 
 def best_setting(records: list[dict], arm: str, grid: list[tuple[float, int]]
@@ -282,14 +275,8 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
 
 def main(argv):
   del argv
-  arms = []
-  for item in FLAGS.arms:
-    name, sep, schedule = item.partition("=")
-    if not sep or not name or not schedule:
-      raise app.UsageError(f"--arms wants NAME=SCHEDULE pairs, got {item!r}")
-    arms.append((name, schedule))
-  runner = Runner(FLAGS.objective, FLAGS.config_arg, FLAGS.workdir_root, FLAGS.tag,
-                  tuple(FLAGS.extra))
+  arms = parse_arms(FLAGS.arms)
+  runner = runner_from_flags()
   base_lr = float(runner.recipe_config().optim.base_lr)
   grid = [(base_lr * float(f), int(b)) for f in FLAGS.lr_factors for b in FLAGS.batches]
   os.makedirs(FLAGS.out_dir, exist_ok=True)

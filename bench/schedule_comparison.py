@@ -35,12 +35,20 @@ import sys
 import time
 
 from absl import app, flags
-from sweep_runs import ROOT, Runner, append, load, run_key, wall  # bench/ is the script's directory
+from sweep_runs import (  # bench/ is the script's directory
+  Runner,
+  append,
+  define_flags,
+  load,
+  parse_arms,
+  run_key,
+  runner_from_flags,
+  wall,
+)
 
 from vit_accel import io  # (sweep_runs put the repository on sys.path)
 
-flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
-flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist_X.py:ARG.")
+define_flags()
 flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe", "searched=pilot",
                            "online=online"],
                   "NAME=SCHEDULE pairs (see the module docstring); the arm named 'accelerated' "
@@ -50,12 +58,6 @@ flags.DEFINE_list("budgets", ["1", "2"], "Full-cost epochs (the pilot's measurem
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm at every budget.")
 flags.DEFINE_enum("settings", "sweep", ["sweep", "recipe"],
                   "base_lr and batch: the budget sweep's tuned ones, or the recipe's.")
-flags.DEFINE_list("extra", [], "More --config overrides for every run, e.g. eval.linear=logistic.")
-flags.DEFINE_string("workdir_root", "/tmp/vit_accel_sweep", "Run directories go below this.")
-flags.DEFINE_string("out_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
-flags.DEFINE_string("tag", "", "Suffix of the result files, as the budget sweep's.")
-flags.DEFINE_bool("report_only", False, "Rewrite the report from the .jsonl; run nothing.")
-flags.DEFINE_bool("dry_run", False, "Print the runs still to do; run nothing.")
 FLAGS = flags.FLAGS
 
 PRESET = "accelerated"
@@ -207,16 +209,10 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
 
 def main(argv):
   del argv
-  arms = []
-  for item in FLAGS.arms:
-    name, sep, schedule = item.partition("=")
-    if not sep or not name or not schedule:
-      raise app.UsageError(f"--arms wants NAME=SCHEDULE pairs, got {item!r}")
-    arms.append((name, schedule))
+  arms = parse_arms(FLAGS.arms)
   if PRESET not in [a for a, _ in arms]:
     raise app.UsageError(f"--arms needs the preset arm '{PRESET}' to compare with")
-  runner = Runner(FLAGS.objective, FLAGS.config_arg, FLAGS.workdir_root, FLAGS.tag,
-                  tuple(FLAGS.extra))
+  runner = runner_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   suffix = FLAGS.objective + (f"_{FLAGS.tag}" if FLAGS.tag else "")
   records_path = os.path.join(FLAGS.out_dir, f"budget_sweep_{suffix}.jsonl")

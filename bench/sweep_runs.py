@@ -31,6 +31,29 @@ PROTOCOL = {"eval.final_bank_size": 10000, "eval.final_query_size": 5000, "eval.
             "eval.knn_temperature": 0.07, "eval.linear": "ridge"}
 
 
+def define_flags() -> None:
+  """The absl flags every sweep script shares: the recipe, overrides for every run, where runs and
+  results go, report-only and dry-run modes (read back by runner_from_flags)."""
+  from absl import flags
+  flags.DEFINE_string("objective", "mocov3", "Which recipe: configs/fmnist_<objective>.py.")
+  flags.DEFINE_string("config_arg", "", "Passed after the recipe as configs/fmnist_X.py:ARG "
+                      "(e.g. 'smoke' for a tiny end-to-end check).")
+  flags.DEFINE_list("extra", [], "More --config overrides for every run, e.g. "
+                    "eval.linear=logistic.")
+  flags.DEFINE_string("workdir_root", "/tmp/vit_accel_sweep", "Run directories go below this.")
+  flags.DEFINE_string("out_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+  flags.DEFINE_string("tag", "", "Suffix of the result files (<report>_<objective>[_tag]).")
+  flags.DEFINE_bool("report_only", False, "Rewrite the report from the .jsonl; run nothing.")
+  flags.DEFINE_bool("dry_run", False, "Print the runs still to do; run nothing.")
+
+
+def runner_from_flags():
+  """The Runner the shared flags (define_flags) describe."""
+  from absl import flags
+  f = flags.FLAGS
+  return Runner(f.objective, f.config_arg, f.workdir_root, f.tag, tuple(f.extra))
+
+
 def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
   """The run's name: its workdir below the runner's and its key in the .jsonl."""
   return f"{arm}_b{budget:g}_lr{lr:g}_bs{batch}_s{seed}"
@@ -147,6 +170,17 @@ class Runner:
       print(f"paused: {pause} exists; the next run starts when it is removed", flush=True)
     while os.path.exists(pause):
       time.sleep(10)
+
+
+def parse_arms(items: list[str]) -> list[tuple[str, str]]:
+  """--arms' NAME=SCHEDULE items -> [(name, schedule)]; SystemExit with an error line otherwise."""
+  arms = []
+  for item in items:
+    name, sep, schedule = item.partition("=")
+    if not sep or not name or not schedule:
+      raise SystemExit(f"error: --arms wants NAME=SCHEDULE pairs, got {item!r}")
+    arms.append((name, schedule))
+  return arms
 
 
 def schedule_reasons(workdir: str, run_dir: str) -> list[str]:
