@@ -188,3 +188,50 @@ def test_gelu_is_the_exact_erf_gelu():
                              atol=0.06, rtol=0.02)
   # Not the tanh approximation: that differs by up to ~5e-4.
   assert float(jnp.max(jnp.abs(gelu(x) - jax.nn.gelu(x, approximate=True)))) > 1e-4
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dims", [
+    ((3, 5, 8), (8, 6), (((2,), (0,)), ((), ()))),              # nn.Dense on tokens
+    ((3, 5, 8), (8, 2, 4), (((2,), (0,)), ((), ()))),           # attention's q/k/v projection
+    ((3, 5, 2, 4), (2, 4, 8), (((2, 3), (0, 1)), ((), ()))),    # attention's output projection
+    ((3, 5, 8), (3, 8, 6), (((2,), (1,)), ((0,), (0,)))),       # batched: passed through
+    ((8, 5), (8, 6), (((0,), (0,)), ((), ()))),                 # leading contraction: passed through
+])
+def test_flat_dot_general_is_dot_general_with_the_same_gradients(lhs_shape, rhs_shape, dims):
+  from vit_accel.models.vit import flat_dot_general
+  k1, k2 = jax.random.split(jax.random.key(0))
+  lhs, rhs = jax.random.normal(k1, lhs_shape), jax.random.normal(k2, rhs_shape)
+  ours = lambda a, b: jnp.sum(jnp.sin(flat_dot_general(a, b, dims)))           # noqa: E731
+  ref = lambda a, b: jnp.sum(jnp.sin(jax.lax.dot_general(a, b, dims)))         # noqa: E731
+  np.testing.assert_allclose(flat_dot_general(lhs, rhs, dims), jax.lax.dot_general(lhs, rhs, dims),
+                             rtol=1e-5, atol=1e-5)
+  for g, r in zip(jax.grad(ours, (0, 1))(lhs, rhs), jax.grad(ref, (0, 1))(lhs, rhs)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  out = flat_dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dims,
+                         preferred_element_type=jnp.float32)
+  assert out.dtype == jnp.float32
+
+
+def test_vit_gradients_contract_one_dimension_per_matmul():
+  # Why flat_dot_general exists: a kernel gradient that contracts batch and tokens together is laid
+  # out by XLA's CPU backend with a slow transposing copy. Every matmul of the ViT's forward and
+  # backward (batch-free ones: the dense layers and the patch embedding) contracts one dimension.
+  model = VisionTransformer(width=32, depth=1, num_heads=2, patch_size=8, image_size=32)
+  images = jnp.ones((2, 32, 32, 3))
+  params = model.init(jax.random.key(0), images)
+  loss = lambda p: jnp.sum(model.apply(p, images)[0] ** 2)   # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+
+  def dots(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name == "dot_general":
+        yield eqn.params["dimension_numbers"]
+      for v in eqn.params.values():   # nested jaxprs (pjit, custom_vjp, remat)
+        for sub in (v if isinstance(v, (list, tuple)) else [v]):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from dots(sub)
+
+  unbatched = [d for d in dots(jaxpr.jaxpr) if not d[1][0]]
+  assert len(unbatched) >= 8, unbatched   # forward, input and kernel gradients of 4+ matmuls
+  assert all(len(d[0][0]) == 1 for d in unbatched), unbatched
