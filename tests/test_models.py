@@ -235,3 +235,22 @@ def test_vit_gradients_contract_one_dimension_per_matmul():
   unbatched = [d for d in dots(jaxpr.jaxpr) if not d[1][0]]
   assert len(unbatched) >= 8, unbatched   # forward, input and kernel gradients of 4+ matmuls
   assert all(len(d[0][0]) == 1 for d in unbatched), unbatched
+
+
+def test_self_attention_is_flax_multi_head_attention_with_the_same_parameters():
+  # Same parameter tree and initial values (checkpoints and the timm export read them), same output.
+  import flax.linen as nn
+
+  from vit_accel.models.vit import SelfAttention
+  b, t, width = 3, 7, 32
+  x = jax.random.normal(jax.random.key(0), (b, t, width))
+  ours = SelfAttention(num_heads=4)
+  flax_mha = nn.MultiHeadDotProductAttention(num_heads=4,
+                                             kernel_init=nn.initializers.xavier_uniform())
+  p_ours = ours.init(jax.random.key(1), x.reshape(b * t, width), (b, t))
+  p_flax = flax_mha.init(jax.random.key(1), x, x)
+  assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(p_flax)
+  for u, v in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_flax)):
+    np.testing.assert_array_equal(u, v)
+  y = ours.apply(p_flax, x.reshape(b * t, width), (b, t)).reshape(b, t, width)
+  np.testing.assert_allclose(y, flax_mha.apply(p_flax, x, x), atol=1e-5, rtol=1e-5)
