@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from input_pipeline import sources  # numpy only: the data check runs before JAX/TF start
-from vit_accel import errors, io, modes  # standard library only: nothing heavy before the checks
+from vit_accel import errors, io, modes, xla_flags  # standard library only: nothing heavy first
 from vit_accel.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, StorageError, UserError
 
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<recipe>.py[:arg].",
@@ -75,6 +75,7 @@ def main(argv):
     mode = modes.MODES[FLAGS.mode]
     if mode.reads_data:
       sources.check_source(config)
+    xla_flags.apply(config)   # before JAX builds a backend: XLA reads XLA_FLAGS then
     logging.info("config:\n%s", config)
     args = modes.Args(compare=tuple(os.path.abspath(d) for d in FLAGS.compare))
     modes.load(FLAGS.mode).run(config, os.path.abspath(FLAGS.workdir), args)

@@ -9,7 +9,7 @@ heads, patch 4 on 32 px, MLP ratio 4, CLS token without a position embedding), p
 predictor 2 layers of 1024 hidden units to 256, momentum encoder, InfoNCE at temperature 0.2, AdamW
 with weight decay: forward and backward of both views through the online network, forward of both
 through the momentum copy, the optimiser and EMA updates. Ours is the compiled `--mode=cost` step
-(vit_accel/cost_table.py); the peer is timm's VisionTransformer (scaled-dot-product attention) with
+(vit_accel/cost_table.py, under the recipe's `xla_cpu_flags` as main.py runs it); the peer is timm's VisionTransformer (scaled-dot-product attention) with
 the same heads written in PyTorch, eager, float32, every core (torch.set_num_threads). Strategies:
 full length, and random 25% token keep on both branches (the peer gathers the same number of
 tokens after the position embedding, as ours does).
@@ -50,8 +50,9 @@ def model_spec(tiny: bool) -> dict:
 def measure_ours(spec: dict, batch: int, repeats: int) -> dict:
   sys.path.insert(0, ROOT)
   from configs import fmnist_mocov3
-  from vit_accel import cost_table
+  from vit_accel import cost_table, xla_flags
   c = fmnist_mocov3.get_config()
+  xla_flags.apply(c)   # the recipe's xla_cpu_flags, as main.py applies them
   c.batch_size = batch
   c.model.image_size, c.model.patch_size = spec["image"], spec["patch"]
   c.model.width, c.model.depth, c.model.num_heads = spec["width"], spec["depth"], spec["heads"]

@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule_file = ""  # a file holding a schedule (e.g. --mode=search's); wins over schedule
   c.allow_schedule_change = False   # True: resume a checkpoint under a different step plan
   c.compile_cache_dir = "~/.cache/vit_accel/xla"   # JAX persistent compilation cache; "" = off
+  # XLA CPU flags added to XLA_FLAGS before JAX starts (flags XLA_FLAGS already sets win; "" = none).
+  # YNNPACK fusions off: on a 2-core AVX-512 CPU the embedded default's MoCo-v3 train step (batch
+  # 256) ran 2270 -> 2010 ms without them, keep-25% 545 -> 537 ms (bench/cpu_peer.py measures it).
+  # Only the CPU backend reads them.
+  c.xla_cpu_flags = "--xla_cpu_experimental_ynn_fusion_type="
   c.stop_at_step = -1            # > 0: checkpoint and exit at this step (re-run to continue)
   c.log_every_steps = 20
   c.preemption_check_every_steps = 10   # multi-host: how often hosts agree on a SIGTERM

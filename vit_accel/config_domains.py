@@ -145,6 +145,7 @@ DOMAINS = {
     "schedule_file": TEXT,
     "allow_schedule_change": FLAG,
     "compile_cache_dir": TEXT,
+    "xla_cpu_flags": TEXT,
     "stop_at_step": ANY_INT,              # <= 0 = run to the end
     "log_every_steps": COUNT,
     "preemption_check_every_steps": COUNT,

@@ -30,7 +30,8 @@ STATE_FORMAT = 2
 # it. Everything else shapes the train state or the data stream.
 FREE = (
     "schedule", "schedule_file", "budget", "budget_epochs", "allow_schedule_change",  # the plan
-    "compile_cache_dir", "stop_at_step", "log_every_steps", "preemption_check_every_steps",
+    "compile_cache_dir", "xla_cpu_flags", "stop_at_step", "log_every_steps",
+    "preemption_check_every_steps",
     "tensorboard", "compression.", "grad_error.", "search.", "online.", "pilot.",
     "optim.",           # learning rate, decay, clipping: a resumed run may change them on purpose
     "model.dtype",      # compute dtype only: parameters are float32 either way
