@@ -1,3 +1,5 @@
+import os
+
 import ml_collections
 import pytest
 
@@ -27,6 +29,5 @@ def test_apply_sets_the_environment(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   config = ml_collections.ConfigDict({"xla_cpu_flags": "--xla_cpu_experimental_ynn_fusion_type="})
   xla_flags.apply(config)
-  import os
   assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
                                      "--xla_cpu_experimental_ynn_fusion_type=")
