@@ -97,6 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.search.tie_tolerance = 0.05
   # True: compression only relaxes along training (each stage's step costs at least the last's).
   c.search.monotone = False
+  # A prior schedule (preset or 'END:SPEC; ...'; '' = none): in each interval its strategy stands
+  # unless a candidate's CA-MSE is below it with confidence (then those compete as above). Without
+  # one, every interval whose measurements cannot separate the candidates goes to the cheapest.
+  # Also the online schedule's. Recipes set their own hand-set schedule.
+  c.search.prior = "dynamic"
   c.search.grad_error_file = ""  # "" = WORKDIR/grad_error.json
   # The last interval at full length whatever it measured (evaluation is at full length; CA-MSE
   # only scores gradients at the compressed length).

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
   # teacher tolerate patch 8; at patch 8 on the global views the local crops are over half of a
   # step's cost, so fewer of them, not shorter ones, is what buys the speed.
   c.schedule = "0.8:patch8|patch8|full,crops2; 1:full"
+  c.search.prior = c.schedule   # the search keeps it where measurements cannot beat it
   c.online.candidates = ("patch8|patch8|full,crops2", "patch8|full|full")
   # Branch combinations (STUDENT|TEACHER|LOCAL) for patch 8 and 50% keep: the student's global views
   # alone, with its local crops, with the teacher, with both; the teacher alone; (keep) the local

@@ -37,6 +37,7 @@ def get_config(arg: str | None = None):
                                  local_scale=(0.05, 0.4) if small else (0.05, 0.25))
   # The accelerated schedule on the student's views; the teacher stays at full length.
   c.schedule = "0.55:patch32; 0.8:keep0.5; 1:full"
+  c.search.prior = c.schedule   # the search keeps it where measurements cannot beat it
   c.grad_error.candidates = ("patch32", "keep0.5", "keep0.25", "patch32|patch32")
   c.online.candidates = ("patch32", "keep0.5")
   return c

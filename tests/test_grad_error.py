@@ -203,7 +203,13 @@ def test_search_mode_writes_a_schedule_file_training_reads(tmp_path):
   tables = [{"progress": 0.2, "rows": [row("full", 0.5, 8.0), row("keep0.25|keep0.25", 0.1, 2.0)]},
             {"progress": 0.8, "rows": [row("full", 0.1, 8.0), row("keep0.25|keep0.25", 0.3, 2.0)]}]
   (tmp_path / "grad_error.json").write_text(json.dumps({"tables": tables}))
-  config = tiny_config()
+  config = tiny_config(**{"search.prior": "dynamic"})
+  # The recipe's prior runs strategies these tables did not measure: one error line, no file.
+  with pytest.raises(UserError, match=r"search.prior's strategy 'patch8\|patch8' was not "
+                                      r"measured .* set search.prior=''"):
+    search_mode.run(config, str(tmp_path))
+  assert not (tmp_path / "schedule.txt").exists()
+  config.search.prior = ""
   text = search_mode.run(config, str(tmp_path))
   assert text == "0.5:keep0.25|keep0.25; 1:full"
   config.schedule_file = str(tmp_path / "schedule.txt")
@@ -251,6 +257,7 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   assert saved["tables"][1]["rows"][1]["ca_mse"] == result["tables"][1]["rows"][1]["ca_mse"]
   assert (tmp_path / "run" / "grad_error.png").stat().st_size > 0
 
+  config.search.prior = "1:keep0.25|keep0.25"   # one the measured candidates can weigh
   text = search_mode.run(config, workdir)
   config.schedule_file = os.path.join(workdir, "schedule.txt")
   assert [s.strategies.spec for s in step_plan.schedule_stages(config)] == [
@@ -258,6 +265,7 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   step_plan.make_step_plan(config, 60000)  # the plan is a valid step plan for this model and budget
   plan = json.loads((tmp_path / "run" / "schedule.json").read_text())
   assert plan["schedule"] == text and plan["settings"]["ties"] == "interval"
+  assert plan["settings"]["prior"] == "1:keep0.25|keep0.25"
   assert all(line.startswith("at ") for s in plan["stages"] for line in s["why"])
 
   config.grad_error.steps = (4,)
@@ -270,7 +278,8 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   config = tiny_config(**{"pilot.budget_fraction": 1.0, "pilot.at_progress": (0.3, 0.9),
                           "pilot.measure_fraction": 1.0,
                           "grad_error.reference_batches": 2, "grad_error.batches": 2,
-                          "grad_error.candidates": ("keep0.25|keep0.25",)})
+                          "grad_error.candidates": ("keep0.25|keep0.25",),
+                          "search.prior": "1:keep0.25|keep0.25"})
   text = pilot_mode.run(config, str(tmp_path))
   pilot_dir = tmp_path / "pilot"
   assert sorted(os.listdir(pilot_dir / "milestones")) == ["2", "6"]  # 30% -> step 2, 90% -> 6
@@ -322,6 +331,13 @@ def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashio
                                       r"gradient-error round"):
     pilot_mode.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "pilot")   # nothing trained
+  # A prior the pilot would not measure fails before the pilot trains, too.
+  config.budget = 1e3 * 30 * units(8, 6)
+  config.search.prior = "1:keep0.75|keep0.75"
+  with pytest.raises(UserError, match=r"keep0.75\|keep0.75, which grad_error.candidates does "
+                                      r"not measure"):
+    pilot_mode.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "pilot")
 
 
 def test_measured_step_times_replace_the_cost_model_only_when_complete(tmp_path):

@@ -16,7 +16,8 @@ KEEP = "keep0.25|keep0.25"
 def online_config(steps, **overrides):
   config = tiny_config(steps=steps, schedule="online", **{
       "online.every": 0.5, "online.reference_batches": 2, "online.batches": 2,
-      "online.candidates": (KEEP,), "search.tie_tolerance": 0.0, **overrides})
+      "online.candidates": (KEEP,), "search.tie_tolerance": 0.0, "search.prior": "",
+      **overrides})
   return config
 
 
@@ -51,11 +52,12 @@ def test_decisions_charge_their_measurement_and_project_the_rest():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("final_full", [False, True])
+@pytest.mark.parametrize("final_full,prior", [(False, ""), (True, ""), (False, "1:full")])
 def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
-                                                         needs_fashion_mnist, final_full):
+                                                         needs_fashion_mnist, final_full, prior):
   """Constructed measurements: compressed wins (equal CA-MSE, cheaper) in the first half, full
-  length in the second. With search.final_full the last segment is full length unmeasured."""
+  length in the second. With search.final_full the last segment is full length unmeasured. With a
+  full-length prior, the first half's tie leaves the prior in place."""
   calls = []
 
   def fake_measure(config, state, next_batches, reference_batches, batches, grad_fns, costs, rng,
@@ -69,16 +71,19 @@ def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
 
   monkeypatch.setattr(grad_error, "measure", fake_measure)
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(online_config(20, **{"search.final_full": final_full}), workdir)
+  train.train_and_evaluate(online_config(20, **{"search.final_full": final_full,
+                                                 "search.prior": prior}), workdir)
   lines = read_lines(workdir)
   choices = [l for l in lines if "online_choice" in l]
-  assert [l["online_choice"] for l in choices] == [KEEP, "full"]
+  first = "full" if prior else KEEP
+  assert [l["online_choice"] for l in choices] == [first, "full"]
   # each decision says why: the measured pick, or the final full-length rule
   assert "lowest CA-MSE" in choices[0]["online_why"]
+  assert ("none below the prior's full" in choices[0]["online_why"]) == bool(prior)
   assert ("search.final_full" in choices[1]["online_why"]) == final_full
   with open(os.path.join(workdir, "plan.json")) as f:
     stages = json.load(f)["stages"]
-  assert [s["spec"] for s in stages] == [KEEP, "full"]
+  assert [s["spec"] for s in stages] == [first, "full"]
   # measured at the start of each segment, but for a final full-length one
   assert calls == ([0] if final_full else [0, stages[1]["start_step"]])
   assert (choices[1]["online_overhead_units"] == 0) == final_full
@@ -105,6 +110,19 @@ def test_online_run_resumes_exactly(tmp_path, needs_fashion_mnist):
   pa = ocp.StandardCheckpointer().restore(os.path.join(straight, "checkpoints", str(last), "state"))
   pb = ocp.StandardCheckpointer().restore(os.path.join(stopped, "checkpoints", str(last), "state"))
   jax.tree.map(np.testing.assert_array_equal, pa["params"], pb["params"])
+
+
+def test_a_prior_the_online_schedule_cannot_weigh_is_an_error_before_anything_runs():
+  from vit_accel import config_checks
+  from vit_accel.errors import UserError
+  config_checks.validate_config(online_config(10, **{"search.prior": "1:" + KEEP}))
+  with pytest.raises(UserError, match=r"search.prior='dynamic' runs .*keep0.5\|keep0.5.*"
+                                      r"online.candidates does not measure"):
+    config_checks.validate_config(online_config(10, **{"search.prior": "dynamic"}))
+  with pytest.raises(UserError, match="search.prior: schedule='0.5:keep0.25'"):
+    config_checks.validate_config(online_config(10, **{"search.prior": "0.5:keep0.25"}))
+  # A fixed schedule does not measure: its prior is only parsed.
+  config_checks.validate_config(tiny_config(**{"search.prior": "dynamic"}))
 
 
 def test_online_segments():

@@ -112,3 +112,53 @@ def test_paired_differences_decide_ties_when_the_table_has_them():
   assert choice["tied"] == ["keep0.5|keep0.5"] and choice["winner"] is a
   b["ca_mse_diff_ci"]["keep0.5|keep0.5"] = [-0.005, 0.03]    # not resolved: tied, cheaper wins
   assert schedule_search.pick([a, b], 0.0) is b
+
+
+def paired(strategy, ca_mse, cost, diffs):
+  """A row with paired-difference intervals: diffs {other: [low, high]} of this minus other."""
+  return {**ci_row(strategy, ca_mse, ca_mse * 0.8, ca_mse * 1.2, cost), "ca_mse_diff_ci": diffs}
+
+
+def test_a_prior_stands_until_a_candidate_is_below_it_with_confidence():
+  full = paired("full", 0.30, 8.0, {"patch8|patch8": [-0.1, 0.2], "keep0.25|keep0.25": [0.0, 0.3]})
+  patch = paired("patch8|patch8", 0.25, 2.0, {"full": [-0.2, 0.1],
+                                              "keep0.25|keep0.25": [-0.05, 0.2]})
+  keep = paired("keep0.25|keep0.25", 0.15, 1.0, {"full": [-0.3, 0.02],
+                                                 "patch8|patch8": [-0.2, 0.05]})
+  rows = [full, patch, keep]
+  # Without a prior the unresolved table goes to the cheapest.
+  assert schedule_search.pick(rows, 0.0) is keep
+  # With one, nothing is below the prior with confidence: the prior stands, and says so.
+  choice = schedule_search.choose(rows, 0.0, prior="patch8|patch8")
+  assert choice["winner"] is patch and choice["challengers"] == []
+  assert "none below the prior's patch8|patch8" in schedule_search.describe(0.1, choice, rows)
+  # Once the measurement resolves keep0.25 below the prior, it takes the interval.
+  keep["ca_mse_diff_ci"]["patch8|patch8"] = [-0.2, -0.01]
+  choice = schedule_search.choose(rows, 0.0, prior="patch8|patch8")
+  assert choice["winner"] is keep and choice["challengers"] == ["keep0.25|keep0.25"]
+  assert "below the prior's patch8|patch8" in schedule_search.describe(0.1, choice, rows)
+  # A prior the monotone rule excludes is no incumbent: the usual rule among the allowed rows.
+  assert schedule_search.pick(rows, 0.0, min_cost=8.0, prior="patch8|patch8") is full
+  # Without intervals: below by more than the tolerance.
+  plain = [row("full", 0.30, 8.0), row("patch8|patch8", 0.25, 2.0), row("keep0.25", 0.24, 1.0)]
+  assert schedule_search.pick(plain, 0.05, ties="tolerance", prior="full")["strategy"] == \
+      "keep0.25"
+  assert schedule_search.pick(plain, 0.5, ties="tolerance", prior="full")["strategy"] == "full"
+  with pytest.raises(schedule_search.UserError, match="search.prior's strategy 'keep0.5'"):
+    schedule_search.choose(rows, 0.0, prior="keep0.5")
+
+
+def test_search_stages_follow_the_prior_schedule_where_measurements_cannot_separate():
+  unresolved = [paired("full", 0.3, 8.0, {"patch8|patch8": [-0.1, 0.1], "keep0.5": [-0.1, 0.1]}),
+                paired("patch8|patch8", 0.2, 2.0, {"full": [-0.1, 0.1], "keep0.5": [-0.1, 0.1]}),
+                paired("keep0.5", 0.25, 4.0, {"full": [-0.1, 0.1], "patch8|patch8": [-0.1, 0.1]})]
+  tables = [{"progress": p, "rows": unresolved} for p in (0.1, 0.4, 0.7, 0.9)]
+  prior = step_plan.parse_schedule("0.5:keep0.5; 1:full", 8, MODEL)
+  prior = [(s.end, s.strategies.spec) for s in prior]
+  assert schedule_search.prior_at(prior, 0.49) == "keep0.5"
+  assert schedule_search.prior_at(prior, 0.5) == "full"
+  stages = schedule_search.search_stages(tables, 0.0, prior=prior)
+  # Interval boundaries are the tables' (0.55 between 40% and 70%), each follows the prior.
+  assert schedule_search.schedule_string(stages) == "0.55:keep0.5; 1:full"
+  assert schedule_search.schedule_string(schedule_search.search_stages(tables, 0.0)) == \
+      "1:patch8|patch8"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from vit_accel import config_domains, objectives, step_plan
+from vit_accel import compression, config_domains, objectives, step_plan
 from vit_accel.errors import UserError
 from vit_accel.train_step import num_local_crops
 
@@ -44,6 +44,10 @@ def validate_config(config) -> None:
   specs = {key: step_plan.candidates(config, key)
            for key in ("compression.cost_candidates", "grad_error.candidates", "online.candidates")}
   specs["schedule"] = [s.strategies for s in step_plan.schedule_stages(config)]
+  specs["search.prior"] = [compression.BranchStrategies.parse(spec)
+                           for _, spec in step_plan.prior_stages(config) or ()]
+  if step_plan.is_online(config):
+    step_plan.check_prior_measured(config, "online.candidates")
   for key, strategies in specs.items():
     for st in strategies:
       check_local_crops(config, st, key)

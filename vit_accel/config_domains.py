@@ -208,6 +208,7 @@ DOMAINS = {
     "search.final_full": FLAG,
     "search.ties": Choice(("interval", "tolerance")),
     "search.monotone": FLAG,
+    "search.prior": TEXT,
     "online.every": FRACTION,
     "online.reference_batches": Number(2, integer=True),
     "online.batches": Number(2, integer=True),

@@ -4,7 +4,9 @@ The budget is cut into segments of `online.every`. At the first step of each seg
 measures, at the current parameters, the gradient error of full length and of `online.candidates`
 (grad_error.measure on `online.reference_batches` + `online.batches` batches drawn from a stream
 separate from training's), and the segment runs the strategy --mode=search's rules pick
-(schedule_search.choose: lowest CA-MSE, ties -> the cheaper by `online.ties`, `search.monotone`); the
+(schedule_search.choose: the prior schedule's strategy for the segment, `search.prior`, unless a
+candidate is below it with confidence; lowest CA-MSE, ties -> the cheaper by `online.ties`;
+`search.monotone`); the
 last segment runs at full length unmeasured when `search.final_full` (the default), as a searched
 schedule's last stage does. The measurement's compute is charged to the budget before the segment
 (its units are known in advance), so an online run spends the same budget as any other.
@@ -38,6 +40,7 @@ class OnlineScheduler:
                                              run.state_shardings, run.mesh)
     self.costs = {st: step_plan.step_cost_units(config, st) for st in self.strategies}
     self.overhead = step_plan.online_overhead_units(config)
+    self.prior = step_plan.prior_stages(config)   # measured: config_checks saw to it
 
   @staticmethod
   def due(step: int, plan: step_plan.StepPlan, decisions: list) -> bool:
@@ -70,7 +73,8 @@ class OnlineScheduler:
     previous = next((r for r in rows if decisions and r["strategy"] == decisions[-1]["strategy"]),
                     None)
     min_cost = schedule_search.relative_cost(previous) if search.monotone and previous else 0.0
-    choice = schedule_search.choose(rows, float(search.tie_tolerance), cfg.ties, min_cost)
+    choice = schedule_search.choose(rows, float(search.tie_tolerance), cfg.ties, min_cost,
+                                    schedule_search.prior_at(self.prior, progress))
     winner = choice["winner"]
     decision = {"segment": segment, "step": step, "strategy": winner["strategy"],
                 "why": schedule_search.describe(progress, choice, rows),

@@ -60,7 +60,7 @@ def identity(config, data_fingerprint: dict) -> dict:
 
 # The keys outside `online.` by which an online schedule decides (vit_accel/online.py): a resumed
 # online run takes its remaining decisions by the rules it started with.
-ONLINE_RULES = ("search.final_full", "search.monotone", "search.tie_tolerance",
+ONLINE_RULES = ("search.final_full", "search.monotone", "search.tie_tolerance", "search.prior",
                 "grad_error.bootstrap", "grad_error.ci_level")
 
 

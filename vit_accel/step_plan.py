@@ -247,6 +247,28 @@ def schedule_text(config) -> str:
   return text
 
 
+def prior_stages(config) -> list[tuple[float, str]] | None:
+  """`search.prior` as [(stage end, strategy spec)] (schedule_search.prior_at reads it), or None
+  when it is ''. Raises UserError (naming the key) for a prior that is not a schedule."""
+  if not str(config.search.prior).strip():
+    return None
+  try:
+    stages = parse_schedule(config.search.prior, config.compression.bucket, config.model)
+  except UserError as e:
+    raise UserError(f"search.prior: {e}") from None
+  return [(s.end, s.strategies.spec) for s in stages]
+
+
+def check_prior_measured(config, key: str) -> None:
+  """UserError unless every strategy of `search.prior` is among the candidates `key` measures
+  (full length always is): a prior strategy without a measurement cannot be weighed."""
+  measured = {st.spec for st in candidates(config, key)}
+  missing = sorted({spec for _, spec in prior_stages(config) or () if spec not in measured})
+  if missing:
+    raise UserError(f"search.prior={config.search.prior!r} runs {', '.join(missing)}, which "
+                    f"{key} does not measure; add it to {key} or set search.prior=''")
+
+
 def is_online(config) -> bool:
   return schedule_text(config).strip() == ONLINE
 

@@ -83,6 +83,7 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   distributed.initialize(config)   # multi-host: before anything touches a device
   num_train = pipeline.load_source(config, "train").num_examples
   measure = measurement_plan(config, num_train)   # a budget too small for it fails before training
+  step_plan.check_prior_measured(config, "grad_error.candidates")   # as must an unmeasured prior
   logging.info("pilot measurements: R=%d reference and M=%d batches per candidate, at most %d "
                "round(s) per milestone (%.4g units each; cap %.4g units = pilot.measure_fraction)",
                measure["reference_batches"], measure["batches"], measure["max_rounds"],

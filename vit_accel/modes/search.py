@@ -2,13 +2,14 @@
 (schedule_search.py) -> WORKDIR/schedule.txt, which training reads with
 --config.schedule_file=WORKDIR/schedule.txt (its comment lines say why each interval's strategy
 was chosen; WORKDIR/schedule.json holds the same with the settings). Reads `search.grad_error_file` (default
-WORKDIR/grad_error.json); needs neither JAX nor TensorFlow."""
+WORKDIR/grad_error.json) and weighs the tables against `search.prior`; compiles nothing and needs no
+TensorFlow."""
 from __future__ import annotations
 
 import json
 import os
 
-from vit_accel import io, schedule_search
+from vit_accel import io, schedule_search, step_plan
 from vit_accel.errors import UserError
 from vit_accel.modes import Args
 
@@ -34,13 +35,14 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   tables = read_tables(path)
   stages = schedule_search.search_stages(tables, float(search.tie_tolerance),
                                          bool(search.final_full), search.ties,
-                                         bool(search.monotone))
+                                         bool(search.monotone), step_plan.prior_stages(config))
   text = schedule_search.schedule_string(stages)
   full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
   out = os.path.join(workdir, "schedule.txt")
   os.makedirs(workdir, exist_ok=True)
   why = [line for s in stages for line in s["why"]]
-  settings = {"ties": search.ties, "tie_tolerance": float(search.tie_tolerance),
+  settings = {"prior": search.prior, "ties": search.ties,
+              "tie_tolerance": float(search.tie_tolerance),
               "monotone": bool(search.monotone), "final_full": bool(search.final_full)}
   io.atomic_write_text(out, f"# found by --mode=search from {path} ({settings})\n"
                        + "".join(f"# {line}\n" for line in why) + f"{text}\n")
