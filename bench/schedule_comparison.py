@@ -11,6 +11,9 @@ pilot left, so the pilot's units and wall-clock are in the arm's) and `online=on
 re-measured during training, the measurements charged to the budget). Every arm runs at every
 --budgets and --seeds.
 
+--arm_overrides=ARM:KEY=VALUE sets a config key for one arm (e.g. the search without its prior
+schedule: `--arms=...,searched_noprior=pilot --arm_overrides=searched_noprior:search.prior=`).
+
 Settings: --settings=sweep takes each arm's base_lr and batch from bench/budget_sweep.py's tuning
 grid in the same .jsonl (the baseline its own; every compressed arm the accelerated arm's, the
 setting tuned for the preset: if anything, the preset's advantage); --settings=recipe runs every
@@ -53,6 +56,9 @@ flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe", "searched=pilo
                            "online=online"],
                   "NAME=SCHEDULE pairs (see the module docstring); the arm named 'accelerated' "
                   "is the preset the others are compared with.")
+flags.DEFINE_list("arm_overrides", [], "ARM:KEY=VALUE items: --config overrides for one arm "
+                  "only (after --extra), e.g. searched_noprior:search.prior= for the search "
+                  "without its prior schedule.")
 flags.DEFINE_list("budgets", ["1", "2"], "Full-cost epochs (the pilot's measurements need a "
                   "budget that pays for them: pilot.measure_fraction).")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm at every budget.")
@@ -95,12 +101,27 @@ def planned_runs(arms, settings) -> list[tuple]:
   return runs
 
 
+def arm_overrides(arm: str) -> tuple[str, ...]:
+  """The --arm_overrides of `arm` ('KEY=VALUE' items); SystemExit with an error line for an item
+  that is not ARM:KEY=VALUE."""
+  out = []
+  for item in FLAGS.arm_overrides:
+    name, sep, override = item.partition(":")
+    if not sep or "=" not in override:
+      raise SystemExit(f"error: --arm_overrides wants ARM:KEY=VALUE items, got {item!r}")
+    if name == arm:
+      out.append(override)
+  return tuple(out)
+
+
 def find(records, run) -> dict | None:
-  """The finished record of `run`: same key, schedule and --extra (a budget-sweep run of the same
-  name but another schedule or other overrides is not this run)."""
+  """The finished record of `run`: same key, schedule and overrides (--extra, then the arm's
+  --arm_overrides; a budget-sweep run of the same name but another schedule or other overrides is
+  not this run)."""
   key = run_key(run[0], *run[2:])
+  extra = list(FLAGS.extra) + list(arm_overrides(run[0]))
   return next((r for r in records if r["key"] == key and r["schedule"] == run[1]
-               and r.get("extra", []) == list(FLAGS.extra)), None)
+               and r.get("extra", []) == extra), None)
 
 
 def compare(records, arms, settings) -> list[dict]:
@@ -212,6 +233,10 @@ def main(argv):
   arms = parse_arms(FLAGS.arms)
   if PRESET not in [a for a, _ in arms]:
     raise app.UsageError(f"--arms needs the preset arm '{PRESET}' to compare with")
+  for item in FLAGS.arm_overrides:
+    arm_overrides(item.partition(":")[0])   # the form is checked there
+    if item.partition(":")[0] not in [a for a, _ in arms]:
+      raise SystemExit(f"error: --arm_overrides item {item!r} names no arm of --arms")
   runner = runner_from_flags()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   suffix = FLAGS.objective + (f"_{FLAGS.tag}" if FLAGS.tag else "")
@@ -228,7 +253,7 @@ def main(argv):
   for run in [] if FLAGS.report_only else todo:
     runner.wait_while_paused()
     try:
-      record = runner.run(*run)
+      record = runner.run(*run, overrides=arm_overrides(run[0]))
     except SystemExit as e:   # e.g. a budget too small for the pilot: the other runs go on
       failed.append(f"{run_key(run[0], *run[2:])}: {e}")
       print(f"{failed[-1]}; going on with the next run", flush=True)

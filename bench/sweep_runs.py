@@ -89,15 +89,17 @@ class Runner:
                         key)
 
   def run(self, arm: str, schedule: str, budget: float, lr: float, batch: int,
-          seed: int) -> dict:
+          seed: int, overrides: tuple[str, ...] = ()) -> dict:
     """Trains (or resumes) one run and returns its record. `schedule`: a preset, a stage string,
     a schedule file, 'recipe' (the config's own) or 'pilot' (--mode=pilot, then its searched
-    schedule on the budget the pilot left: the pilot's units and wall-clock count in the run's)."""
+    schedule on the budget the pilot left: the pilot's units and wall-clock count in the run's).
+    `overrides`: 'key=value' items for this run only, after `extra` (the record's `extra` lists
+    both)."""
     workdir = self.workdir(run_key(arm, budget, lr, batch, seed))
     common = {"budget_epochs": budget, "optim.base_lr": lr, "batch_size": batch, "seed": seed,
               "eval.every_steps": 0, "eval.at_start": False, "eval.at_progress": "()",
               "checkpoint.at_progress": "()", **PROTOCOL}
-    for item in self.extra:
+    for item in self.extra + tuple(overrides):
       key, _, value = item.partition("=")
       common[key] = value
     t0 = time.time()
@@ -149,7 +151,7 @@ class Runner:
                                               for s in plan["stages"]],
             "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(),
-            "extra": list(self.extra), **extra}
+            "extra": list(self.extra) + list(overrides), **extra}
 
   def main_py(self, workdir: str, overrides: dict, mode: str = "train") -> None:
     """Runs main.py on the recipe (resuming whatever `workdir` holds) with --config overrides."""
