@@ -137,6 +137,12 @@ def test_a_prior_stands_until_a_candidate_is_below_it_with_confidence():
   choice = schedule_search.choose(rows, 0.0, prior="patch8|patch8")
   assert choice["winner"] is keep and choice["challengers"] == ["keep0.25|keep0.25"]
   assert "below the prior's patch8|patch8" in schedule_search.describe(0.1, choice, rows)
+  # A difference interval below 0 around an estimate above the prior's (a biased bootstrap at a
+  # few batches) is no confidence: the estimate must agree.
+  full["ca_mse_diff_ci"]["patch8|patch8"] = [-0.3, -0.01]
+  assert full["ca_mse"] > patch["ca_mse"]
+  assert schedule_search.choose(rows, 0.0, prior="patch8|patch8")["challengers"] == \
+      ["keep0.25|keep0.25"]
   # A prior the monotone rule excludes is no incumbent: the usual rule among the allowed rows.
   assert schedule_search.pick(rows, 0.0, min_cost=8.0, prior="patch8|patch8") is full
   # Without intervals: below by more than the tolerance.

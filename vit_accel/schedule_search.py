@@ -30,10 +30,15 @@ def relative_cost(row: dict) -> float:
 
 
 def lower_with_confidence(row: dict, than: dict, tie_tolerance: float, ties: str) -> bool:
-  """Whether `row`'s CA-MSE is below `than`'s with confidence: under ties='interval' the interval
-  of their paired difference (`ca_mse_diff_ci`) lies below 0, or in tables without paired
-  differences the intervals do not overlap; else (or without intervals) below by more than
-  tie_tolerance (row x (1 + tie_tolerance) < than)."""
+  """Whether `row`'s CA-MSE is below `than`'s with confidence: its estimate is lower and, under
+  ties='interval', the interval of their paired difference (`ca_mse_diff_ci`) lies below 0, or in
+  tables without paired differences the intervals do not overlap; else (or without intervals)
+  below by more than tie_tolerance (row x (1 + tie_tolerance) < than). The estimate must agree:
+  at a few batches the percentile bootstrap is biased (a resample with duplicated batches has a
+  smaller variance; the full-length row's draws sit below its estimate), so a difference interval
+  can lie wholly on the other side of the measured difference."""
+  if row["ca_mse"] >= than["ca_mse"]:
+    return False
   if ties == "interval" and "ca_mse_diff_ci" in row:
     return row["ca_mse_diff_ci"][than["strategy"]][1] < 0.0
   if ties == "interval" and "ca_mse_ci" in row and "ca_mse_ci" in than:
@@ -125,8 +130,9 @@ def describe(progress: float, choice: dict, rows: list[dict]) -> str:
                                             f"{', '.join(choice['excluded'])}"
                                             if choice["excluded"] else ""))
   if choice.get("prior"):
-    text += (f"; below the prior's {choice['prior']} {value(choice['prior'])} with confidence: "
-             + ", ".join(choice["challengers"]))
+    text = (f"at {progress:.0%}: below the prior's {choice['prior']} {value(choice['prior'])} "
+            f"with confidence: " + ", ".join(f"{t} {value(t)}" for t in choice["challengers"])
+            + f"; the lowest of them {choice['best']}")
   others = [t for t in choice["tied"] if t != choice["best"]]
   if others:
     text += (f"; tied ({choice['rule']}): " + ", ".join(f"{t} {value(t)}" for t in others)
