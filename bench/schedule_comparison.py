@@ -40,6 +40,7 @@ import time
 
 from absl import app, flags
 from sweep_runs import (  # bench/ is the script's directory
+  MEASURED,
   Runner,
   append,
   define_flags,
@@ -47,6 +48,7 @@ from sweep_runs import (  # bench/ is the script's directory
   parse_arms,
   run_key,
   runner_from_flags,
+  same_rules,
   wall,
 )
 
@@ -68,7 +70,6 @@ flags.DEFINE_enum("settings", "sweep", ["sweep", "recipe"],
 FLAGS = flags.FLAGS
 
 PRESET = "accelerated"
-MEASURED = ("pilot", "online")   # schedules a measurement chooses, per seed
 
 
 def tuned_settings(runner: Runner, sweep_report: str) -> dict:
@@ -119,11 +120,11 @@ def arm_overrides(arm: str) -> tuple[str, ...]:
 def find(records, run) -> dict | None:
   """The finished record of `run`: same key, schedule and overrides (--extra, then the arm's
   --arm_overrides; a budget-sweep run of the same name but another schedule or other overrides is
-  not this run)."""
+  not this run, nor is a measured arm's run chosen under other rules: sweep_runs.same_rules)."""
   key = run_key(run[0], *run[2:])
   extra = list(FLAGS.extra) + list(arm_overrides(run[0]))
   return next((r for r in records if r["key"] == key and r["schedule"] == run[1]
-               and r.get("extra", []) == extra), None)
+               and r.get("extra", []) == extra and same_rules(r)), None)
 
 
 def compare(records, arms, settings) -> list[dict]:
@@ -145,8 +146,8 @@ def compare(records, arms, settings) -> list[dict]:
           "range": max(knn) - min(knn) if len(knn) > 1 else None,
           "stages": {r["seed"]: r["stages"] for r in done},
           "why": {r["seed"]: r.get("why", []) for r in done},
-          "pilot": [(r["pilot_fraction"], r.get("pilot_measure")) for r in done
-                    if r.get("pilot_fraction") is not None],
+          "pilot": [(r["pilot_fraction"], r.get("pilot_measure"), r.get("pilot_needed"))
+                    for r in done if r.get("pilot_fraction") is not None],
           "wall": [wall(r) for r in done], "keys": [r["key"] for r in done]}
     # Run-to-run noise from the fixed schedules only: a measured arm's seeds may also differ in
     # the schedule they chose, a spread that belongs to the procedure, not to the noise.
@@ -207,7 +208,8 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
       diff = f"{e['diff']:+.4f}" if "diff" in e else ""
       pilot = ", ".join(f"{share:.0%}" + (f" ({m['reference_batches']}, {m['batches']}, "
                                          f"<={m['max_rounds']})" if m else "")
-                        for share, m in e["pilot"])
+                        + (f": unmeasured, the prior (needs {needed})" if needed else "")
+                        for share, m, needed in e["pilot"])
       lines.append(f"| {row['budget_epochs']:g} | {arm} | {knn} | {e['mean']:.4f} | {diff} | "
                    f"{e.get('verdict', '')} | {stages} | {pilot} | {', '.join(e['wall'])} |")
   lines += ["", "Noise (largest seed-to-seed range of final kNN among the fixed-schedule arms, "

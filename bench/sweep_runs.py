@@ -24,6 +24,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from vit_accel.metric_writer import read_metrics  # noqa: E402
+from vit_accel.schedule_search import RULES_VERSION  # noqa: E402
 
 # One evaluation protocol for every run: the recipe's final one, written out so that a recipe
 # change cannot silently change the protocol mid-sweep.
@@ -52,6 +53,16 @@ def runner_from_flags():
   from absl import flags
   f = flags.FLAGS
   return Runner(f.objective, f.config_arg, f.workdir_root, f.tag, tuple(f.extra))
+
+
+# The arms whose schedule a measurement chooses (a pilot's search, an online schedule).
+MEASURED = ("pilot", "online")
+
+
+def same_rules(record: dict) -> bool:
+  """Whether a finished record of a measured arm chose by this code's rules (records before the
+  version was kept: version 1); always True for a fixed schedule."""
+  return record["schedule"] not in MEASURED or record.get("rules_version", 1) == RULES_VERSION
 
 
 def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
@@ -116,13 +127,16 @@ class Runner:
         raise SystemExit(f"error: at {budget:g} epochs the pilot spends {pilot['fraction']:.0%} "
                          f"of the budget, leaving nothing for the searched run; drop this budget "
                          f"or lower pilot.budget_fraction / pilot.measure_fraction (--extra)")
-      with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
-        measured = json.load(f)
-      measure_s = measured["seconds"]
-      pilot["measure"] = {k: measured[k] for k in ("reference_batches", "batches", "max_rounds")}
-      pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")
-                     if "evaluated_by" not in m][-1]
-      pilot["wall_s"] = pilot_train["train_wall_s"] + measure_s
+      if pilot.get("measured", True):
+        with open(os.path.join(workdir, "pilot", "grad_error.json")) as f:
+          measured = json.load(f)
+        pilot["measure"] = {k: measured[k]
+                            for k in ("reference_batches", "batches", "max_rounds")}
+        pilot_train = [m for m in read_metrics(os.path.join(workdir, "pilot"), kind="eval")
+                       if "evaluated_by" not in m][-1]
+        pilot["wall_s"] = pilot_train["train_wall_s"] + measured["seconds"]
+      else:   # the budget could not pay for measurements able to displace the prior
+        pilot["wall_s"] = 0.0
       run_dir = os.path.join(workdir, "run")
       chosen = {"schedule_file": os.path.join(workdir, "schedule.txt"),
                 "budget": pilot["remaining_units"]}
@@ -136,12 +150,16 @@ class Runner:
     with open(os.path.join(run_dir, "plan.json")) as f:
       plan = json.load(f)
     extra = {"why": schedule_reasons(workdir, run_dir)}
+    if schedule in MEASURED:   # what it chose depends on the rules of the code that chose
+      extra["rules_version"] = RULES_VERSION
     if pilot is not None:   # the pilot's spending counts in the arm's budget and wall-clock
       final = dict(final, budget_units=final["budget_units"] + pilot["total_units"],
                    train_wall_s=final["train_wall_s"] + pilot["wall_s"])
       extra.update(pilot_units=pilot["total_units"], pilot_wall_s=pilot["wall_s"],
                    pilot_fraction=pilot["fraction"], pilot_rounds=pilot["rounds"],
-                   pilot_measure=pilot["measure"])
+                   pilot_measure=pilot["measure"],
+                   # batches a displacement needed, where the pilot could not afford them
+                   pilot_needed=None if pilot.get("measured", True) else pilot["needed_batches"])
     return {"key": run_key(arm, budget, lr, batch, seed), "arm": arm, "schedule": schedule,
             "budget_epochs": budget, "base_lr": lr, "batch_size": batch, "seed": seed,
             "final_knn": final["knn_top1"], "final_linear": final.get("linear_top1"),

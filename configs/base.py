@@ -97,10 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.search.tie_tolerance = 0.05
   # True: compression only relaxes along training (each stage's step costs at least the last's).
   c.search.monotone = False
-  # A prior schedule (preset or 'END:SPEC; ...'; '' = none): in each interval its strategy stands
-  # unless a candidate's CA-MSE is below it with confidence (then those compete as above). Without
-  # one, every interval whose measurements cannot separate the candidates goes to the cheapest.
-  # Also the online schedule's. Recipes set their own hand-set schedule.
+  # A prior schedule (preset or 'END:SPEC; ...'; '' = none): in each interval its stages stand
+  # unless a candidate's CA-MSE is below it with confidence, on enough batches to say so (5-7, see
+  # schedule_search.batches_to_displace; then those compete as above). Without one, every
+  # interval whose measurements cannot separate the candidates goes to the cheapest. Also the
+  # online schedule's. Recipes set their own hand-set schedule.
   c.search.prior = "dynamic"
   c.search.grad_error_file = ""  # "" = WORKDIR/grad_error.json
   # The last interval at full length whatever it measured (evaluation is at full length; CA-MSE
@@ -114,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.online.reference_batches = 3
   c.online.batches = 2
   c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
+  # With a prior, 3 + 2 batches cannot displace it (6 + 6 could, for two candidates, at 9% of a
+  # 1-epoch budget): the default online run measures nothing and runs the prior's strategies.
   # Ties -> the cheaper, as search.ties; 'tolerance' (search.tie_tolerance) by default: bootstrap
   # intervals over 3 + 2 batches say little (raise both counts to ~8 before 'interval').
   c.online.ties = "tolerance"

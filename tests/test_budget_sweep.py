@@ -2,6 +2,7 @@
 that skips every finished run."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,9 +46,13 @@ def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
     tmp_path, needs_fashion_mnist):
   """bench/schedule_comparison.py on the smoke recipe: the searched arm (pilot included) spends the
   preset's budget, every seed is run, the verdict uses the preset's measured seed range, the plan
-  files with their reasons are kept, and a restart runs nothing."""
+  files with their reasons are kept, and a restart runs nothing. 2 + 2 batches cannot displace
+  the preset as a prior: that arm's pilot spends nothing and it runs the preset; without a prior
+  the pilot measures and is charged."""
   cmd = [sys.executable, os.path.join(ROOT, "bench", "schedule_comparison.py"),
-         "--config_arg=smoke", "--settings=recipe", "--arms=accelerated=recipe,searched=pilot",
+         "--config_arg=smoke", "--settings=recipe",
+         "--arms=accelerated=dynamic,searched=pilot,searched_prior=pilot",   # dynamic: the prior
+         "--arm_overrides=searched:search.prior=",
          "--budgets=0.05", "--seeds=0,1", f"--out_dir={tmp_path / 'out'}",
          f"--workdir_root={tmp_path / 'runs'}", "--tag=tiny",
          "--extra=compile_cache_dir=,tensorboard=False,grad_error.reference_batches=2,"
@@ -57,17 +62,21 @@ def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
   assert first.returncode == 0, first.stderr[-3000:]
   records = {(r["arm"], r["seed"]): r for r in map(json.loads, open(
       tmp_path / "out" / "budget_sweep_mocov3_tiny.jsonl"))}
-  assert sorted(records) == [("accelerated", 0), ("accelerated", 1), ("searched", 0),
-                             ("searched", 1)]
+  assert sorted(records) == [(arm, seed) for arm in ("accelerated", "searched", "searched_prior")
+                             for seed in (0, 1)]
   for seed in (0, 1):
     preset, searched = records["accelerated", seed], records["searched", seed]
     # equal total budget: the pilot's units are in the searched arm's, which matches the preset's
     # to within a step of the smoke model
     assert 0 < searched["pilot_units"] < searched["budget_units"]
     assert abs(searched["budget_units"] / preset["budget_units"] - 1) < 0.05
-    assert searched["why"] and all(line.startswith("at ") and "lowest" in line
-                                   for line in searched["why"])
+    assert len(searched["why"]) == 4 and all(
+        re.match(r"at \d+%: lowest CA-MSE \S+ \d+\.\d{4} \[", line) for line in searched["why"])
     assert preset["why"] == []
+    prior = records["searched_prior", seed]
+    assert prior["pilot_units"] == 0 and prior["pilot_wall_s"] == 0
+    assert prior["stages"] == preset["stages"] and prior["budget_units"] == preset["budget_units"]
+    assert all("the prior, unmeasured" in line for line in prior["why"])
   report = json.load(open(tmp_path / "out" / "schedule_comparison_mocov3_tiny.json"))
   (row,) = report["budgets"]
   knn = {arm: e["knn"] for arm, e in row["arms"].items()}
@@ -80,7 +89,8 @@ def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
   assert row["arms"]["searched"]["verdict"] == expected
   kept = tmp_path / "out" / "schedule_comparison_mocov3_tiny"
   plans = sorted(os.listdir(kept))
-  assert plans == [f"searched_b0.05_lr0.002_bs64_s{s}.schedule.txt" for s in (0, 1)]
+  assert plans == [f"{arm}_b0.05_lr0.002_bs64_s{s}.schedule.txt"
+                   for arm in ("searched", "searched_prior") for s in (0, 1)]
   assert "# at " in open(kept / plans[0]).read()
 
   second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_accel import grad_error, step_plan
+from vit_accel import grad_error, schedule_search, step_plan
 from vit_accel.errors import UserError
 from vit_accel.modes import grad_error as grad_error_mode
 from vit_accel.modes import pilot as pilot_mode
@@ -278,6 +278,8 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   config = tiny_config(**{"pilot.budget_fraction": 1.0, "pilot.at_progress": (0.3, 0.9),
                           "pilot.measure_fraction": 1.0,
                           "grad_error.reference_batches": 2, "grad_error.batches": 2,
+                          # at a one-sided 25% level 2 batches can displace the prior
+                          "grad_error.ci_level": 0.5,
                           "grad_error.candidates": ("keep0.25|keep0.25",),
                           "search.prior": "1:keep0.25|keep0.25"})
   text = pilot_mode.run(config, str(tmp_path))
@@ -293,7 +295,7 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   budget = step_plan.budget_units(config, 60000)
   assert cost["train_units"] == pytest.approx(budget)           # budget_fraction 1.0 here
   rounds = sum(t["rows"][0]["rounds"] for t in measured["tables"])
-  assert cost["rounds"] == rounds >= 2
+  assert cost["rounds"] == rounds >= 2 and cost["measured"]
   per_round = step_plan.measurement_units(config, step_plan.candidates(
       config, "grad_error.candidates"), 2, 2)
   assert per_round > 0 and cost["measurement_units"] == pytest.approx(rounds * per_round)
@@ -340,6 +342,38 @@ def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashio
   assert not os.path.exists(tmp_path / "pilot")
 
 
+def test_a_pilot_that_could_not_displace_the_prior_trains_and_measures_nothing(
+    tmp_path, needs_fashion_mnist):
+  """At a budget whose affordable measurements (here R = 4, M = 3, one round) are fewer than the
+  7 batches that could displace the prior against five candidates, the pilot spends nothing and
+  the schedule is the prior; at a budget that affords them, it measures."""
+  from conftest import tiny_config
+  config = tiny_config(**{"grad_error.reference_batches": 8, "grad_error.batches": 6,
+                          "grad_error.max_rounds": 1, "pilot.measure_fraction": 0.1,
+                          "pilot.at_progress": (0.2, 0.5, 0.8), "search.prior": "dynamic"})
+  strategies = step_plan.candidates(config, "grad_error.candidates")
+  assert len(strategies) == 6
+  units = lambda r, m: step_plan.measurement_units(config, strategies, r, m)  # noqa: E731
+  config.budget = 30 * units(4, 3) * 1.01
+  assert step_plan.prior_displaceable(config, "grad_error.candidates", 4, 3) == (False, 7)
+  text = pilot_mode.run(config, str(tmp_path))
+  assert text == "dynamic" and not os.path.exists(tmp_path / "pilot")
+  cost = json.loads((tmp_path / "pilot_cost.json").read_text())
+  assert cost["total_units"] == 0 and cost["remaining_units"] == pytest.approx(config.budget)
+  assert not cost["measured"] and cost["needed_batches"] == 7
+  schedule = (tmp_path / "schedule.txt").read_text()
+  assert "displacing the prior takes >= 7 of each" in schedule
+  config.schedule_file = str(tmp_path / "schedule.txt")
+  planned = step_plan.make_step_plan(config, 60000)
+  config.schedule_file, config.schedule = "", "dynamic"
+  assert planned == step_plan.make_step_plan(config, 60000)
+  # Eight batches each in one round would do; without a prior nothing needs displacing.
+  assert step_plan.prior_displaceable(config, "grad_error.candidates", 8, 8) == (True, 7)
+  assert step_plan.prior_displaceable(config, "grad_error.candidates", 4, 4, rounds=2)[0]
+  config.search.prior = ""
+  assert step_plan.prior_displaceable(config, "grad_error.candidates", 2, 2) == (True, 0)
+
+
 def test_measured_step_times_replace_the_cost_model_only_when_complete(tmp_path):
   from conftest import tiny_config
   config = tiny_config(**{"grad_error.candidates": ("keep0.25|keep0.25", "patch8|patch8")})
@@ -359,3 +393,39 @@ def test_measured_step_times_replace_the_cost_model_only_when_complete(tmp_path)
   config.grad_error.cost_table = str(tmp_path / "missing.json")
   with pytest.raises(UserError, match="not a readable --mode=cost table"):
     grad_error_mode.measured_cost_ratios(config, str(tmp_path), strategies)
+
+
+def test_noise_alone_rarely_displaces_a_prior():
+  """Six strategies with the same CA-MSE (the same batches, each with its own compression noise),
+  the first the prior's: five percentile-bootstrap intervals at the 5% one-sided level put some
+  challenger below the prior far more often than 5%, and at 4 batches no test can say so at that
+  level; with the level shared among the challengers and enough batches the prior is displaced at
+  about the level asked for, and at 4 batches never."""
+  rng, w, w_star = least_squares_problem(6)
+  full = np.ones(D)
+  names = ("a", "b", "c", "d", "e", "f")
+
+  def table(n, seed):
+    ref, base = gradients_of(rng, w, w_star, full, n), gradients_of(rng, w, w_star, full, n)
+    gen = np.random.default_rng(seed)
+    wts, v = (grad_error.bootstrap_weights(gen, n, 400) for _ in range(2))
+    rr = ref @ ref.T
+    rnd = {"_rows": [], "_batches": {}}
+    for name in names:
+      g = base + 0.3 * rng.normal(size=base.shape)
+      rnd[name] = grad_error.gram_terms(rr, g @ g.T, g @ ref.T, wts, v, 0.5)
+      rnd["_rows"].append({"strategy": name, "cost_units": 1.0})
+      rnd["_batches"][name] = n
+    return grad_error.pool_rounds([rnd], 0.9)
+
+  def displaced(rows, guarded):
+    if not guarded:   # the interval rule alone, without batch counts and p-values
+      rows = [{k: v for k, v in r.items() if k not in ("num_batches", "ca_mse_diff_p")}
+              for r in rows]
+    return schedule_search.pick(rows, 0.0, prior="a", ci_level=0.9)["strategy"] != "a"
+
+  trials = 200
+  small = [table(4, i) for i in range(trials)]
+  assert np.mean([displaced(rows, False) for rows in small]) > 0.1   # 5 tests at 5% each
+  assert np.mean([displaced(rows, True) for rows in small]) == 0.0
+  assert np.mean([displaced(table(8, trials + i), True) for i in range(trials)]) <= 0.06

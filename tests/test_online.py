@@ -71,8 +71,12 @@ def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
 
   monkeypatch.setattr(grad_error, "measure", fake_measure)
   workdir = str(tmp_path / "run")
+  # With a prior, enough batches that a measurement could displace it (5 for one candidate).
+  batches = 5 if prior else 2
   train.train_and_evaluate(online_config(20, **{"search.final_full": final_full,
-                                                 "search.prior": prior}), workdir)
+                                                 "search.prior": prior,
+                                                 "online.reference_batches": batches,
+                                                 "online.batches": batches}), workdir)
   lines = read_lines(workdir)
   choices = [l for l in lines if "online_choice" in l]
   first = "full" if prior else KEEP
@@ -90,6 +94,30 @@ def test_online_switches_when_the_measured_errors_say_so(tmp_path, monkeypatch,
   train_lines = [l for l in lines if "loss" in l]
   assert {l["stage"] for l in train_lines} == {0, 1}
   assert train_lines[-1]["budget_progress"] <= 1.0 + 1e-9
+
+
+def test_too_few_batches_to_displace_the_prior_measure_nothing_and_run_the_prior(
+    tmp_path, monkeypatch, needs_fashion_mnist):
+  """2 + 2 batches cannot displace a prior (5 needed for one candidate): no measurement, no
+  charge, and each segment runs the prior's strategy at its planned start - the second one full
+  length, though the units spent when it starts fall just short of the prior's boundary at 0.5."""
+  def never(*args, **kwargs):
+    raise AssertionError("measured, though no measurement could change the decision")
+
+  monkeypatch.setattr(grad_error, "measure", never)
+  config = online_config(20, **{"search.final_full": False, "search.prior": f"0.5:{KEEP}; 1:full"})
+  assert not step_plan.online_measures(config) and step_plan.online_overhead_units(config) == 0
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  choices = [l for l in read_lines(workdir) if "online_choice" in l]
+  assert [l["online_choice"] for l in choices] == [KEEP, "full"]
+  assert all(l["online_overhead_units"] == 0 for l in choices)
+  assert "cannot displace it (that takes >= 5 batches each" in choices[0]["online_why"]
+  with open(os.path.join(workdir, "plan.json")) as f:
+    plan = json.load(f)
+  assert plan["stages"][0]["start_units"] == 0   # nothing charged before the first segment
+  config.online.reference_batches = config.online.batches = 5
+  assert step_plan.online_measures(config) and step_plan.online_overhead_units(config) > 0
 
 
 @pytest.mark.slow
@@ -119,7 +147,7 @@ def test_a_prior_the_online_schedule_cannot_weigh_is_an_error_before_anything_ru
   with pytest.raises(UserError, match=r"search.prior='dynamic' runs .*keep0.5\|keep0.5.*"
                                       r"online.candidates does not measure"):
     config_checks.validate_config(online_config(10, **{"search.prior": "dynamic"}))
-  with pytest.raises(UserError, match="search.prior: schedule='0.5:keep0.25'"):
+  with pytest.raises(UserError, match="search.prior='0.5:keep0.25': stage ends"):
     config_checks.validate_config(online_config(10, **{"search.prior": "0.5:keep0.25"}))
   # A fixed schedule does not measure: its prior is only parsed.
   config_checks.validate_config(tiny_config(**{"search.prior": "dynamic"}))

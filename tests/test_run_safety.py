@@ -417,3 +417,14 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
   # A checkpoint from before the rules were recorded still resumes.
   older = dict(saved, plan={k: v for k, v in saved["plan"].items() if k != "rules"})
   run_identity.check_resumable(older, saved, "/run/checkpoints", False)
+  # One saved before search.prior existed decided without a prior: it resumes without one, and
+  # with the default prior the error names the key and the value it was decided under.
+  rules = {k: v for k, v in saved["plan"]["rules"].items() if k != "search.prior"}
+  before_prior = dict(saved, plan=dict(saved["plan"], rules=rules))
+  with pytest.raises(UserError, match=r"search.prior: '' there, 'dynamic' now.*"
+                                      r"resume with --config.search.prior=''"):
+    run_identity.check_resumable(before_prior, saved, "/run/checkpoints", False)
+  unprimed = tiny_config(steps=100, schedule="online", **{"search.prior": ""})
+  run_identity.check_resumable(before_prior, run_identity.run_metadata(
+      unprimed, step_plan.make_step_plan(unprimed, 1000), {}, online=True), "/run/checkpoints",
+      False)

@@ -48,7 +48,7 @@ def test_the_search_imports_neither_jax_nor_files():
   tree = ast.parse(open(schedule_search.__file__).read())
   imported = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
   imported |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-  assert imported <= {"__future__", "vit_accel"}, imported
+  assert imported <= {"__future__", "math", "vit_accel"}, imported   # the standard library's math only
 
 
 def ci_row(strategy, ca_mse, low, high, cost):
@@ -164,7 +164,83 @@ def test_search_stages_follow_the_prior_schedule_where_measurements_cannot_separ
   assert schedule_search.prior_at(prior, 0.49) == "keep0.5"
   assert schedule_search.prior_at(prior, 0.5) == "full"
   stages = schedule_search.search_stages(tables, 0.0, prior=prior)
-  # Interval boundaries are the tables' (0.55 between 40% and 70%), each follows the prior.
-  assert schedule_search.schedule_string(stages) == "0.55:keep0.5; 1:full"
+  # Where the prior stands it runs its own stages: its boundary at 0.5, not the tables' 0.55.
+  assert schedule_search.schedule_string(stages) == "0.5:keep0.5; 1:full"
+  assert [len(s["why"]) for s in stages] == [2, 2]   # each table's reason on its own stage
   assert schedule_search.schedule_string(schedule_search.search_stages(tables, 0.0)) == \
       "1:patch8|patch8"
+
+
+def test_batches_to_displace_is_the_sign_flip_floor_at_the_bonferroni_level():
+  """n is the fewest batches whose all-one-sign outcome (probability 2^-n under no difference)
+  is rare enough for one of k tests at the one-sided level (1 - ci_level) / 2."""
+  for ci_level in (0.8, 0.9, 0.95, 0.99):
+    for k in range(1, 9):
+      n = schedule_search.batches_to_displace(k, ci_level)
+      alpha = (1 - ci_level) / 2 / k
+      assert 2.0 ** -n <= alpha * (1 + 1e-9) < 2.0 ** -(n - 1)
+  assert [schedule_search.batches_to_displace(k, 0.9) for k in (1, 2, 3, 5)] == [5, 6, 6, 7]
+  with pytest.raises(schedule_search.UserError, match="grad_error.ci_level=1.0 must lie"):
+    schedule_search.batches_to_displace(2, 1.0)
+
+
+def test_a_prior_is_displaced_only_on_enough_batches_at_the_shared_level():
+  def measured(strategy, ca_mse, cost, n, p):
+    """A row measured on n batches; p {other: share of draws where this row is not lower}."""
+    return {**paired(strategy, ca_mse, cost, {o: [-0.2, -0.01] for o in p}), "num_batches": n,
+            "ca_mse_diff_p": p}
+  prior = measured("patch8|patch8", 0.30, 2.0, 4, {"keep0.5|keep0.5": 1.0})
+  keep = measured("keep0.5|keep0.5", 0.20, 4.0, 4, {"patch8|patch8": 0.0})
+  # Every draw says keep0.5 is lower, but 4 batches cannot say so at the 5% one-sided level.
+  choice = schedule_search.choose([prior, keep], 0.0, prior="patch8|patch8")
+  assert choice["winner"] is prior and choice["too_few"] == ["keep0.5|keep0.5"]
+  assert choice["needed_batches"] == 5
+  assert ">= 5 batches each" in schedule_search.describe(0.3, choice, [prior, keep])
+  prior["num_batches"] = keep["num_batches"] = 5
+  assert schedule_search.pick([prior, keep], 0.0, prior="patch8|patch8") is keep
+  # The fewer of the two rows' batches counts (full length is measured on the reference ones).
+  prior["num_batches"] = 4
+  assert schedule_search.pick([prior, keep], 0.0, prior="patch8|patch8") is prior
+  prior["num_batches"] = 5
+  # A bootstrap p-value of 3%: enough against one challenger (5%), not against three (1.7% each),
+  # though its 90% interval lies below 0 either way.
+  keep["ca_mse_diff_p"]["patch8|patch8"] = 0.03
+  assert schedule_search.pick([prior, keep], 0.0, prior="patch8|patch8") is keep
+  rows = [prior, keep, measured("full", 0.5, 8.0, 8, {"patch8|patch8": 1.0}),
+          measured("keep0.25|keep0.25", 0.6, 1.0, 8, {"patch8|patch8": 1.0})]
+  for r in rows[2:]:
+    r["num_batches"] = 8
+  keep["num_batches"] = prior["num_batches"] = 8
+  assert schedule_search.pick(rows, 0.0, prior="patch8|patch8") is prior
+  keep["ca_mse_diff_p"]["patch8|patch8"] = 0.01
+  assert schedule_search.pick(rows, 0.0, prior="patch8|patch8") is keep
+
+
+def test_a_prior_that_stands_everywhere_comes_out_as_itself():
+  """The pilot's milestones (10/35/60/90%) cut the budget at 0.225, 0.475 and 0.75; the preset's
+  boundaries (0.55, 0.8) fall inside those intervals and are kept, with search.final_full too."""
+  specs = ("full", "patch8|patch8", "keep0.5|keep0.5", "keep0.25|keep0.25")
+  costs = {"full": 8.0, "patch8|patch8": 2.0, "keep0.5|keep0.5": 4.0, "keep0.25|keep0.25": 1.0}
+  rows = [paired(s, 0.3, costs[s], {o: [-0.1, 0.1] for o in specs if o != s}) for s in specs]
+  tables = [{"progress": p, "rows": rows} for p in (0.1, 0.35, 0.6, 0.9)]
+  text = "0.55:patch8|patch8; 0.8:keep0.5|keep0.5; 1:full"
+  prior = [(s.end, s.strategies.spec) for s in step_plan.parse_schedule(text, 8, MODEL)]
+  for final_full in (False, True):
+    for monotone in (False, True):
+      stages = schedule_search.search_stages(tables, 0.0, final_full, monotone=monotone,
+                                             prior=prior)
+      assert schedule_search.schedule_string(stages) == text
+  # A prior that ends compressed still gets its final full interval.
+  compressed = [(0.55, "patch8|patch8"), (1.0, "keep0.5|keep0.5")]
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=compressed)
+  assert schedule_search.schedule_string(stages) == \
+      "0.55:patch8|patch8; 0.75:keep0.5|keep0.5; 1:full"
+  assert stages[-1]["why"][-1].endswith("runs at full length (search.final_full)")
+  # Where a challenger takes an interval, that interval is the challenger's, whole.
+  keep = next(r for r in rows if r["strategy"] == "keep0.25|keep0.25")
+  won = [dict(r) for r in rows]
+  won[3] = {**keep, "ca_mse": 0.1, "ca_mse_diff_ci": {o: [-0.2, -0.1] for o in specs[:3]}}
+  tables[2] = {"progress": 0.6, "rows": won}
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=prior)
+  assert schedule_search.schedule_string(stages) == \
+      "0.475:patch8|patch8; 0.75:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full"

@@ -44,7 +44,7 @@ def validate_config(config) -> None:
   specs = {key: step_plan.candidates(config, key)
            for key in ("compression.cost_candidates", "grad_error.candidates", "online.candidates")}
   specs["schedule"] = [s.strategies for s in step_plan.schedule_stages(config)]
-  specs["search.prior"] = [compression.BranchStrategies.parse(spec)
+  specs["search.prior"] = [compression.BranchStrategies.parse(spec, config.compression.bucket)
                            for _, spec in step_plan.prior_stages(config) or ()]
   if step_plan.is_online(config):
     step_plan.check_prior_measured(config, "online.candidates")

@@ -93,7 +93,9 @@ def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
   remove), then clipped, and CA-MSE rebuilt from it; bias2_plugin is the mean of the rounds'
   plug-in values. Intervals: the central `level` share of the draws (`<term>_ci` = [low, high]);
   `ca_mse_diff_ci[other]` is the same for this row's CA-MSE minus the other's, draw by draw (the
-  draws are paired: every strategy of a round saw the same resampled batches).
+  draws are paired: every strategy of a round saw the same resampled batches), and
+  `ca_mse_diff_p[other]` the share of draws in which this row's CA-MSE is not below the other's
+  (a one-sided bootstrap p-value for "lower").
   rounds[i] = {spec: {term: [draws + 1] array}, '_rows', '_batches'}. Returns the first round's
   rows with the pooled terms, intervals, `num_batches` and `rounds`.
   """
@@ -122,8 +124,10 @@ def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
     row["num_batches"] = int(sum(rnd["_batches"][spec] for rnd in rounds))
     row["rounds"] = len(rounds)
   for row in rows:
-    row["ca_mse_diff_ci"] = {other: interval(pooled[row["strategy"]]["ca_mse"] - v["ca_mse"])
-                             for other, v in pooled.items() if other != row["strategy"]}
+    diffs = {other: pooled[row["strategy"]]["ca_mse"] - v["ca_mse"]
+             for other, v in pooled.items() if other != row["strategy"]}
+    row["ca_mse_diff_ci"] = {other: interval(d) for other, d in diffs.items()}
+    row["ca_mse_diff_p"] = {other: float(np.mean(d[1:] >= 0.0)) for other, d in diffs.items()}
   return rows
 
 

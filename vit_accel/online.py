@@ -5,8 +5,10 @@ measures, at the current parameters, the gradient error of full length and of `o
 (grad_error.measure on `online.reference_batches` + `online.batches` batches drawn from a stream
 separate from training's), and the segment runs the strategy --mode=search's rules pick
 (schedule_search.choose: the prior schedule's strategy for the segment, `search.prior`, unless a
-candidate is below it with confidence; lowest CA-MSE, ties -> the cheaper by `online.ties`;
-`search.monotone`); the
+candidate is below it with confidence on enough batches; lowest CA-MSE, ties -> the cheaper by
+`online.ties`; `search.monotone`). When online.reference_batches and online.batches are too few
+for any candidate to displace the prior (step_plan.prior_displaceable), nothing is measured and
+every segment runs the prior's strategy, at no measurement cost; the
 last segment runs at full length unmeasured when `search.final_full` (the default), as a searched
 schedule's last stage does. The measurement's compute is charged to the budget before the segment
 (its units are known in advance), so an online run spends the same budget as any other.
@@ -40,7 +42,10 @@ class OnlineScheduler:
                                              run.state_shardings, run.mesh)
     self.costs = {st: step_plan.step_cost_units(config, st) for st in self.strategies}
     self.overhead = step_plan.online_overhead_units(config)
-    self.prior = step_plan.prior_stages(config)   # measured: config_checks saw to it
+    # Measured (config_checks saw to it), spelled as the candidates are.
+    self.prior = step_plan.prior_stages(config, "online.candidates")
+    self.measures, self.needed = step_plan.prior_displaceable(
+        config, "online.candidates", config.online.reference_batches, config.online.batches)
 
   @staticmethod
   def due(step: int, plan: step_plan.StepPlan, decisions: list) -> bool:
@@ -60,6 +65,19 @@ class OnlineScheduler:
       return {"segment": segment, "step": step, "strategy": self.strategies[0].spec,
               "overhead_units": 0.0, "ca_mse": {}, "bias2": {}, "seconds": 0.0,
               "why": "the last segment runs at full length (search.final_full)"}
+    # The prior's strategy where the segment starts by the plan (`progress`, the units spent so
+    # far, falls a little short of it: step counts are whole).
+    prior = schedule_search.prior_at(self.prior,
+                                     ([0.0] + step_plan.online_segments(cfg.every))[segment])
+    if not self.measures:
+      spec = prior
+      why = (f"at {progress:.0%}: the prior's {spec}, unmeasured: online.reference_batches="
+             f"{cfg.reference_batches} / online.batches={cfg.batches} cannot displace it (that "
+             f"takes >= {self.needed} batches each at grad_error.ci_level="
+             f"{float(self.config.grad_error.ci_level):g})")
+      logging.info("online decision %d at step %d: %s", segment, step, why)
+      return {"segment": segment, "step": step, "strategy": spec, "overhead_units": 0.0,
+              "ca_mse": {}, "bias2": {}, "seconds": 0.0, "why": why}
     stream = pipeline.train_dataset(
         self.run.train_source, self.config, self.run.host_shard,
         start_step=rng_streams.MEASUREMENT_STREAM_OFFSET + step).as_numpy_iterator()
@@ -74,7 +92,7 @@ class OnlineScheduler:
                     None)
     min_cost = schedule_search.relative_cost(previous) if search.monotone and previous else 0.0
     choice = schedule_search.choose(rows, float(search.tie_tolerance), cfg.ties, min_cost,
-                                    schedule_search.prior_at(self.prior, progress))
+                                    prior, float(self.config.grad_error.ci_level))
     winner = choice["winner"]
     decision = {"segment": segment, "step": step, "strategy": winner["strategy"],
                 "why": schedule_search.describe(progress, choice, rows),

@@ -64,6 +64,11 @@ ONLINE_RULES = ("search.final_full", "search.monotone", "search.tie_tolerance", 
                 "grad_error.bootstrap", "grad_error.ci_level")
 
 
+# The value an ONLINE_RULES key had in effect before it existed (an online checkpoint saved then
+# lacks it): search.prior '' = no prior.
+RULES_BEFORE_THEIR_KEY = {"search.prior": ""}
+
+
 def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:
   """The metadata saved with every checkpoint: format, identity, and the step plan (for an online
   schedule, how it decides - `online.*` and ONLINE_RULES: its plan grows with its decisions, which
@@ -129,15 +134,21 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     "model, batch size and seed; the rest of the config and the data are not "
                     "checked (array shapes still are)", directory)
   plan = current["plan"]
-  if "online" in saved.get("plan", {}) and "rules" not in saved["plan"]:
-    plan = {k: v for k, v in plan.items() if k != "rules"}   # saved before the rules were recorded
-  if "plan" in saved and saved["plan"] != plan and not allow_schedule_change:
-    key, was, now = first_difference(flatten(saved["plan"]), flatten(plan)) or (
-        "stages", len(saved["plan"].get("stages", [])), len(plan.get("stages", [])))
+  saved_plan = saved.get("plan")
+  if saved_plan is not None and "online" in saved_plan:
+    if "rules" not in saved_plan:
+      plan = {k: v for k, v in plan.items() if k != "rules"}   # saved before rules were recorded
+    else:   # a rule added since the checkpoint was saved: how the run decided without it
+      saved_plan = {**saved_plan, "rules": {**{k: v for k, v in RULES_BEFORE_THEIR_KEY.items()
+                                               if k in plan.get("rules", {})},
+                                            **saved_plan["rules"]}}
+  if saved_plan is not None and saved_plan != plan and not allow_schedule_change:
+    key, was, now = first_difference(flatten(saved_plan), flatten(plan)) or (
+        "stages", len(saved_plan.get("stages", [])), len(plan.get("stages", [])))
     raise UserError(f"{directory} holds a checkpoint of a run with step plan "
-                    f"[{_short_plan(saved['plan'])}], this config plans "
-                    f"[{_short_plan(current['plan'])}] (step plan's {key}: {was} there, {now} "
-                    f"now); "
+                    f"[{_short_plan(saved_plan)}], this config plans "
+                    f"[{_short_plan(current['plan'])}] (step plan's {key}: {_cli(was)} there, "
+                    f"{_cli(now)} now); "
                     + (f"resume with --config.{key[len('rules.'):]}={_cli(was)}"
                        if key.startswith("rules.") else "restore schedule/budget")
                     + ", use a new --workdir, or set "

@@ -10,7 +10,10 @@ With a prior schedule (`search.prior`, by default the recipe's hand-set one) the
 for the interval is the incumbent: it stands unless some candidate's CA-MSE is below its own with
 confidence, and only those candidates compete for the interval (under the rule above). Few
 measured batches then leave the prior in place instead of handing every interval to the cheapest
-candidate. `search.monotone` lets compression only relax along training. Neighbouring intervals
+candidate: a challenger must also have been measured on at least `batches_to_displace` batches
+(a bootstrap over 3 or 4 batches claims confidence that so few batches cannot give), and with k
+challengers each is tested at 1/k of the one-sided level (Bonferroni), so that the chance that
+noise displaces the prior stays at the level asked for. `search.monotone` lets compression only relax along training. Neighbouring intervals
 with the same winner merge. The result is a schedule string that training accepts as-is
 (`schedule` or, written to a file by --mode=search, `schedule_file`).
 
@@ -19,7 +22,14 @@ reads grad_error.json and writes WORKDIR/schedule.txt; the online schedule (onli
 """
 from __future__ import annotations
 
+import math
+
 from vit_accel.errors import UserError
+
+# Bumped when a change to the rules below can change which schedule the same measurements give
+# (benchmarks keep results per version). 2: the prior is displaced only on enough batches, at a
+# level shared among the candidates, and where it stands its own stages run.
+RULES_VERSION = 2
 
 
 def relative_cost(row: dict) -> float:
@@ -29,16 +39,37 @@ def relative_cost(row: dict) -> float:
   return float(row.get("cost_ratio", row["cost_units"]))
 
 
-def lower_with_confidence(row: dict, than: dict, tie_tolerance: float, ties: str) -> bool:
+def batches_to_displace(challengers: int, ci_level: float) -> int:
+  """Fewest batches on which a measured challenger may displace the prior's strategy.
+
+  With n paired batches, a test that assumes no more than exchangeable signs of the per-batch
+  differences cannot reach a one-sided level below 2^-n (all n differences of one sign; Fisher's
+  sign-flip test), and Efron's bootstrap, which claims more at n = 3 or 4, undercovers there. With
+  `challengers` = k rows tested against the prior at the one-sided level (1 - ci_level) / 2, each
+  test gets 1/k of it (Bonferroni), so n >= log2(2k / (1 - ci_level)): 5 batches for one challenger
+  at ci_level 0.9, 6 for two or three, 7 for four to six. Raises UserError for ci_level outside (0, 1).
+  """
+  if not 0.0 < ci_level < 1.0:
+    raise UserError(f"grad_error.ci_level={ci_level} must lie strictly between 0 and 1")
+  alpha = (1.0 - ci_level) / 2.0 / max(1, int(challengers))
+  return max(1, math.ceil(math.log2(1.0 / alpha) - 1e-9))
+
+
+def lower_with_confidence(row: dict, than: dict, tie_tolerance: float, ties: str,
+                          alpha: float | None = None) -> bool:
   """Whether `row`'s CA-MSE is below `than`'s with confidence: its estimate is lower and, under
-  ties='interval', the interval of their paired difference (`ca_mse_diff_ci`) lies below 0, or in
-  tables without paired differences the intervals do not overlap; else (or without intervals)
-  below by more than tie_tolerance (row x (1 + tie_tolerance) < than). The estimate must agree:
-  at a few batches the percentile bootstrap is biased (a resample with duplicated batches has a
-  smaller variance; the full-length row's draws sit below its estimate), so a difference interval
-  can lie wholly on the other side of the measured difference."""
+  ties='interval', the paired difference is below 0 with confidence - the share of bootstrap draws
+  where it is not (`ca_mse_diff_p`) at most `alpha` (one-sided level) when the table has it and
+  `alpha` is given, else the difference's interval (`ca_mse_diff_ci`) lies below 0 - or in tables
+  without paired differences the intervals do not overlap; else (or without intervals) below by
+  more than tie_tolerance (row x (1 + tie_tolerance) < than). The estimate must agree: at a few
+  batches the percentile bootstrap is biased (a resample with duplicated batches has a smaller
+  variance; the full-length row's draws sit below its estimate), so a difference interval can lie
+  wholly on the other side of the measured difference."""
   if row["ca_mse"] >= than["ca_mse"]:
     return False
+  if ties == "interval" and alpha is not None and "ca_mse_diff_p" in row:
+    return row["ca_mse_diff_p"][than["strategy"]] <= alpha
   if ties == "interval" and "ca_mse_diff_ci" in row:
     return row["ca_mse_diff_ci"][than["strategy"]][1] < 0.0
   if ties == "interval" and "ca_mse_ci" in row and "ca_mse_ci" in than:
@@ -47,7 +78,7 @@ def lower_with_confidence(row: dict, than: dict, tie_tolerance: float, ties: str
 
 
 def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
-           min_cost: float = 0.0, prior: str | None = None) -> dict:
+           min_cost: float = 0.0, prior: str | None = None, ci_level: float = 0.9) -> dict:
   """Which strategy one table picks, and why.
 
   The lowest CA-MSE is the best; the rows tied with it are, under ties='interval' (when every row
@@ -60,11 +91,15 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
   at least the most expensive row.
 
   `prior` (a strategy spec, the prior schedule's for this table's progress): that row is the
-  incumbent and wins unless some allowed row is lower with confidence (lower_with_confidence);
-  if some are, the rule above picks among them. A prior the monotone rule excludes is no
-  incumbent. Raises UserError when `prior` is not a row of the table (not measured).
+  incumbent and wins unless some allowed row is lower with confidence (lower_with_confidence, at
+  the one-sided level (1 - ci_level) / 2 shared among the k other allowed rows) on at least
+  batches_to_displace(k, ci_level) batches (the fewer of the two rows' `num_batches`; rows
+  without it are not held to this); if some are, the rule above picks among them. A prior the
+  monotone rule excludes is no incumbent. Raises UserError when `prior` is not a row of the table
+  (not measured).
   Returns {"winner": row, "best", "tied", "excluded": [strategy specs], "rule": str, "prior":
-  spec or None, "challengers": [specs below the prior with confidence]}.
+  spec or None, "challengers": [specs below the prior with confidence], "too_few": [specs lower
+  than the prior but measured on too few batches to displace it], "needed_batches": int or None}.
   """
   if prior is not None and not any(r["strategy"] == prior for r in rows):
     raise UserError(f"search.prior's strategy {prior!r} was not measured (this table has "
@@ -75,14 +110,20 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
     allowed = [max(rows, key=relative_cost)]
   excluded = [r["strategy"] for r in rows if r not in allowed]
   incumbent = next((r for r in allowed if r["strategy"] == prior), None)
-  challengers = None
+  challengers, too_few, needed = None, [], None
   if incumbent is not None:
-    challengers = [r for r in allowed
-                   if r is not incumbent and lower_with_confidence(r, incumbent, tie_tolerance,
-                                                                   ties)]
+    others = [r for r in allowed if r is not incumbent]
+    needed = batches_to_displace(len(others), ci_level)
+    alpha = (1.0 - ci_level) / 2.0 / max(1, len(others))
+    lower = [r for r in others
+             if lower_with_confidence(r, incumbent, tie_tolerance, ties, alpha)]
+    too_few = [r["strategy"] for r in lower if _batches(r, incumbent) < needed]
+    challengers = [r for r in lower if r["strategy"] not in too_few]
     if not challengers:
       return {"winner": incumbent, "best": min(allowed, key=lambda r: r["ca_mse"])["strategy"],
-              "tied": [], "excluded": excluded, "rule": "", "prior": prior, "challengers": []}
+              "tied": [], "excluded": excluded, "rule": "", "prior": prior, "challengers": [],
+              "too_few": too_few, "needed_batches": needed,
+              "prior_rule": _prior_rule(rows, tie_tolerance, ties)}
     allowed = challengers
   best = min(allowed, key=lambda r: r["ca_mse"])
   if ties == "interval" and all("ca_mse_diff_ci" in r for r in allowed):
@@ -99,13 +140,27 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
   winner = min(tied, key=lambda r: (relative_cost(r), r["ca_mse"]))
   return {"winner": winner, "best": best["strategy"], "tied": [r["strategy"] for r in tied],
           "excluded": excluded, "rule": rule, "prior": prior if incumbent is not None else None,
-          "challengers": [r["strategy"] for r in challengers or []]}
+          "challengers": [r["strategy"] for r in challengers or []], "too_few": too_few,
+          "needed_batches": needed, "prior_rule": _prior_rule(rows, tie_tolerance, ties)}
+
+
+def _prior_rule(rows: list[dict], tie_tolerance: float, ties: str) -> str:
+  """How lower_with_confidence judged "below the prior" for these rows, in words."""
+  if ties == "interval" and all("ca_mse_ci" in r for r in rows):
+    return "with confidence"
+  return f"by more than {tie_tolerance:.0%}"
+
+
+def _batches(row: dict, other: dict) -> float:
+  """Batches behind the comparison of two rows: the fewer of their `num_batches` (inf when a
+  table predates the count)."""
+  return min(row.get("num_batches", math.inf), other.get("num_batches", math.inf))
 
 
 def pick(rows: list[dict], tie_tolerance: float, ties: str = "interval",
-         min_cost: float = 0.0, prior: str | None = None) -> dict:
+         min_cost: float = 0.0, prior: str | None = None, ci_level: float = 0.9) -> dict:
   """The row `choose` picks."""
-  return choose(rows, tie_tolerance, ties, min_cost, prior)["winner"]
+  return choose(rows, tie_tolerance, ties, min_cost, prior, ci_level)["winner"]
 
 
 def prior_at(prior: list[tuple[float, str]] | None, progress: float) -> str | None:
@@ -125,13 +180,17 @@ def describe(progress: float, choice: dict, rows: list[dict]) -> str:
   winner = choice["winner"]["strategy"]
   text = f"at {progress:.0%}: lowest CA-MSE {choice['best']} {value(choice['best'])}"
   if choice.get("prior") and not choice["challengers"]:
-    return (text + f"; none below the prior's {choice['prior']} {value(choice['prior'])} with "
-            f"confidence -> the prior's" + (f"; cheaper than the previous stage, so not allowed: "
-                                            f"{', '.join(choice['excluded'])}"
-                                            if choice["excluded"] else ""))
+    few = choice.get("too_few") or []
+    return (text + f"; none below the prior's {choice['prior']} {value(choice['prior'])} "
+            f"{choice['prior_rule']}" + (f" on enough batches ({', '.join(few)} lower, but displacing the "
+                             f"prior takes >= {choice['needed_batches']} batches each)"
+                             if few else "")
+            + " -> the prior's" + (f"; cheaper than the previous stage, so not allowed: "
+                                   f"{', '.join(choice['excluded'])}"
+                                   if choice["excluded"] else ""))
   if choice.get("prior"):
     text = (f"at {progress:.0%}: below the prior's {choice['prior']} {value(choice['prior'])} "
-            f"with confidence: " + ", ".join(f"{t} {value(t)}" for t in choice["challengers"])
+            f"{choice['prior_rule']}: " + ", ".join(f"{t} {value(t)}" for t in choice["challengers"])
             + f"; the lowest of them {choice['best']}")
   others = [t for t in choice["tied"] if t != choice["best"]]
   if others:
@@ -144,38 +203,71 @@ def describe(progress: float, choice: dict, rows: list[dict]) -> str:
 
 def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = False,
                   ties: str = "interval", monotone: bool = False,
-                  prior: list[tuple[float, str]] | None = None) -> list[dict]:
+                  prior: list[tuple[float, str]] | None = None,
+                  ci_level: float = 0.9) -> list[dict]:
   """[{end, strategy, cost_units, progress_points, why}] from tables sorted by progress. `final_full`:
   the last interval runs at full length whatever it measured (CA-MSE scores gradients at the
   compressed length and cannot see the train/eval length mismatch a final full stage removes).
   `monotone`: compression only relaxes along training (each interval's strategy costs at least the
   previous one's). `prior` ([(stage end, spec)], e.g. the recipe's hand-set schedule): each table's
-  incumbent is the prior's strategy at its progress (`choose`). `why` holds one `describe` line per
-  table of the stage."""
+  incumbent is the prior's strategy at its progress (`choose`, at `ci_level`); where it stands,
+  the interval runs the prior's own stages, boundaries included, so a prior that stands
+  everywhere comes out as itself (unless a stage inside the interval is one the monotone rule
+  forbids; with `final_full`, the last interval keeps the prior's stages only if the prior ends at
+  full length). `why` holds one `describe` line per table, on the stage that holds its progress.
+  """
   if not tables:
     raise UserError("no gradient-error tables to search a schedule from; run --mode=grad_error "
                     "first")
   tables = sorted(tables, key=lambda t: t["progress"])
   stages = []
   min_cost = 0.0
+
+  def append(end, row, progress=None, why=None):
+    if stages and stages[-1]["strategy"] == row["strategy"]:
+      stages[-1]["end"] = end
+    else:
+      stages.append({"end": end, "strategy": row["strategy"], "cost_units": row["cost_units"],
+                     "progress_points": [], "why": []})
+    if why is not None:
+      stages[-1]["progress_points"].append(progress)
+      stages[-1]["why"].append(why)
+
+  start = 0.0
   for i, table in enumerate(tables):
-    end = 1.0 if i == len(tables) - 1 else (table["progress"] + tables[i + 1]["progress"]) / 2
+    last = i == len(tables) - 1
+    end = 1.0 if last else (table["progress"] + tables[i + 1]["progress"]) / 2
+    rows = {r["strategy"]: r for r in table["rows"]}
     choice = choose(table["rows"], tie_tolerance, ties, min_cost if monotone else 0.0,
-                    prior_at(prior, table["progress"]))
+                    prior_at(prior, table["progress"]), ci_level)
     winner = choice["winner"]
     why = describe(table["progress"], choice, table["rows"])
-    if final_full and i == len(tables) - 1:
-      winner = next(r for r in table["rows"] if r["strategy"] == "full")
-      why += "; the last interval runs at full length (search.final_full)"
-    min_cost = relative_cost(winner)
-    if stages and stages[-1]["strategy"] == winner["strategy"]:
-      stages[-1]["end"] = end
-      stages[-1]["progress_points"].append(table["progress"])
-      stages[-1]["why"].append(why)
-    else:
-      stages.append({"end": end, "strategy": winner["strategy"],
-                     "cost_units": winner["cost_units"], "progress_points": [table["progress"]],
-                     "why": [why]})
+    pieces = [(end, winner)]
+    if choice.get("prior") and not choice["challengers"]:
+      # The prior stands: its own stages over [start, end), where the rules allow every one.
+      starts = [0.0] + [e for e, _ in prior[:-1]]
+      inside = [(min(e, end), rows.get(spec))
+                for (e, spec), b in zip(prior, starts) if b < end and e > start]
+      costs = [relative_cost(r) for _, r in inside if r is not None]
+      ok = len(costs) == len(inside) and (not monotone or (
+          costs[0] >= min_cost - 1e-12 and all(b >= a - 1e-12 for a, b in zip(costs, costs[1:]))))
+      if ok:
+        pieces = inside
+    if last and final_full:
+      if len(pieces) > 1 and pieces[-1][1]["strategy"] == "full":
+        why += "; the prior's stages end at full length (search.final_full)"
+      else:
+        pieces = [(end, rows["full"])]
+        why += "; the last interval runs at full length (search.final_full)"
+    holder = next((k for k, (e, _) in enumerate(pieces) if table["progress"] < e),
+                  len(pieces) - 1)
+    for k, (e, row) in enumerate(pieces):
+      if k == holder:
+        append(e, row, table["progress"], why)
+      else:
+        append(e, row)
+    min_cost = relative_cost(pieces[-1][1])
+    start = end
   return stages
 
 

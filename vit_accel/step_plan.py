@@ -22,7 +22,7 @@ import json
 import math
 import os
 
-from vit_accel import compression, objectives
+from vit_accel import compression, objectives, schedule_search
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 
@@ -52,8 +52,9 @@ class Stage:
   strategies: BranchStrategies
 
 
-def parse_schedule(spec: str, bucket: int, model_cfg) -> list[Stage]:
-  """Preset name or "END:SPEC; ..." -> stages, checked against the model (errors name the key)."""
+def parse_schedule(spec: str, bucket: int, model_cfg, key: str = "schedule") -> list[Stage]:
+  """Preset name or "END:SPEC; ..." -> stages, checked against the model (errors name the config
+  key `key`)."""
   text = presets(model_cfg.patch_size).get(str(spec).strip(), str(spec))
   stages = []
   for part in filter(None, (p.strip() for p in text.split(";"))):
@@ -63,13 +64,13 @@ def parse_schedule(spec: str, bucket: int, model_cfg) -> list[Stage]:
     except ValueError:
       sep = ""
     if not sep:
-      raise UserError(f"schedule={spec!r}: cannot read stage {part!r}; use a preset "
+      raise UserError(f"{key}={spec!r}: cannot read stage {part!r}; use a preset "
                       f"({', '.join(presets(model_cfg.patch_size))}) or 'END:SPEC; END:SPEC', "
                       f"e.g. '0.5:keep0.25|keep0.25; 1:full'")
-    stages.append(Stage(end, compression.parse_checked(strategy, bucket, model_cfg, "schedule")))
+    stages.append(Stage(end, compression.parse_checked(strategy, bucket, model_cfg, key)))
   ends = [s.end for s in stages]
   if not stages or any(b <= a for a, b in zip([0.0] + ends, ends)) or abs(ends[-1] - 1) > 1e-9:
-    raise UserError(f"schedule={spec!r}: stage ends must increase within (0, 1] and the last "
+    raise UserError(f"{key}={spec!r}: stage ends must increase within (0, 1] and the last "
                     f"must be 1, got {ends}")
   return stages
 
@@ -247,26 +248,35 @@ def schedule_text(config) -> str:
   return text
 
 
-def prior_stages(config) -> list[tuple[float, str]] | None:
-  """`search.prior` as [(stage end, strategy spec)] (schedule_search.prior_at reads it), or None
-  when it is ''. Raises UserError (naming the key) for a prior that is not a schedule."""
+def _prior(config) -> list[Stage] | None:
   if not str(config.search.prior).strip():
     return None
-  try:
-    stages = parse_schedule(config.search.prior, config.compression.bucket, config.model)
-  except UserError as e:
-    raise UserError(f"search.prior: {e}") from None
-  return [(s.end, s.strategies.spec) for s in stages]
+  return parse_schedule(config.search.prior, config.compression.bucket, config.model,
+                        "search.prior")
+
+
+def prior_stages(config, key: str | None = None) -> list[tuple[float, str]] | None:
+  """`search.prior` as [(stage end, strategy spec)] (schedule_search.prior_at reads it), or None
+  when it is ''. With `key` (the candidates that are measured), each spec is spelled as the
+  candidate that runs the same program (BranchStrategies.canonical), so it names a row of their
+  tables. Raises UserError (naming the key) for a prior that is not a schedule."""
+  stages = _prior(config)
+  if stages is None:
+    return None
+  spelled = {st.canonical(): st.spec for st in candidates(config, key)} if key else {}
+  return [(s.end, spelled.get(s.strategies.canonical(), s.strategies.spec)) for s in stages]
 
 
 def check_prior_measured(config, key: str) -> None:
   """UserError unless every strategy of `search.prior` is among the candidates `key` measures
   (full length always is): a prior strategy without a measurement cannot be weighed."""
-  measured = {st.spec for st in candidates(config, key)}
-  missing = sorted({spec for _, spec in prior_stages(config) or () if spec not in measured})
+  measured = {st.canonical() for st in candidates(config, key)}
+  missing = sorted({s.strategies.spec for s in _prior(config) or ()
+                    if s.strategies.canonical() not in measured})
   if missing:
+    them = "it" if len(missing) == 1 else "them"
     raise UserError(f"search.prior={config.search.prior!r} runs {', '.join(missing)}, which "
-                    f"{key} does not measure; add it to {key} or set search.prior=''")
+                    f"{key} does not measure; add {them} to {key} or set search.prior=''")
 
 
 def is_online(config) -> bool:
@@ -301,8 +311,34 @@ def measurement_units(config, strategies: list[BranchStrategies], reference_batc
   return per_sample * config.batch_size
 
 
+def prior_displaceable(config, key: str, reference_batches: int, batches: int,
+                       rounds: int = 1) -> tuple[bool, int]:
+  """(whether measurements of `reference_batches` full-length and `batches` batches per candidate,
+  pooled over `rounds` rounds, could let some candidate of `key` displace search.prior's strategy,
+  the batches that takes: schedule_search.batches_to_displace for every candidate but one against
+  the prior at grad_error.ci_level). (True, 0) without a prior. A comparison rests on the fewer of
+  the two rows' batches, and full length is always a row, so both counts must reach it. Where the
+  answer is False, measuring cannot change the schedule: the pilot and the online schedule then
+  measure nothing and follow the prior."""
+  if prior_stages(config) is None:
+    return True, 0
+  needed = schedule_search.batches_to_displace(len(candidates(config, key)) - 1,
+                                               float(config.grad_error.ci_level))
+  return min(int(reference_batches), int(batches)) * max(1, int(rounds)) >= needed, needed
+
+
+def online_measures(config) -> bool:
+  """Whether the online schedule measures before its decisions (prior_displaceable with
+  online.reference_batches and online.batches, one round); if not, it follows search.prior."""
+  return prior_displaceable(config, "online.candidates", config.online.reference_batches,
+                            config.online.batches)[0]
+
+
 def online_overhead_units(config) -> float:
-  """Budget units one online decision's measurement costs."""
+  """Budget units one online decision's measurement costs (0 when it does not measure:
+  online_measures)."""
+  if not online_measures(config):
+    return 0.0
   return measurement_units(config, candidates(config, "online.candidates"),
                            config.online.reference_batches, config.online.batches)
 

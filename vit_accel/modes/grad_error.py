@@ -114,6 +114,10 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   distributed.initialize(config)   # multi-host: before anything touches a device
   ge = config.grad_error
   config_checks.validate_config(config)   # the config first, then which checkpoints, then the data
+  try:
+    step_plan.check_prior_measured(config, "grad_error.candidates")
+  except UserError as e:   # these tables may be for a look only; --mode=search would refuse them
+    logging.warning("%s (before --mode=search can weigh these tables against it)", e)
   available = saved_steps(workdir)
   steps = steps_to_analyse(config, workdir, available)
   setup = run_setup.build(config, splits=("train",))

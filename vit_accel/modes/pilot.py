@@ -8,7 +8,9 @@ momentum schedules are the full run's, compressed in time). The measurements spe
 pilot.measure_fraction of the budget (measurement_plan: fewer batches and rounds at small budgets).
 What the pilot spent (training and measurements, in budget units) goes to WORKDIR/pilot_cost.json
 and schedule.txt's last comment, with the budget that is left: comparisons at equal total budget
-train the searched schedule on it.
+train the searched schedule on it. With a prior schedule (search.prior) and a budget whose
+measurements could not displace it (step_plan.prior_displaceable), the pilot trains and measures
+nothing and the schedule is the prior, at no cost.
 """
 from __future__ import annotations
 
@@ -80,10 +82,15 @@ def measurement_plan(config, num_train: int) -> dict:
 def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
+  step_plan.check_prior_measured(config, "grad_error.candidates")   # the config alone says so
   distributed.initialize(config)   # multi-host: before anything touches a device
   num_train = pipeline.load_source(config, "train").num_examples
   measure = measurement_plan(config, num_train)   # a budget too small for it fails before training
-  step_plan.check_prior_measured(config, "grad_error.candidates")   # as must an unmeasured prior
+  displaceable, needed = step_plan.prior_displaceable(
+      config, "grad_error.candidates", measure["reference_batches"], measure["batches"],
+      measure["max_rounds"])
+  if not displaceable:
+    return prior_without_pilot(config, workdir, num_train, measure, needed)
   logging.info("pilot measurements: R=%d reference and M=%d batches per candidate, at most %d "
                "round(s) per milestone (%.4g units each; cap %.4g units = pilot.measure_fraction)",
                measure["reference_batches"], measure["batches"], measure["max_rounds"],
@@ -131,6 +138,42 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   return text
 
 
+def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, needed: int) -> str:
+  """What the pilot does when the measurements the budget affords could not displace search.prior
+  (step_plan.prior_displaceable): nothing is trained or measured, schedule.txt (and schedule.json)
+  hold the prior, pilot_cost.json charges nothing. Buying measurements that cannot change the
+  schedule would only take budget from training. Returns the schedule string."""
+  text = config.search.prior
+  challengers = len(step_plan.candidates(config, "grad_error.candidates")) - 1
+  why = (f"the prior, unmeasured: at this budget pilot.measure_fraction="
+         f"{config.pilot.measure_fraction:g} pays for {measure['reference_batches']} reference + "
+         f"{measure['batches']} batches per candidate x {measure['max_rounds']} round(s), and "
+         f"displacing the prior takes >= {needed} of each (against {challengers} other "
+         f"candidate{'s' if challengers != 1 else ''} at grad_error.ci_level="
+         f"{float(config.grad_error.ci_level):g}); raise the budget or "
+         f"pilot.measure_fraction, or measure fewer grad_error.candidates")
+  budget = step_plan.budget_units(config, num_train)
+  cost = {"train_units": 0.0, "measurement_units": 0.0, "rounds": 0, "total_units": 0.0,
+          "budget_units": budget, "fraction": 0.0, "remaining_units": budget, "measured": False,
+          "needed_batches": needed,
+          "measure": {"reference_batches": measure["reference_batches"],
+                      "batches": measure["batches"], "max_rounds": measure["max_rounds"]}}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    stages = [{"end": end, "strategy": spec, "why": [why]}
+              for end, spec in step_plan.prior_stages(config)]
+    io.atomic_write_text(os.path.join(workdir, "schedule.txt"),
+                         f"# {why}\n{text}\n# the pilot spent 0 units: train this schedule on the "
+                         f"whole budget\n")
+    io.atomic_write_json(os.path.join(workdir, "schedule.json"),
+                         {"schedule": text, "grad_error_file": None,
+                          "settings": {"prior": text}, "stages": stages})
+    io.atomic_write_json(os.path.join(workdir, "pilot_cost.json"), cost)
+  print(f"pilot: {why}", flush=True)
+  save_config(config, workdir, "pilot", primary=jax.process_index() == 0)
+  return text
+
+
 def pilot_cost(config, pilot, measured: dict, num_train: int) -> dict:
   """Budget units the pilot spent: its training budget plus every gradient-error round it measured
   (step_plan.measurement_units per round), also as a fraction of the full budget and what is
@@ -143,4 +186,4 @@ def pilot_cost(config, pilot, measured: dict, num_train: int) -> dict:
   total = float(pilot.budget) + per_round * rounds
   return {"train_units": float(pilot.budget), "measurement_units": per_round * rounds,
           "rounds": rounds, "total_units": total, "budget_units": budget,
-          "fraction": total / budget, "remaining_units": budget - total}
+          "fraction": total / budget, "remaining_units": budget - total, "measured": True}

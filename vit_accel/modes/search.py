@@ -35,7 +35,8 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   tables = read_tables(path)
   stages = schedule_search.search_stages(tables, float(search.tie_tolerance),
                                          bool(search.final_full), search.ties,
-                                         bool(search.monotone), step_plan.prior_stages(config))
+                                         bool(search.monotone), step_plan.prior_stages(config, "grad_error.candidates"),
+                                         float(config.grad_error.ci_level))
   text = schedule_search.schedule_string(stages)
   full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
   out = os.path.join(workdir, "schedule.txt")
