@@ -11,8 +11,8 @@ pilot left, so the pilot's units and wall-clock are in the arm's) and `online=on
 re-measured during training, the measurements charged to the budget). Every arm runs at every
 --budgets and --seeds.
 
---arm_overrides=ARM:KEY=VALUE sets a config key for one arm (e.g. the search without its prior
-schedule: `--arms=...,searched_noprior=pilot --arm_overrides=searched_noprior:search.prior=`).
+--arm_overrides=ARM:KEY=VALUE (repeatable) sets a config key for one arm (e.g. the search without
+its prior schedule: `--arms=...,searched_noprior=pilot --arm_overrides=searched_noprior:search.prior=`).
 
 Settings: --settings=sweep takes each arm's base_lr and batch from bench/budget_sweep.py's tuning
 grid in the same .jsonl (the baseline its own; every compressed arm the accelerated arm's, the
@@ -59,9 +59,10 @@ flags.DEFINE_list("arms", ["baseline=none", "accelerated=recipe", "searched=pilo
                            "online=online"],
                   "NAME=SCHEDULE pairs (see the module docstring); the arm named 'accelerated' "
                   "is the preset the others are compared with.")
-flags.DEFINE_list("arm_overrides", [], "ARM:KEY=VALUE items: --config overrides for one arm "
-                  "only (after --extra), e.g. searched_noprior:search.prior= for the search "
-                  "without its prior schedule.")
+flags.DEFINE_multi_string("arm_overrides", [], "ARM:KEY=VALUE, repeatable: a --config "
+                          "override for one arm only (after --extra), e.g. "
+                          "searched_noprior:search.prior= for the search without its prior "
+                          "schedule (one flag per item: a value may hold commas).")
 flags.DEFINE_list("budgets", ["1", "2"], "Full-cost epochs (the pilot's measurements need a "
                   "budget that pays for them: pilot.measure_fraction).")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every arm at every budget.")

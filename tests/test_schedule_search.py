@@ -244,3 +244,20 @@ def test_a_prior_that_stands_everywhere_comes_out_as_itself():
   stages = schedule_search.search_stages(tables, 0.0, True, prior=prior)
   assert schedule_search.schedule_string(stages) == \
       "0.475:patch8|patch8; 0.75:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full"
+
+
+def test_without_paired_differences_a_prior_yields_only_to_a_disjoint_interval():
+  prior = ci_row("patch8|patch8", 0.30, 0.25, 0.35, 2.0)
+  keep = ci_row("keep0.5|keep0.5", 0.20, 0.15, 0.26, 4.0)   # lower, but its interval reaches
+  choice = schedule_search.choose([prior, keep], 0.0, prior="patch8|patch8")
+  assert choice["winner"] is prior and choice["prior_rule"] == "with confidence"
+  keep["ca_mse_ci"] = [0.15, 0.24]
+  assert schedule_search.pick([prior, keep], 0.0, prior="patch8|patch8") is keep
+  # Under ties='tolerance' the intervals are not read: lower by more than the tolerance is enough,
+  # and the plan line says which rule it was.
+  keep["ca_mse_ci"] = [0.15, 0.4]
+  choice = schedule_search.choose([prior, keep], 0.4, ties="tolerance", prior="patch8|patch8")
+  assert choice["winner"] is keep
+  assert "below the prior's patch8|patch8 0.3000 [0.2500, 0.3500] by more than 40%" in \
+      schedule_search.describe(0.5, choice, [prior, keep])
+  assert schedule_search.pick([prior, keep], 0.6, ties="tolerance", prior="patch8|patch8") is prior
