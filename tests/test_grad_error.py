@@ -429,3 +429,23 @@ def test_noise_alone_rarely_displaces_a_prior():
   assert np.mean([displaced(rows, False) for rows in small]) > 0.1   # 5 tests at 5% each
   assert np.mean([displaced(rows, True) for rows in small]) == 0.0
   assert np.mean([displaced(table(8, trials + i), True) for i in range(trials)]) <= 0.06
+
+
+def test_a_measurement_with_a_prior_settles_once_a_challenger_has_the_batches_to_displace_it():
+  def r(name, ca, n, diff_low):
+    return {"strategy": name, "ca_mse": ca, "ca_mse_ci": [ca * 0.9, ca * 1.1], "num_batches": n,
+            "ca_mse_diff_ci": {o: [diff_low, 1.0] for o in ("a", "b")}}
+  # b is clearly the lowest after 6 batches: resolved, and enough without a prior
+  rows = [r("a", 0.3, 6, 0.01), r("b", 0.1, 6, -1.0)]
+  assert grad_error.settled(rows, 0.1)
+  # the prior a needs 7 to be displaced: measure on; at 12 (two rounds) it may stop
+  assert not grad_error.settled(rows, 0.1, prior="a", min_batches=7)
+  assert grad_error.settled([dict(x, num_batches=12) for x in rows], 0.1, prior="a",
+                            min_batches=7)
+  # the prior itself lowest, or a prior this table does not have: nothing more to learn
+  assert grad_error.settled(rows, 0.1, prior="b", min_batches=7)
+  assert grad_error.settled(rows, 0.1, prior="c", min_batches=7)
+  # unresolved stays unresolved
+  rows[0]["ca_mse_diff_ci"]["b"] = [-0.01, 1.0]
+  rows[0]["ca_mse_ci"] = [0.01, 0.5]
+  assert not grad_error.settled(rows, 0.1)

@@ -227,13 +227,29 @@ def measure_round(config, state, global_batches, reference_batches: int, grad_fn
   return out
 
 
+def settled(rows: list[dict], ci_target: float, prior: str | None = None,
+            min_batches: int = 0) -> bool:
+  """Whether a measurement may stop: the pick is `resolved`, and with a prior strategy (`prior`,
+  a spec) whose displacement takes `min_batches` batches (schedule_search.batches_to_displace),
+  either the prior is the lowest or every row has that many - a challenger resolved below the
+  prior on fewer batches could not displace it, so it gets the rounds that let it."""
+  if not resolved(rows, ci_target):
+    return False
+  if prior is None or not any(r["strategy"] == prior for r in rows):
+    return True
+  best = min(rows, key=lambda r: r["ca_mse"])
+  return best["strategy"] == prior or min(r["num_batches"] for r in rows) >= min_batches
+
+
 def measure(config, state, next_batches, reference_batches: int, batches: int, grad_fns: dict,
             costs: dict, rng, progress: float, *, max_rounds: int = 1, seed: int = 0,
-            cost_ratios: dict | None = None) -> list[dict]:
+            cost_ratios: dict | None = None, prior: str | None = None,
+            min_batches: int = 0) -> list[dict]:
   """One table with intervals: rounds of `reference_batches` + `batches` fresh batches
-  (`next_batches(n)` -> n global batches), pooled (pool_rounds), until the pick is resolved
-  (`resolved`, grad_error.ci_target) or `max_rounds` rounds are spent. Intervals: the central
-  grad_error.ci_level share of grad_error.bootstrap draws. Identical on every host."""
+  (`next_batches(n)` -> n global batches), pooled (pool_rounds), until the measurement is
+  `settled` (grad_error.ci_target; `prior`, `min_batches`) or `max_rounds` rounds are spent.
+  Intervals: the central grad_error.ci_level share of grad_error.bootstrap draws. Identical on
+  every host."""
   ge = config.grad_error
   rounds, rows = [], []
   for i in range(max_rounds):
@@ -242,7 +258,7 @@ def measure(config, state, next_batches, reference_batches: int, batches: int, g
                                 jax.random.fold_in(rng, 1_000_003 * i), progress,
                                 int(ge.bootstrap), (seed, i), cost_ratios))
     rows = pool_rounds(rounds, float(ge.ci_level))
-    done = resolved(rows, float(ge.ci_target))
+    done = settled(rows, float(ge.ci_target), prior, min_batches)
     if jax.process_count() > 1:   # every host must run the same rounds: process 0 decides
       done = bool(multihost_utils.broadcast_one_to_all(np.array(done)))
     if done:

@@ -26,6 +26,7 @@ from vit_accel import (
   report,
   rng_streams,
   run_setup,
+  schedule_search,
   step_plan,
 )
 from vit_accel import sharding as sharding_lib
@@ -126,6 +127,11 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
                                       setup.mesh)
   costs = {st: step_plan.step_cost_units(config, st) for st in strategies}
   cost_ratios = measured_cost_ratios(config, workdir, strategies)
+  # With a prior, a table keeps measuring (up to max_rounds) until a challenger below the prior
+  # has the batches that could displace it.
+  prior = step_plan.prior_stages(config, "grad_error.candidates")
+  needed = (schedule_search.batches_to_displace(len(strategies) - 1, float(ge.ci_level))
+            if prior else 0)
 
   t_start = time.time()
   tables = []
@@ -142,7 +148,9 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
     rng = jax.random.fold_in(jax.random.key(config.seed), rng_streams.GRAD_ERROR + step)
     rows = grad_error.measure(config, state, next_batches, ge.reference_batches, ge.batches,
                               grad_fns, costs, rng, progress, max_rounds=int(ge.max_rounds),
-                              seed=config.seed * 1_000_003 + step, cost_ratios=cost_ratios)
+                              seed=config.seed * 1_000_003 + step, cost_ratios=cost_ratios,
+                              prior=schedule_search.prior_at(prior, progress),
+                              min_batches=needed)
     tables.append({"step": step, "progress": progress, "rows": rows,
                    "seconds": time.time() - t0})
     logging.info("grad_error at step %d (%.0f%% of the budget) in %.0fs", step, 100 * progress,
