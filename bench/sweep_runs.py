@@ -65,6 +65,24 @@ def same_rules(record: dict) -> bool:
   return record["schedule"] not in MEASURED or record.get("rules_version", 1) == RULES_VERSION
 
 
+def check_rules_version(workdir: str) -> None:
+  """A measured arm's workdir holds what was measured and chosen under the rules of one version:
+  a new one gets this code's (WORKDIR/rules_version); resuming one of other rules (or of before
+  the file was written) would reuse their choices under this version's name, so it is refused
+  with an error line."""
+  marker = os.path.join(workdir, "rules_version")
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    saved = open(marker).read().strip() if os.path.exists(marker) else "1"
+    if saved != str(RULES_VERSION):
+      raise SystemExit(f"error: {workdir} holds a run chosen under schedule rules version "
+                       f"{saved}, this code's are version {RULES_VERSION}; move it away or use "
+                       f"another --workdir_root")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(marker, "w") as f:
+    f.write(f"{RULES_VERSION}\n")
+
+
 def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
   """The run's name: its workdir below the runner's and its key in the .jsonl."""
   return f"{arm}_b{budget:g}_lr{lr:g}_bs{batch}_s{seed}"
@@ -114,6 +132,8 @@ class Runner:
       key, _, value = item.partition("=")
       common[key] = value
     t0 = time.time()
+    if schedule in MEASURED:
+      check_rules_version(workdir)
     pilot = None
     if schedule == "pilot":
       # The paper's procedure at equal total budget: --mode=pilot (uncompressed pilot run, gradient

@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   # True: compression only relaxes along training (each stage's step costs at least the last's).
   c.search.monotone = False
   # A prior schedule (preset or 'END:SPEC; ...'; '' = none): in each interval its stages stand
-  # unless a candidate's CA-MSE is below it with confidence, on enough batches to say so (5-7, see
+  # unless a candidate's CA-MSE is below it with confidence, on enough batches to say so (5-9, see
   # schedule_search.batches_to_displace; then those compete as above). Without one, every
   # interval whose measurements cannot separate the candidates goes to the cheapest. Also the
   # online schedule's. Recipes set their own hand-set schedule.

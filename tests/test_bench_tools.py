@@ -82,3 +82,22 @@ def test_pipeline_bench_variants_are_checked_config_overrides():
               "data.verify_images=False"):
     with pytest.raises(ValueError):
       pipeline_bench.parse_variant(bad)
+
+
+def test_a_measured_arm_resumes_only_a_workdir_of_its_own_rules(tmp_path):
+  import sweep_runs
+  fresh = tmp_path / "fresh"
+  sweep_runs.check_rules_version(str(fresh))
+  assert (fresh / "rules_version").read_text().strip() == str(sweep_runs.RULES_VERSION)
+  (fresh / "pilot_cost.json").write_text("{}")
+  sweep_runs.check_rules_version(str(fresh))          # its own: resumes
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "pilot_cost.json").write_text("{}")        # written before versions were kept
+  with pytest.raises(SystemExit, match=r"error: .*old holds a run chosen under schedule rules "
+                                       r"version 1"):
+    sweep_runs.check_rules_version(str(old))
+  assert sorted(os.listdir(old)) == ["pilot_cost.json"]   # nothing written or moved
+  assert not sweep_runs.same_rules({"schedule": "pilot"})
+  assert sweep_runs.same_rules({"schedule": "dynamic"})
+  assert sweep_runs.same_rules({"schedule": "online", "rules_version": sweep_runs.RULES_VERSION})

@@ -329,6 +329,7 @@ def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashio
   assert min(plan["reference_batches"], plan["batches"]) >= 2
   assert 3 * plan["round_units"] <= 0.1 * config.budget * (1 + 1e-9)
   config.budget = 30 * units(2, 2) * 0.9
+  config.search.prior = ""   # with a prior, such a budget runs the prior unmeasured instead
   with pytest.raises(UserError, match=r"pilot.measure_fraction=0.1 .* cannot pay for one "
                                       r"gradient-error round"):
     pilot_mode.run(config, str(tmp_path))
@@ -370,6 +371,18 @@ def test_a_pilot_that_could_not_displace_the_prior_trains_and_measures_nothing(
   # Eight batches each in one round would do; without a prior nothing needs displacing.
   assert step_plan.prior_displaceable(config, "grad_error.candidates", 8, 8) == (True, 7)
   assert step_plan.prior_displaceable(config, "grad_error.candidates", 4, 4, rounds=2)[0]
+  # Against compressed prior stages candidates rest on M alone; against full length on R too.
+  assert step_plan.prior_displaceable(config, "grad_error.candidates", 3, 8)[0]
+  config.search.prior = "none"
+  assert not step_plan.prior_displaceable(config, "grad_error.candidates", 3, 8)[0]
+  # A prior that ends compressed gets the final full interval a search would give it.
+  config.search.prior = "0.5:patch8|patch8; 1:keep0.5|keep0.5"
+  assert pilot_mode.prior_without_pilot(config, str(tmp_path / "ends"), 60000,
+                                        {"reference_batches": 0, "batches": 0, "max_rounds": 0},
+                                        7) == "0.5:patch8|patch8; 0.65:keep0.5|keep0.5; 1:full"
+  # A budget that cannot pay for any measurement: with a prior, the prior (not an error).
+  config.search.prior, config.budget = "dynamic", 30 * units(2, 2) * 0.9
+  assert pilot_mode.run(config, str(tmp_path / "tiny")) == "dynamic"
   config.search.prior = ""
   assert step_plan.prior_displaceable(config, "grad_error.candidates", 2, 2) == (True, 0)
 

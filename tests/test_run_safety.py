@@ -400,6 +400,7 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
+  from vit_accel.schedule_search import RULES_VERSION
   config = tiny_config(steps=100, schedule="online")
   plan = step_plan.make_step_plan(config, 1000)
   saved = run_identity.run_metadata(config, plan, {}, online=True)
@@ -424,6 +425,14 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
   with pytest.raises(UserError, match=r"search.prior: '' there, 'dynamic' now.*"
                                       r"resume with --config.search.prior=''"):
     run_identity.check_resumable(before_prior, saved, "/run/checkpoints", False)
+  # One whose decisions followed older rules (schedule_search.RULES_VERSION) is refused unless
+  # the plan may change.
+  older_rules = dict(saved, plan=dict(saved["plan"], rules=dict(saved["plan"]["rules"],
+                                                                 version=1)))
+  with pytest.raises(UserError, match=rf"rules.version: 1 there, {RULES_VERSION} now.*finish "
+                                      r"it with the vit-accel that started it"):
+    run_identity.check_resumable(older_rules, saved, "/run/checkpoints", False)
+  run_identity.check_resumable(older_rules, saved, "/run/checkpoints", True)
   unprimed = tiny_config(steps=100, schedule="online", **{"search.prior": ""})
   run_identity.check_resumable(before_prior, run_identity.run_metadata(
       unprimed, step_plan.make_step_plan(unprimed, 1000), {}, online=True), "/run/checkpoints",

@@ -261,3 +261,25 @@ def test_without_paired_differences_a_prior_yields_only_to_a_disjoint_interval()
   assert "below the prior's patch8|patch8 0.3000 [0.2500, 0.3500] by more than 40%" in \
       schedule_search.describe(0.5, choice, [prior, keep])
   assert schedule_search.pick([prior, keep], 0.6, ties="tolerance", prior="patch8|patch8") is prior
+
+
+def test_a_prior_boundary_next_to_an_interval_end_leaves_no_sliver_stage():
+  """Tables at 10/50.001/60.003/90%: the interval ends at 0.55002, a hair past the prior's 0.55;
+  a challenger takes the next interval. The schedule must still parse (no 0.55 -> 0.55002 stage)."""
+  specs = ("full", "patch8|patch8", "keep0.5|keep0.5", "keep0.25|keep0.25")
+  costs = {"full": 8.0, "patch8|patch8": 2.0, "keep0.5|keep0.5": 4.0, "keep0.25|keep0.25": 1.0}
+  rows = [paired(s, 0.3, costs[s], {o: [-0.1, 0.1] for o in specs if o != s}) for s in specs]
+  won = [dict(r) for r in rows]
+  won[3] = {**rows[3], "ca_mse": 0.1, "ca_mse_diff_ci": {o: [-0.2, -0.1] for o in specs[:3]}}
+  tables = [{"progress": p, "rows": rows} for p in (0.1, 0.50001, 0.90)]
+  tables.insert(2, {"progress": 0.60003, "rows": won})
+  prior = [(0.55, "patch8|patch8"), (0.8, "keep0.5|keep0.5"), (1.0, "full")]
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=prior)
+  text = schedule_search.schedule_string(stages)
+  assert text == "0.55:patch8|patch8; 0.75:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full"
+  ends = [s["end"] for s in stages]
+  assert all(b - a >= schedule_search.SLIVER for a, b in zip([0.0] + ends, ends))
+  step_plan.parse_schedule(text, 8, MODEL)   # the schedule file reads back
+  # Tables at one progress point (an empty interval) do not break the search.
+  same = [{"progress": 0.5, "rows": rows} for _ in range(3)]
+  assert schedule_search.schedule_string(schedule_search.search_stages(same, 0.0, prior=prior))

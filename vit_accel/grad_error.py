@@ -231,14 +231,18 @@ def settled(rows: list[dict], ci_target: float, prior: str | None = None,
             min_batches: int = 0) -> bool:
   """Whether a measurement may stop: the pick is `resolved`, and with a prior strategy (`prior`,
   a spec) whose displacement takes `min_batches` batches (schedule_search.batches_to_displace),
-  either the prior is the lowest or every row has that many - a challenger resolved below the
-  prior on fewer batches could not displace it, so it gets the rounds that let it."""
+  either the prior is the lowest or the lowest and the prior both rest on that many - a
+  challenger resolved below the prior on fewer batches could not displace it, so it gets the
+  rounds that let it."""
   if not resolved(rows, ci_target):
     return False
   if prior is None or not any(r["strategy"] == prior for r in rows):
     return True
   best = min(rows, key=lambda r: r["ca_mse"])
-  return best["strategy"] == prior or min(r["num_batches"] for r in rows) >= min_batches
+  if best["strategy"] == prior:
+    return True
+  incumbent = next(r for r in rows if r["strategy"] == prior)
+  return min(best["num_batches"], incumbent["num_batches"]) >= min_batches
 
 
 def measure(config, state, next_batches, reference_batches: int, batches: int, grad_fns: dict,

@@ -17,7 +17,7 @@ import json
 
 from absl import logging
 
-from vit_accel import objectives
+from vit_accel import objectives, schedule_search
 from vit_accel.config_domains import flatten
 from vit_accel.errors import UserError
 
@@ -65,8 +65,9 @@ ONLINE_RULES = ("search.final_full", "search.monotone", "search.tie_tolerance", 
 
 
 # The value an ONLINE_RULES key had in effect before it existed (an online checkpoint saved then
-# lacks it): search.prior '' = no prior.
-RULES_BEFORE_THEIR_KEY = {"search.prior": ""}
+# lacks it): search.prior '' = no prior; `version` (schedule_search.RULES_VERSION, not a config
+# key) 1.
+RULES_BEFORE_THEIR_KEY = {"search.prior": "", "version": 1}
 
 
 def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:
@@ -74,8 +75,9 @@ def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:
   schedule, how it decides - `online.*` and ONLINE_RULES: its plan grows with its decisions, which
   are saved beside it)."""
   flat = flatten(config.to_dict())
-  plan_key = ({"online": config.online.to_dict(), "rules": {k: flat[k] for k in ONLINE_RULES},
-               "budget": plan.budget} if online else plan.to_dict())
+  rules = {**{k: flat[k] for k in ONLINE_RULES}, "version": schedule_search.RULES_VERSION}
+  plan_key = ({"online": config.online.to_dict(), "rules": rules, "budget": plan.budget}
+              if online else plan.to_dict())
   meta = {"state_format": STATE_FORMAT, "run": identity(config, data_fingerprint),
           "plan": plan_key}
   return json.loads(json.dumps(meta))
@@ -149,7 +151,9 @@ def check_resumable(saved: dict, current: dict, directory: str, allow_schedule_c
                     f"[{_short_plan(saved_plan)}], this config plans "
                     f"[{_short_plan(current['plan'])}] (step plan's {key}: {_cli(was)} there, "
                     f"{_cli(now)} now); "
-                    + (f"resume with --config.{key[len('rules.'):]}={_cli(was)}"
+                    + ("finish it with the vit-accel that started it (its decision rules "
+                       "differ from this version's)" if key == "rules.version" else
+                       f"resume with --config.{key[len('rules.'):]}={_cli(was)}"
                        if key.startswith("rules.") else "restore schedule/budget")
                     + ", use a new --workdir, or set "
                     "--config.allow_schedule_change=True to continue with the new plan")

@@ -31,6 +31,10 @@ from vit_accel.errors import UserError
 # level shared among the candidates, and where it stands its own stages run.
 RULES_VERSION = 2
 
+# Narrowest stage (budget fraction) a search keeps from the prior: 0.1% - schedule files carry 4
+# decimals, and a stage narrower than a step gets none.
+SLIVER = 1e-3
+
 
 def relative_cost(row: dict) -> float:
   """A row's step cost for comparing rows of one table: the measured ratio to full length
@@ -245,11 +249,15 @@ def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = F
     pieces = [(end, winner)]
     if choice.get("prior") and not choice["challengers"]:
       # The prior stands: its own stages over [start, end), where the rules allow every one.
-      starts = [0.0] + [e for e, _ in prior[:-1]]
+      # A prior boundary within SLIVER of the interval's own is not kept (a stage that narrow
+      # would get no step, and its end would round onto its neighbour's in the schedule file).
       inside = [(min(e, end), rows.get(spec))
-                for (e, spec), b in zip(prior, starts) if b < end and e > start]
+                for (e, spec), b in zip(prior, [0.0] + [e for e, _ in prior[:-1]])
+                if min(e, end) - max(b, start) >= SLIVER]
+      if inside:
+        inside[-1] = (end, inside[-1][1])
       costs = [relative_cost(r) for _, r in inside if r is not None]
-      ok = len(costs) == len(inside) and (not monotone or (
+      ok = bool(inside) and len(costs) == len(inside) and (not monotone or (
           costs[0] >= min_cost - 1e-12 and all(b >= a - 1e-12 for a, b in zip(costs, costs[1:]))))
       if ok:
         pieces = inside

@@ -316,15 +316,21 @@ def prior_displaceable(config, key: str, reference_batches: int, batches: int,
   """(whether measurements of `reference_batches` full-length and `batches` batches per candidate,
   pooled over `rounds` rounds, could let some candidate of `key` displace search.prior's strategy,
   the batches that takes: schedule_search.batches_to_displace for every candidate but one against
-  the prior at grad_error.ci_level). (True, 0) without a prior. A comparison rests on the fewer of
-  the two rows' batches, and full length is always a row, so both counts must reach it. Where the
-  answer is False, measuring cannot change the schedule: the pilot and the online schedule then
-  measure nothing and follow the prior."""
-  if prior_stages(config) is None:
+  the prior at grad_error.ci_level; the monotone rule may allow fewer, so this errs towards
+  measuring). (True, 0) without a prior. A comparison rests on the fewer of the two rows'
+  batches: candidates against a compressed prior stage on `batches`, anything against full
+  length (its row is the reference batches) on both. Where the answer is False, measuring cannot
+  change the schedule: the pilot and the online schedule then measure nothing and follow the
+  prior."""
+  stages = _prior(config)
+  if stages is None:
     return True, 0
   needed = schedule_search.batches_to_displace(len(candidates(config, key)) - 1,
                                                float(config.grad_error.ci_level))
-  return min(int(reference_batches), int(batches)) * max(1, int(rounds)) >= needed, needed
+  full = compression.BranchStrategies.parse("full|full", config.compression.bucket).canonical()
+  compressed = any(s.strategies.canonical() != full for s in stages)
+  n = int(batches) if compressed else min(int(reference_batches), int(batches))
+  return n * max(1, int(rounds)) >= needed, needed
 
 
 def online_measures(config) -> bool:

@@ -85,11 +85,17 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   step_plan.check_prior_measured(config, "grad_error.candidates")   # the config alone says so
   distributed.initialize(config)   # multi-host: before anything touches a device
   num_train = pipeline.load_source(config, "train").num_examples
-  measure = measurement_plan(config, num_train)   # a budget too small for it fails before training
+  try:
+    measure = measurement_plan(config, num_train)   # a budget too small fails before training
+  except UserError:
+    if step_plan.prior_stages(config) is None:
+      raise
+    # With a prior, no measurement at all is just the extreme of too few to displace it.
+    measure = {"reference_batches": 0, "batches": 0, "max_rounds": 0}
   displaceable, needed = step_plan.prior_displaceable(
       config, "grad_error.candidates", measure["reference_batches"], measure["batches"],
       measure["max_rounds"])
-  if not displaceable:
+  if not displaceable or not measure["max_rounds"]:
     return prior_without_pilot(config, workdir, num_train, measure, needed)
   logging.info("pilot measurements: R=%d reference and M=%d batches per candidate, at most %d "
                "round(s) per milestone (%.4g units each; cap %.4g units = pilot.measure_fraction)",
@@ -142,8 +148,23 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
   """What the pilot does when the measurements the budget affords could not displace search.prior
   (step_plan.prior_displaceable): nothing is trained or measured, schedule.txt (and schedule.json)
   hold the prior, pilot_cost.json charges nothing. Buying measurements that cannot change the
-  schedule would only take budget from training. Returns the schedule string."""
+  schedule would only take budget from training. With search.final_full and a prior that does not
+  end at full length, the last interval a search would have had (from half-way between the last
+  two pilot.at_progress) runs at full length, as a search's would. Returns the schedule string."""
+  prior = step_plan.prior_stages(config)
   text = config.search.prior
+  if config.search.final_full and prior[-1][1] != "full":
+    at = sorted(config.pilot.at_progress)
+    last = (at[-2] + at[-1]) / 2 if len(at) > 1 else 0.0
+    clipped = []
+    for end, spec in prior:
+      start = clipped[-1][0] if clipped else 0.0
+      if end < last or last > start:
+        clipped.append((min(end, last), spec))
+      if end >= last:
+        break
+    prior = clipped + [(1.0, "full")]
+    text = "; ".join(f"{end:g}:{spec}" for end, spec in prior)
   challengers = len(step_plan.candidates(config, "grad_error.candidates")) - 1
   why = (f"the prior, unmeasured: at this budget pilot.measure_fraction="
          f"{config.pilot.measure_fraction:g} pays for {measure['reference_batches']} reference + "
@@ -160,8 +181,8 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
                       "batches": measure["batches"], "max_rounds": measure["max_rounds"]}}
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    stages = [{"end": end, "strategy": spec, "why": [why]}
-              for end, spec in step_plan.prior_stages(config)]
+    stages = [{"end": end, "strategy": spec, "why": [why] if i == 0 else []}
+              for i, (end, spec) in enumerate(prior)]
     io.atomic_write_text(os.path.join(workdir, "schedule.txt"),
                          f"# {why}\n{text}\n# the pilot spent 0 units: train this schedule on the "
                          f"whole budget\n")

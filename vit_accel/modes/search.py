@@ -10,6 +10,7 @@ import json
 import os
 
 from vit_accel import io, schedule_search, step_plan
+from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.modes import Args
 
@@ -27,6 +28,20 @@ def read_tables(path: str) -> list[dict]:
                     f"re-run --mode=grad_error") from None
 
 
+def prior_as_measured(config, tables: list[dict]) -> list[tuple[float, str]] | None:
+  """search.prior's stages with each strategy spelled as the tables' row that runs the same
+  program (BranchStrategies.canonical): tables measured under candidates spelled otherwise (or
+  before the config's candidates changed) still name the prior's rows."""
+  prior = step_plan.prior_stages(config)
+  if prior is None:
+    return None
+  bucket = config.compression.bucket
+  spelled = {BranchStrategies.parse(r["strategy"], bucket).canonical(): r["strategy"]
+             for r in tables[0]["rows"]}
+  return [(end, spelled.get(BranchStrategies.parse(spec, bucket).canonical(), spec))
+          for end, spec in prior]
+
+
 def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
@@ -35,7 +50,7 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   tables = read_tables(path)
   stages = schedule_search.search_stages(tables, float(search.tie_tolerance),
                                          bool(search.final_full), search.ties,
-                                         bool(search.monotone), step_plan.prior_stages(config, "grad_error.candidates"),
+                                         bool(search.monotone), prior_as_measured(config, tables),
                                          float(config.grad_error.ci_level))
   text = schedule_search.schedule_string(stages)
   full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
@@ -44,7 +59,8 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   why = [line for s in stages for line in s["why"]]
   settings = {"prior": search.prior, "ties": search.ties,
               "tie_tolerance": float(search.tie_tolerance),
-              "monotone": bool(search.monotone), "final_full": bool(search.final_full)}
+              "monotone": bool(search.monotone), "final_full": bool(search.final_full),
+              "ci_level": float(config.grad_error.ci_level)}
   io.atomic_write_text(out, f"# found by --mode=search from {path} ({settings})\n"
                        + "".join(f"# {line}\n" for line in why) + f"{text}\n")
   io.atomic_write_json(os.path.join(workdir, "schedule.json"),
@@ -54,8 +70,9 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   start = 0.0
   for s in stages:
     print(f"  {start:5.1%} - {s['end']:5.1%}  {s['strategy']:<22} cost {s['cost_units']:.2f} units"
-          f"/sample ({s['cost_units'] / full_cost:.2f} of full); chosen at progress "
-          f"{', '.join(f'{p:.0%}' for p in s['progress_points'])}")
+          f"/sample ({s['cost_units'] / full_cost:.2f} of full); "
+          + (f"chosen at progress {', '.join(f'{p:.0%}' for p in s['progress_points'])}"
+             if s["progress_points"] else "the prior's, where it stood"))
     start = s["end"]
   ratio = schedule_search.samples_vs_baseline(stages, full_cost)
   print(f"for the same budget it trains on {ratio:.2f}x the samples of the uncompressed baseline "
