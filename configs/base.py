@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.online.reference_batches = 3
   c.online.batches = 2
   c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
-  # With a prior, 3 + 2 batches cannot displace it (6 + 6 could, for two candidates, at 9% of a
+  # With a prior, 3 + 2 batches cannot displace it (3 + 6 could, for two candidates, at 6.6% of a
   # 1-epoch budget): the default online run measures nothing and runs the prior's strategies.
   # Ties -> the cheaper, as search.ties; 'tolerance' (search.tie_tolerance) by default: bootstrap
   # intervals over 3 + 2 batches say little (raise both counts to ~8 before 'interval').
