@@ -228,7 +228,8 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
         key = e["keys"][e["seeds"].index(seed)]
         lines.append(f"**{arm}, {row['budget_epochs']:g} epochs, seed {seed}** "
                      f"({'; '.join(merged(e['stages'][seed]))}):")
-        lines += [f"- {line}" for line in why] + [""]
+        # one line per reason (a pilot that measured nothing gives the same one for every stage)
+        lines += [f"- {line}" for line in dict.fromkeys(why)] + [""]
         searched = os.path.join(runner.workdir(key), "schedule.txt")
         if os.path.exists(searched):   # the plan file itself, reasons in its comment lines
           os.makedirs(copies, exist_ok=True)
