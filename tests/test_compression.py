@@ -223,3 +223,7 @@ def test_local_crop_count_round_trips_and_is_its_own_program():
   # Fewer crops is another program: canonical() keeps the explicit local part.
   assert BranchStrategies.parse("patch8|full|patch8,crops2").canonical().local_crops == 2
   assert BranchStrategies.parse("patch8|full|patch8").canonical().local is None
+  # The uncompressed step, however it is spelled; fewer crops is compression.
+  assert BranchStrategies.parse("full").is_full and BranchStrategies.parse("full|full|full").is_full
+  assert not BranchStrategies.parse("full|full|full,crops2").is_full
+  assert not BranchStrategies.parse("full|keep0.5").is_full

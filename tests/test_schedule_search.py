@@ -283,3 +283,45 @@ def test_a_prior_boundary_next_to_an_interval_end_leaves_no_sliver_stage():
   # Tables at one progress point (an empty interval) do not break the search.
   same = [{"progress": 0.5, "rows": rows} for _ in range(3)]
   assert schedule_search.schedule_string(schedule_search.search_stages(same, 0.0, prior=prior))
+
+
+def test_unmeasured_tables_leave_the_prior_standing_under_the_search_rules():
+  """Tables without CA-MSE (a pilot that could not afford measurements) give the prior, cut by the
+  same rules as a measured search: final_full's last interval, slivers dropped, monotone."""
+  costs = {"full": 8.0, "patch8|patch8": 2.0, "keep0.5|keep0.5": 4.0}
+  rows = [{"strategy": s, "cost_units": c} for s, c in costs.items()]
+  tables = [{"progress": p, "rows": rows} for p in (0.2, 0.5, 0.8)]
+  prior = [(0.5, "patch8|patch8"), (1.0, "keep0.5|keep0.5")]
+  choice = schedule_search.choose(rows, 0.0, prior="patch8|patch8")
+  assert choice["winner"]["strategy"] == "patch8|patch8" and choice["best"] is None
+  assert schedule_search.describe(0.2, choice, rows) == \
+      "at 20%: nothing measured -> the prior's patch8|patch8"
+  stages = schedule_search.search_stages(tables, 0.0, False, prior=prior)
+  assert schedule_search.schedule_string(stages) == "0.5:patch8|patch8; 1:keep0.5|keep0.5"
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=prior)
+  assert schedule_search.schedule_string(stages) == \
+      "0.5:patch8|patch8; 0.65:keep0.5|keep0.5; 1:full"
+  # A prior boundary within SLIVER of an interval's end is not kept, as in a measured search.
+  near = [(0.6495, "patch8|patch8"), (1.0, "keep0.5|keep0.5")]
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=near)
+  assert schedule_search.schedule_string(stages) == "0.65:patch8|patch8; 1:full"
+  # Monotone: a prior stage cheaper than the one before it is no incumbent; with nothing
+  # measured the cheapest allowed row runs.
+  down = [(0.5, "keep0.5|keep0.5"), (1.0, "patch8|patch8")]
+  stages = schedule_search.search_stages(tables, 0.0, False, monotone=True, prior=down)
+  assert schedule_search.schedule_string(stages) == "1:keep0.5|keep0.5"
+  assert stages[-1]["why"][-1] == ("at 80%: nothing measured; the cheapest allowed -> "
+                                   "keep0.5|keep0.5; cheaper than the previous stage, so not "
+                                   "allowed: patch8|patch8")
+  # Without a prior, unmeasured tables pick the cheapest row (there is nothing to go on).
+  assert schedule_search.pick(rows, 0.0)["strategy"] == "patch8|patch8"
+
+
+def test_the_prior_is_spelled_as_the_measured_rows_that_run_the_same_program():
+  config = ml_collections.ConfigDict({"model": MODEL, "compression": {"bucket": 8},
+                                      "search": {"prior": "0.5:patch8|full|patch8; 1:full|full"}})
+  assert step_plan.prior_stages(config) == [(0.5, "patch8|full|patch8"), (1.0, "full")]
+  assert step_plan.prior_stages(config, ["full", "patch8|full", "keep0.5"]) == \
+      [(0.5, "patch8|full"), (1.0, "full")]
+  config.search.prior = ""
+  assert step_plan.prior_stages(config, ["full"]) is None

@@ -179,6 +179,11 @@ class BranchStrategies:
     return dataclasses.replace(self, local=None)
 
   @property
+  def is_full(self) -> bool:
+    """Whether every branch runs at full length with all its crops (the uncompressed step)."""
+    return self.canonical() == BranchStrategies()
+
+  @property
   def local_strategy(self) -> Strategy:
     """What the local crops run: `local`, or the gradient branch's strategy when unset."""
     return self.query if self.local is None else self.local

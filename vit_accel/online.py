@@ -43,7 +43,7 @@ class OnlineScheduler:
     self.costs = {st: step_plan.step_cost_units(config, st) for st in self.strategies}
     self.overhead = step_plan.online_overhead_units(config)
     # Measured (config_checks saw to it), spelled as the candidates are.
-    self.prior = step_plan.prior_stages(config, "online.candidates")
+    self.prior = step_plan.prior_stages(config, [st.spec for st in self.strategies])
     self.measures, self.needed = step_plan.prior_displaceable(
         config, "online.candidates", config.online.reference_batches, config.online.batches)
 

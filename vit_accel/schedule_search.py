@@ -70,8 +70,8 @@ def lower_with_confidence(row: dict, than: dict, tie_tolerance: float, ties: str
   batches the percentile bootstrap is biased (a resample with duplicated batches has a smaller
   variance; the full-length row's draws sit below its estimate), so a difference interval can lie
   wholly on the other side of the measured difference."""
-  if row["ca_mse"] >= than["ca_mse"]:
-    return False
+  if "ca_mse" not in row or "ca_mse" not in than or row["ca_mse"] >= than["ca_mse"]:
+    return False   # an unmeasured row is never lower, and nothing is lower than it
   if ties == "interval" and alpha is not None and "ca_mse_diff_p" in row:
     return row["ca_mse_diff_p"][than["strategy"]] <= alpha
   if ties == "interval" and "ca_mse_diff_ci" in row:
@@ -99,8 +99,10 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
   the one-sided level (1 - ci_level) / 2 shared among the k other allowed rows) on at least
   batches_to_displace(k, ci_level) batches (the fewer of the two rows' `num_batches`; rows
   without it are not held to this); if some are, the rule above picks among them. A prior the
-  monotone rule excludes is no incumbent. Raises UserError when `prior` is not a row of the table
-  (not measured).
+  monotone rule excludes is no incumbent. Rows without `ca_mse` are unmeasured (a pilot that could
+  not afford measurements): never lower than another, so the prior stands; with no measured row
+  and no incumbent, the cheapest allowed row wins ("best" None). Raises UserError when `prior` is
+  not a row of the table.
   Returns {"winner": row, "best", "tied", "excluded": [strategy specs], "rule": str, "prior":
   spec or None, "challengers": [specs below the prior with confidence], "too_few": [specs lower
   than the prior but measured on too few batches to displace it], "needed_batches": int or None}.
@@ -124,11 +126,20 @@ def choose(rows: list[dict], tie_tolerance: float, ties: str = "interval",
     too_few = [r["strategy"] for r in lower if _batches(r, incumbent) < needed]
     challengers = [r for r in lower if r["strategy"] not in too_few]
     if not challengers:
-      return {"winner": incumbent, "best": min(allowed, key=lambda r: r["ca_mse"])["strategy"],
+      scored = [r for r in allowed if "ca_mse" in r]
+      best = min(scored, key=lambda r: r["ca_mse"])["strategy"] if scored else None
+      return {"winner": incumbent, "best": best,
               "tied": [], "excluded": excluded, "rule": "", "prior": prior, "challengers": [],
               "too_few": too_few, "needed_batches": needed,
               "prior_rule": _prior_rule(rows, tie_tolerance, ties)}
     allowed = challengers
+  if not any("ca_mse" in r for r in allowed):
+    # Nothing measured (tables of a pilot that could not afford measurements), and no incumbent
+    # the monotone rule allows: the cheapest allowed row, the least compression it forbids.
+    return {"winner": min(allowed, key=relative_cost), "best": None, "tied": [],
+            "excluded": excluded, "rule": "the cheapest allowed", "prior": None,
+            "challengers": [], "too_few": [], "needed_batches": needed,
+            "prior_rule": _prior_rule(rows, tie_tolerance, ties)}
   best = min(allowed, key=lambda r: r["ca_mse"])
   if ties == "interval" and all("ca_mse_diff_ci" in r for r in allowed):
     tied = [r for r in allowed
@@ -179,9 +190,18 @@ def describe(progress: float, choice: dict, rows: list[dict]) -> str:
   """One line: why this table's strategy was chosen (for the plan file and the log)."""
   def value(spec):
     r = next(r for r in rows if r["strategy"] == spec)
+    if "ca_mse" not in r:
+      return "(unmeasured)"
     ci = r.get("ca_mse_ci")
     return f"{r['ca_mse']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
   winner = choice["winner"]["strategy"]
+  if choice["best"] is None:
+    text = f"at {progress:.0%}: nothing measured"
+    if choice.get("prior"):
+      return text + f" -> the prior's {choice['prior']}"
+    return (text + f"; {choice['rule']} -> {winner}" + (
+        f"; cheaper than the previous stage, so not allowed: {', '.join(choice['excluded'])}"
+        if choice["excluded"] else ""))
   text = f"at {progress:.0%}: lowest CA-MSE {choice['best']} {value(choice['best'])}"
   if choice.get("prior") and not choice["challengers"]:
     few = choice.get("too_few") or []

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 
 from vit_accel import compression, objectives, schedule_search
 from vit_accel.compression import BranchStrategies
@@ -255,15 +256,19 @@ def _prior(config) -> list[Stage] | None:
                         "search.prior")
 
 
-def prior_stages(config, key: str | None = None) -> list[tuple[float, str]] | None:
+def prior_stages(config, measured: Iterable[str] | None = None
+                 ) -> list[tuple[float, str]] | None:
   """`search.prior` as [(stage end, strategy spec)] (schedule_search.prior_at reads it), or None
-  when it is ''. With `key` (the candidates that are measured), each spec is spelled as the
-  candidate that runs the same program (BranchStrategies.canonical), so it names a row of their
-  tables. Raises UserError (naming the key) for a prior that is not a schedule."""
+  when it is ''. With `measured` (the specs of the measured strategies: a config's candidates, or
+  the rows of gradient-error tables, which may have been measured under other spellings), each
+  stage's spec is spelled as the measured one that runs the same program
+  (BranchStrategies.canonical), so it names a row of their tables. Raises UserError (naming
+  search.prior) for a prior that is not a schedule."""
   stages = _prior(config)
   if stages is None:
     return None
-  spelled = {st.canonical(): st.spec for st in candidates(config, key)} if key else {}
+  bucket = config.compression.bucket
+  spelled = {BranchStrategies.parse(spec, bucket).canonical(): spec for spec in measured or ()}
   return [(s.end, spelled.get(s.strategies.canonical(), s.strategies.spec)) for s in stages]
 
 
@@ -327,8 +332,7 @@ def prior_displaceable(config, key: str, reference_batches: int, batches: int,
     return True, 0
   needed = schedule_search.batches_to_displace(len(candidates(config, key)) - 1,
                                                float(config.grad_error.ci_level))
-  full = compression.BranchStrategies.parse("full|full", config.compression.bucket).canonical()
-  compressed = any(s.strategies.canonical() != full for s in stages)
+  compressed = any(not s.strategies.is_full for s in stages)
   n = int(batches) if compressed else min(int(reference_batches), int(batches))
   return n * max(1, int(rounds)) >= needed, needed
 

@@ -129,7 +129,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   cost_ratios = measured_cost_ratios(config, workdir, strategies)
   # With a prior, a table keeps measuring (up to max_rounds) until a challenger below the prior
   # has the batches that could displace it.
-  prior = step_plan.prior_stages(config, "grad_error.candidates")
+  prior = step_plan.prior_stages(config, [st.spec for st in strategies])
   needed = (schedule_search.batches_to_displace(len(strategies) - 1, float(ge.ci_level))
             if prior else 0)
 

@@ -20,7 +20,7 @@ import jax
 from absl import logging
 
 from input_pipeline import pipeline
-from vit_accel import distributed, io, step_plan, train
+from vit_accel import distributed, io, schedule_search, step_plan, train
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
 from vit_accel.modes import grad_error as grad_error_mode
@@ -148,24 +148,25 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
   """What the pilot does when the measurements the budget affords could not displace search.prior
   (step_plan.prior_displaceable): nothing is trained or measured, schedule.txt (and schedule.json)
   hold the prior, pilot_cost.json charges nothing. Buying measurements that cannot change the
-  schedule would only take budget from training. With search.final_full and a prior that does not
-  end at full length, the last interval a search would have had (from half-way between the last
-  two pilot.at_progress) runs at full length, as a search's would. Returns the schedule string."""
-  prior = step_plan.prior_stages(config)
-  text = config.search.prior
-  if config.search.final_full and prior[-1][1] != "full":
-    at = sorted(config.pilot.at_progress)
-    last = (at[-2] + at[-1]) / 2 if len(at) > 1 else 0.0
-    clipped = []
-    for end, spec in prior:
-      start = clipped[-1][0] if clipped else 0.0
-      if end < last or last > start:
-        clipped.append((min(end, last), spec))
-      if end >= last:
-        break
-    prior = clipped + [(1.0, "full")]
-    text = "; ".join(f"{end:g}:{spec}" for end, spec in prior)
-  challengers = len(step_plan.candidates(config, "grad_error.candidates")) - 1
+  schedule would only take budget from training. The schedule is what --mode=search makes of
+  unmeasured tables at pilot.at_progress (schedule_search.search_stages: the prior stands at every
+  table), so search.final_full and search.monotone apply as they would to a measured prior.
+  Returns the schedule string."""
+  strategies = step_plan.candidates(config, "grad_error.candidates")
+  prior = step_plan.prior_stages(config, [st.spec for st in strategies])
+  # The schedule a search of unmeasured tables at pilot.at_progress gives: the prior stands at
+  # every table, so search's own rules (search.final_full's last interval, search.monotone) apply.
+  rows = [{"strategy": st.spec, "cost_units": step_plan.step_cost_units(config, st)}
+          for st in strategies]
+  search = config.search
+  stages = schedule_search.search_stages(
+      [{"progress": float(p), "rows": rows} for p in config.pilot.at_progress],
+      float(search.tie_tolerance), bool(search.final_full), search.ties, bool(search.monotone),
+      prior, float(config.grad_error.ci_level))
+  searched = [(s["end"], s["strategy"]) for s in stages]
+  text = (config.search.prior if searched == prior
+          else schedule_search.schedule_string(stages))   # a preset keeps its name
+  challengers = len(strategies) - 1
   why = (f"the prior, unmeasured: at this budget pilot.measure_fraction="
          f"{config.pilot.measure_fraction:g} pays for {measure['reference_batches']} reference + "
          f"{measure['batches']} batches per candidate x {measure['max_rounds']} round(s), and "
@@ -181,8 +182,7 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
                       "batches": measure["batches"], "max_rounds": measure["max_rounds"]}}
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    stages = [{"end": end, "strategy": spec, "why": [why] if i == 0 else []}
-              for i, (end, spec) in enumerate(prior)]
+    stages = [dict(s, why=[why] if i == 0 else []) for i, s in enumerate(stages)]
     io.atomic_write_text(os.path.join(workdir, "schedule.txt"),
                          f"# {why}\n{text}\n# the pilot spent 0 units: train this schedule on the "
                          f"whole budget\n")

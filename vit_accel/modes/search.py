@@ -10,7 +10,6 @@ import json
 import os
 
 from vit_accel import io, schedule_search, step_plan
-from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.modes import Args
 
@@ -28,29 +27,18 @@ def read_tables(path: str) -> list[dict]:
                     f"re-run --mode=grad_error") from None
 
 
-def prior_as_measured(config, tables: list[dict]) -> list[tuple[float, str]] | None:
-  """search.prior's stages with each strategy spelled as the tables' row that runs the same
-  program (BranchStrategies.canonical): tables measured under candidates spelled otherwise (or
-  before the config's candidates changed) still name the prior's rows."""
-  prior = step_plan.prior_stages(config)
-  if prior is None:
-    return None
-  bucket = config.compression.bucket
-  spelled = {BranchStrategies.parse(r["strategy"], bucket).canonical(): r["strategy"]
-             for r in tables[0]["rows"]}
-  return [(end, spelled.get(BranchStrategies.parse(spec, bucket).canonical(), spec))
-          for end, spec in prior]
-
-
 def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
   search = config.search
   path = search.grad_error_file or os.path.join(workdir, "grad_error.json")
   tables = read_tables(path)
+  # Spelled as the tables' rows: tables measured under candidates spelled otherwise (or before
+  # the config's candidates changed) still name the prior's rows.
+  prior = step_plan.prior_stages(config, [r["strategy"] for r in tables[0]["rows"]])
   stages = schedule_search.search_stages(tables, float(search.tie_tolerance),
                                          bool(search.final_full), search.ties,
-                                         bool(search.monotone), prior_as_measured(config, tables),
+                                         bool(search.monotone), prior,
                                          float(config.grad_error.ci_level))
   text = schedule_search.schedule_string(stages)
   full_cost = next(r["cost_units"] for r in tables[0]["rows"] if r["strategy"] == "full")
