@@ -214,6 +214,12 @@ def test_a_prior_is_displaced_only_on_enough_batches_at_the_shared_level():
   assert schedule_search.pick(rows, 0.0, prior="patch8|patch8") is prior
   keep["ca_mse_diff_p"]["patch8|patch8"] = 0.01
   assert schedule_search.pick(rows, 0.0, prior="patch8|patch8") is keep
+  # A row lower than the prior on too few batches is named even where another displaces it.
+  rows[3].update(ca_mse=0.25, num_batches=4, ca_mse_diff_p={"patch8|patch8": 0.0})
+  choice = schedule_search.choose(rows, 0.0, prior="patch8|patch8")
+  assert choice["winner"] is keep and choice["too_few"] == ["keep0.25|keep0.25"]
+  assert "(also lower, but on fewer than 6 batches: keep0.25|keep0.25)" in \
+      schedule_search.describe(0.3, choice, rows)
 
 
 def test_a_prior_that_stands_everywhere_comes_out_as_itself():

@@ -216,6 +216,9 @@ def describe(progress: float, choice: dict, rows: list[dict]) -> str:
     text = (f"at {progress:.0%}: below the prior's {choice['prior']} {value(choice['prior'])} "
             f"{choice['prior_rule']}: " + ", ".join(f"{t} {value(t)}" for t in choice["challengers"])
             + f"; the lowest of them {choice['best']}")
+    if choice.get("too_few"):
+      text += (f" (also lower, but on fewer than {choice['needed_batches']} batches: "
+               f"{', '.join(choice['too_few'])})")
   others = [t for t in choice["tied"] if t != choice["best"]]
   if others:
     text += (f"; tied ({choice['rule']}): " + ", ".join(f"{t} {value(t)}" for t in others)
