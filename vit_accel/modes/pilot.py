@@ -154,8 +154,6 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
   Returns the schedule string."""
   strategies = step_plan.candidates(config, "grad_error.candidates")
   prior = step_plan.prior_stages(config, [st.spec for st in strategies])
-  # The schedule a search of unmeasured tables at pilot.at_progress gives: the prior stands at
-  # every table, so search's own rules (search.final_full's last interval, search.monotone) apply.
   rows = [{"strategy": st.spec, "cost_units": step_plan.step_cost_units(config, st)}
           for st in strategies]
   search = config.search
@@ -164,7 +162,7 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
       float(search.tie_tolerance), bool(search.final_full), search.ties, bool(search.monotone),
       prior, float(config.grad_error.ci_level))
   searched = [(s["end"], s["strategy"]) for s in stages]
-  text = (config.search.prior if searched == prior
+  text = (search.prior if searched == prior
           else schedule_search.schedule_string(stages))   # a preset keeps its name
   challengers = len(strategies) - 1
   why = (f"the prior, unmeasured: at this budget pilot.measure_fraction="
