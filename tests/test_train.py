@@ -116,18 +116,14 @@ def test_resume_drops_metrics_logged_past_the_checkpoint(tmp_path, needs_fashion
 
 def test_a_slow_input_pipeline_shows_as_input_wait(tmp_path, monkeypatch, needs_fashion_mnist):
   import time
-  real = train.pipeline.train_dataset
+  real = train.streams.global_batches
 
-  class Slow:   # the real batches, each 0.5 s late: far slower than the tiny step
-    def __init__(self, *args, **kwargs):
-      self.dataset = real(*args, **kwargs)
+  def slow(*args, **kwargs):   # the real batches, each 0.5 s late: far slower than the tiny step
+    for batch in real(*args, **kwargs):
+      time.sleep(0.5)
+      yield batch
 
-    def as_numpy_iterator(self):
-      for batch in self.dataset.as_numpy_iterator():
-        time.sleep(0.5)
-        yield batch
-
-  monkeypatch.setattr(train.pipeline, "train_dataset", Slow)
+  monkeypatch.setattr(train.streams, "global_batches", slow)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(stop_at_step=4), workdir)
   lines = [l for l in read_lines(workdir) if "loss" in l]

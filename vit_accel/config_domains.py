@@ -241,6 +241,7 @@ DOMAINS = {
     "data.mean": Each(ANY_NUMBER, 3),
     "data.std": Each(POSITIVE, 3),
     "data.prefetch": Number(0, integer=True, also=(-1,)),   # -1 = tf.data AUTOTUNE
+    "data.augment_on": Choice(("host", "device")),           # input_pipeline/streams.py
     # augmentation
     "aug.crop_scale": RANGE_01,
     "aug.crop_ratio": Each(POSITIVE, 2, ordered=True),

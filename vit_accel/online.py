@@ -25,9 +25,8 @@ import time
 import jax
 from absl import logging
 
-from input_pipeline import pipeline
+from input_pipeline import streams
 from vit_accel import grad_error, rng_streams, schedule_search, step_plan
-from vit_accel import sharding as sharding_lib
 
 
 class OnlineScheduler:
@@ -78,11 +77,10 @@ class OnlineScheduler:
       logging.info("online decision %d at step %d: %s", segment, step, why)
       return {"segment": segment, "step": step, "strategy": spec, "overhead_units": 0.0,
               "ca_mse": {}, "bias2": {}, "seconds": 0.0, "why": why}
-    stream = pipeline.train_dataset(
-        self.run.train_source, self.config, self.run.host_shard,
-        start_step=rng_streams.MEASUREMENT_STREAM_OFFSET + step).as_numpy_iterator()
-    next_batches = lambda n: [sharding_lib.host_to_global(next(stream), self.run.mesh)  # noqa: E731
-                              for _ in range(n)]
+    stream = streams.global_batches(
+        self.run.train_source, self.config, self.run.host_shard, self.run.mesh,
+        start_step=rng_streams.MEASUREMENT_STREAM_OFFSET + step)
+    next_batches = lambda n: [next(stream) for _ in range(n)]  # noqa: E731
     rng = jax.random.fold_in(jax.random.key(self.config.seed), rng_streams.ONLINE + step)
     # One round: its cost is charged to the budget up front (online_overhead_units).
     rows = grad_error.measure(self.config, state, next_batches, cfg.reference_batches,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from input_pipeline import fingerprint, pipeline
+from input_pipeline import fingerprint, streams
 from vit_accel import (
   checkpointing,
   errors,
@@ -99,9 +99,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   saved_meta = lambda: {**meta, **clock.meta(), "online_decisions": decisions}  # noqa: E731
   if start_step == 0 and config.eval.at_start:
     evaluate(0, final=True)
-  batches = pipeline.train_dataset(
-      run.train_source, config, run.host_shard, start_step,
-      local_crops_by_step=step_plan.local_crops_by_step(config, plan)).as_numpy_iterator()
+  batches = streams.global_batches(
+      run.train_source, config, run.host_shard, run.mesh, start_step,
+      local_crops_by_step=step_plan.local_crops_by_step(config, plan))
   clock.restart_lap()
   result, step, running = {}, start_step, None
   # SIGTERM / SIGINT: finish the step, checkpoint, raise Preempted (see preemption.py).
@@ -127,8 +127,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # running (asynchronous dispatch) the wait is hidden behind them.
       if running is None or all(m.is_ready() for m in jax.tree.leaves(running)):
         clock.add_input_wait(waited)
-      train_state, metrics = compiled_steps[stage.strategies](
-          train_state, sharding_lib.host_to_global(batch, run.mesh), progress)
+      train_state, metrics = compiled_steps[stage.strategies](train_state, batch, progress)
       running = metrics    # the dispatched step's outputs (still on the device)
       step += 1
       clock.step_done()

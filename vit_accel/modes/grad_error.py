@@ -16,7 +16,7 @@ import time
 import jax
 from absl import logging
 
-from input_pipeline import pipeline
+from input_pipeline import streams
 from vit_accel import (
   checkpointing,
   config_checks,
@@ -29,7 +29,6 @@ from vit_accel import (
   schedule_search,
   step_plan,
 )
-from vit_accel import sharding as sharding_lib
 from vit_accel.compression import BranchStrategies
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
@@ -140,10 +139,9 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
     state = restore(available[step], step, setup.restore_target)
     # The batches this run would have seen next: R for g*, then the same M for every strategy.
     # Each further round continues the same stream.
-    batches = pipeline.train_dataset(setup.train_source, config, setup.host_shard,
-                                     start_step=step).as_numpy_iterator()
-    next_batches = lambda n: [sharding_lib.host_to_global(next(batches), setup.mesh)  # noqa: E731
-                              for _ in range(n)]
+    batches = streams.global_batches(setup.train_source, config, setup.host_shard, setup.mesh,
+                                     start_step=step)
+    next_batches = lambda n: [next(batches) for _ in range(n)]  # noqa: E731
     progress = setup.plan.progress_at(step)
     rng = jax.random.fold_in(jax.random.key(config.seed), rng_streams.GRAD_ERROR + step)
     rows = grad_error.measure(config, state, next_batches, ge.reference_batches, ge.batches,

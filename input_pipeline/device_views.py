@@ -1,0 +1,323 @@
+"""The view recipes in JAX, on the accelerator: a batch of uint8 images + keys -> the augmented views.
+
+The same recipes (`config.aug`) and the same distributions as the tf.data views (views.py,
+augment.py), computed for a whole batch at once on the device that trains, with no TensorFlow:
+for in-memory datasets (`data.augment_on='device'`), where the host would otherwise have to keep up
+with a fast accelerator, and on machines without TensorFlow. The draws come from jax.random, so a
+seed gives other views than on the host; what is drawn, and how a draw becomes pixels, is the
+host's (tests/test_device_views.py compares the two, op by op and in distribution).
+
+Per view: random resized crop (TF's `sample_distorted_bounding_box` sampler, reproduced; the crop
+and resize in one `jax.image.scale_and_translate`, antialiased when shrinking, as
+`tf.image.resize(antialias=True)`), flip, colour jitter (brightness, contrast, saturation, hue in
+that order, with probability `aug.jitter_p`), greyscale, Gaussian blur, solarisation -> uint8.
+Every op is computed for every example and kept where its coin says so (no data-dependent
+control flow on the device).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_accel import rng_streams
+
+LUMA = (0.299, 0.587, 0.114)      # ITU-R BT.601, as augment.LUMA
+BLUR_TRUNCATE = 4.0               # as augment.BLUR_TRUNCATE
+CROP_ATTEMPTS = 10                # as augment.sample_crop_box (TF's max_attempts)
+DEVICE_DOWNSCALE = ("antialias", "bilinear")   # the aug.downscale filters made here
+
+
+# ------------------------------------------------------------------------ random resized crop
+def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """The random-resized-crop box of a height x width image, drawn as TensorFlow draws it.
+
+  `tf.image.sample_distorted_bounding_box` (min_object_covered 0, 10 attempts, then the whole
+  image; the Inception crop of Szegedy et al. 2015), step by step: aspect (width / height)
+  uniform in `ratio`; height an integer uniform between the heights of the smallest and largest
+  allowed area at that aspect (so not area-uniform, as torchvision's is); width rounded from it;
+  an attempt that rounds outside the area range or the image fails; the offsets uniform in
+  [0, H - h) and [0, W - w) (TF's: a crop smaller than the image never touches its bottom or
+  right edge).
+
+  Args:
+    key: a jax.random key (one box; vmap for a batch).
+    height, width: the image's size, px (static).
+    scale: (min, max) area of the box as a fraction of the image's.
+    ratio: (min, max) aspect ratio (width / height) of the box.
+  Returns:
+    int32 [4]: top, left, box height, box width, inside the image.
+  """
+  k_ratio, k_height, k_y, k_x = jax.random.split(key, 4)
+  shape = (CROP_ATTEMPTS,)
+  ar = jax.random.uniform(k_ratio, shape, jnp.float32, ratio[0], ratio[1])
+  min_area = jnp.float32(scale[0] * width * height)
+  max_area = jnp.float32(scale[1] * width * height)
+  h = jnp.rint(jnp.sqrt(min_area / ar))
+  max_h = jnp.rint(jnp.sqrt(max_area / ar))
+  # The largest height whose rounded width still fits the image (TF's correction).
+  fitted = jnp.floor((width + 0.5 - 1e-7) / ar)
+  fitted = jnp.where(jnp.rint(fitted * ar) > width, fitted - 1, fitted)
+  max_h = jnp.where(jnp.rint(max_h * ar) > width, fitted, max_h)
+  max_h = jnp.minimum(max_h, height)
+  h = jnp.minimum(h, max_h)
+  span = (max_h - h + 1).astype(jnp.int32)
+  h = h + jnp.floor(jax.random.uniform(k_height, shape) * span)
+  w = jnp.rint(h * ar)
+  h = jnp.where(w * h < min_area, h + 1, h)
+  w = jnp.rint(h * ar)
+  h = jnp.where(w * h > max_area, h - 1, h)
+  w = jnp.rint(h * ar)
+  area = w * h
+  ok = ((area >= min_area) & (area <= max_area) & (w <= width) & (h <= height)
+        & (w > 0) & (h > 0))
+  y = jnp.floor(jax.random.uniform(k_y, shape) * jnp.maximum(height - h, 1))
+  x = jnp.floor(jax.random.uniform(k_x, shape) * jnp.maximum(width - w, 1))
+  y = jnp.where(h < height, y, 0)
+  x = jnp.where(w < width, x, 0)
+  first = jnp.argmax(ok)
+  box = jnp.stack([y[first], x[first], h[first], w[first]]).astype(jnp.int32)
+  return jnp.where(ok.any(), box, jnp.array([0, 0, height, width], jnp.int32))
+
+
+def crop_resize(image, box, size: int, downscale: str = "antialias"):
+  """The box of an image, resized to size x size: float32 [size, size, C] in the image's units.
+
+  Bilinear (triangle filter) with half-pixel centres; along a side that shrinks, with
+  downscale='antialias' the filter is widened by the shrink factor, as `tf.image.resize(...,
+  antialias=True)` and PIL; with 'bilinear' it is not (big_vision's inception crop). Crop and resize are one `jax.image.scale_and_translate` over the whole image, so the
+  filter's taps at the box's edges may reach pixels just outside it (the host crops first);
+  inside, the values equal the host's up to float rounding.
+
+  Args:
+    image: [H, W, C], any real dtype.
+    box: int32 [4] (top, left, height, width), as sample_crop_box.
+    size: the view's side, px (static).
+    downscale: 'antialias' or 'bilinear' (aug.downscale; its 'area' filter is the host's only).
+  Raises:
+    ValueError: another `downscale`.
+  """
+  if downscale not in DEVICE_DOWNSCALE:
+    raise ValueError(f"downscale={downscale!r}; on the device: one of {DEVICE_DOWNSCALE}")
+  box = box.astype(jnp.float32)
+  scale = jnp.float32(size) / box[2:]
+  translation = -box[:2] * scale
+  return jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, image.shape[-1]),
+                                       (0, 1), scale, translation, method="linear",
+                                       antialias=downscale == "antialias")
+
+
+# ---------------------------------------------------------------------------------- colour ops
+def _uniform(key, low: float, high: float):
+  return jax.random.uniform(key, (), jnp.float32, low, high)
+
+
+def _luma(image):
+  """[H, W, C] -> [H, W, 1]: BT.601 luma (a grey image is its own luma)."""
+  if image.shape[-1] == 1:
+    return image
+  return jnp.tensordot(image, jnp.asarray(LUMA, image.dtype), axes=1)[..., None]
+
+
+def adjust_brightness(image, key, strength: float):
+  """Multiply by a factor uniform in [1 - s, 1 + s] (SimCLR's brightness); clip to [0, 1]."""
+  return jnp.clip(image * _uniform(key, 1.0 - strength, 1.0 + strength), 0.0, 1.0)
+
+
+def adjust_contrast(image, key, strength: float):
+  """Blend with the mean luma, factor uniform in [1 - s, 1 + s] (SimCLR / torchvision)."""
+  mean = _luma(image).mean()
+  return jnp.clip((image - mean) * _uniform(key, 1.0 - strength, 1.0 + strength) + mean,
+                  0.0, 1.0)
+
+
+def adjust_saturation(image, key, strength: float):
+  """Blend with each pixel's luma, factor uniform in [1 - s, 1 + s]; grey images unchanged."""
+  if image.shape[-1] == 1:
+    return image
+  factor = _uniform(key, 1.0 - strength, 1.0 + strength)
+  return jnp.clip(image * factor + _luma(image) * (1.0 - factor), 0.0, 1.0)
+
+
+def _rgb_to_hsv(rgb):
+  """[..., 3] in [0, 1] -> hue (turns, [0, 1)), saturation, value; tf.image.rgb_to_hsv's."""
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  value = rgb.max(-1)
+  chroma = value - rgb.min(-1)
+  saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0), 0.0)
+  safe = jnp.where(chroma > 0, chroma, 1.0)
+  hue = jnp.where(value == r, (g - b) / safe,
+                  jnp.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  hue = jnp.where(chroma > 0, hue / 6.0, 0.0)
+  return jnp.mod(hue, 1.0), saturation, value
+
+
+def _hsv_to_rgb(hue, saturation, value):
+  """The inverse of _rgb_to_hsv: [...] x 3 -> [..., 3]."""
+  def channel(n):
+    k = jnp.mod(n + hue * 6.0, 6.0)
+    return value - value * saturation * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+  return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
+
+
+def adjust_hue(image, key, strength: float):
+  """Rotate the HSV hue by a fraction of a turn uniform in [-s, s] (`tf.image.adjust_hue`);
+  grey images unchanged."""
+  if image.shape[-1] == 1:
+    return image
+  hue, saturation, value = _rgb_to_hsv(image)
+  hue = jnp.mod(hue + _uniform(key, -strength, strength), 1.0)
+  return jnp.clip(_hsv_to_rgb(hue, saturation, value), 0.0, 1.0)
+
+
+def to_grayscale(image):
+  """Luma broadcast back to the input's channels."""
+  return jnp.broadcast_to(_luma(image), image.shape)
+
+
+def color_jitter(image, key, brightness: float, contrast: float, saturation: float, hue: float):
+  """Brightness, contrast, saturation, hue, in that order (augment.color_jitter's)."""
+  keys = jax.random.split(key, 4)
+  if brightness > 0:
+    image = adjust_brightness(image, keys[0], brightness)
+  if contrast > 0:
+    image = adjust_contrast(image, keys[1], contrast)
+  if saturation > 0:
+    image = adjust_saturation(image, keys[2], saturation)
+  if hue > 0:
+    image = adjust_hue(image, keys[3], hue)
+  return image
+
+
+def _blur_matrix(size: int, sigma, radius: int):
+  """[size, size] banded matrix of a 1-D Gaussian (taps beyond ceil(BLUR_TRUNCATE * sigma) and
+  `radius` dropped, renormalised), zero padding at the borders: row i is output pixel i."""
+  offsets = jnp.arange(size)[None, :] - jnp.arange(size)[:, None]
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  reach = jnp.minimum(radius, jnp.maximum(1.0, jnp.ceil(BLUR_TRUNCATE * sigma)))
+  kernel = jnp.where(jnp.abs(taps) <= reach, jnp.exp(-taps**2 / (2.0 * sigma**2)), 0.0)
+  kernel = kernel / kernel.sum()
+  inside = jnp.abs(offsets) <= radius
+  return jnp.where(inside, kernel[jnp.clip(offsets + radius, 0, 2 * radius)], 0.0)
+
+
+def gaussian_blur(image, key, sigma=(0.1, 2.0), kernel_frac: float = 0.1):
+  """Separable Gaussian blur, sigma (px) uniform in `sigma`; the kernel spans ~kernel_frac of the
+  side and stops at BLUR_TRUNCATE sigma; zero padding (augment.gaussian_blur's, as two matmuls
+  with banded matrices). image: float32 [S, S, C]."""
+  s = _uniform(key, sigma[0], sigma[1])
+  side = image.shape[0]
+  radius = max(1, int(math.ceil(kernel_frac * side / 2)))
+  m = _blur_matrix(side, s, radius)
+  return jnp.einsum("ij,jkc,lk->ilc", m, image, m)
+
+
+def solarize(image):
+  """Invert pixels at or above 0.5 (BYOL's solarisation)."""
+  return jnp.minimum(image, 1.0 - image)
+
+
+def to_uint8(image):
+  """float [0, 1] -> uint8, rounded, clipped; grey tiled to 3 channels."""
+  out = jnp.round(jnp.clip(image, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  return jnp.tile(out, (1, 1, 3)) if out.shape[-1] == 1 else out
+
+
+def _maybe(key, p: float, fn, image):
+  """fn(image, key') with probability p (both computed: no branching on the device)."""
+  if p <= 0.0:
+    return image
+  coin_key, fn_key = jax.random.split(key)
+  if p >= 1.0:
+    return fn(image, fn_key)
+  return jnp.where(jax.random.uniform(coin_key) < p, fn(image, fn_key), image)
+
+
+# --------------------------------------------------------------------------------------- views
+def augment_view(image, key, size: int, aug, *, crop_scale, blur_p: float, solarize_p: float):
+  """One augmented view of one image (views.augment_view's recipe, on the device).
+
+  Args:
+    image: uint8 [H, W, C], C = 1 or 3.
+    key: a jax.random key.
+    size: the view's side, px.
+    aug: the recipe (config.aug).
+    crop_scale, blur_p, solarize_p: this view's crop area range and probabilities.
+  Returns:
+    uint8 [size, size, 3].
+  """
+  k_crop, k_flip, k_jitter, k_grey, k_blur, k_solar = jax.random.split(key, 6)
+  box = sample_crop_box(k_crop, image.shape[0], image.shape[1], tuple(crop_scale),
+                        tuple(aug.crop_ratio))
+  x = crop_resize(image, box, size, aug.downscale) / 255.0
+  if aug.flip:
+    x = jnp.where(jax.random.uniform(k_flip) < 0.5, x[:, ::-1], x)
+  x = _maybe(k_jitter, aug.jitter_p, lambda im, k: color_jitter(
+      im, k, aug.brightness, aug.contrast, aug.saturation, aug.hue), x)
+  if x.shape[-1] == 3:
+    x = _maybe(k_grey, aug.grayscale_p, lambda im, _: to_grayscale(im), x)
+  x = _maybe(k_blur, blur_p, lambda im, k: gaussian_blur(im, k, tuple(aug.blur_sigma)), x)
+  x = _maybe(k_solar, solarize_p, lambda im, _: solarize(im), x)
+  return to_uint8(x)
+
+
+def view_keys(seed: int, positions, hosts):
+  """One key per example from (seed, stream position, host) (rng_streams' view augmentation
+  stream; the same triple always gives the same views).
+
+  Args:
+    seed: config.seed.
+    positions: uint32 [B, 2], each example's position in its host's stream as (high, low) 32-bit
+      words (split_positions), so positions past 2**32 need no 64-bit JAX.
+    hosts: int32 [B], the process whose stream each example is from.
+  Returns:
+    jax.random keys [B].
+  """
+  base = jax.random.key(seed)
+
+  def one(position, host):
+    k = jax.random.fold_in(jax.random.fold_in(base, position[0]), position[1])
+    return jax.random.fold_in(k, host)
+  return jax.vmap(one)(positions, hosts)
+
+
+def split_positions(positions) -> np.ndarray:
+  """int64 [B] stream positions (numpy) -> uint32 [B, 2] (high, low words) for view_keys."""
+  positions = np.asarray(positions, np.int64)
+  return np.stack([positions >> 32, positions & 0xFFFFFFFF], axis=-1).astype(np.uint32)
+
+
+def make_views(images, keys, size: int, aug, local_used=None) -> dict:
+  """All the views of a batch for the recipe `aug` (views.make_views' contract, batched).
+
+  Args:
+    images: uint8 [B, H, W, C], C = 1 or 3.
+    keys: jax.random keys [B], one per example (view_keys).
+    size: the global views' side, px.
+    aug: the recipe (config.aug).
+    local_used: None (every local crop), or an int32 scalar: local crops from that index on are
+      zeros (a 'crops<N>' stage; the made crops are unchanged).
+  Returns:
+    {'views': two uint8 [B, size, size, 3]} plus {'local_views': aug.local_crops uint8
+    [B, aug.local_size, aug.local_size, 3]} when the recipe has local crops.
+  """
+  def one(image, key):
+    global_keys = jax.random.split(key, 2)
+    views = [augment_view(image, global_keys[i], size, aug, crop_scale=aug.crop_scale,
+                          blur_p=float(aug.blur_p[i]), solarize_p=float(aug.solarize_p[i]))
+             for i in range(2)]
+    local = [augment_view(image, jax.random.fold_in(key, rng_streams.LOCAL_CROP + j),
+                          int(aug.local_size), aug, crop_scale=aug.local_crop_scale,
+                          blur_p=float(aug.local_blur_p), solarize_p=0.0)
+             for j in range(int(aug.local_crops))]
+    return views, local
+
+  views, local = jax.vmap(one)(images, keys)
+  out = {"views": tuple(views)}
+  if aug.local_crops:
+    if local_used is not None:
+      local = [jnp.where(j < local_used, v, jnp.zeros_like(v)) for j, v in enumerate(local)]
+    out["local_views"] = tuple(local)
+  return out

@@ -1,0 +1,126 @@
+"""The training stream as the step consumes it: global batches, sharded over the mesh's batch axes.
+
+`global_batches` is the one entry point of the trainer, the gradient-error measurements and the
+online scheduler. Where the views are made is `data.augment_on`:
+  'host'    tf.data on the host CPUs (pipeline.train_dataset: every source, JPEGs decoded crop window
+            only), each process's local batch then placed on its devices (sharding.host_to_global).
+  'device'  in-memory sources only: the uint8 training images are held once on every device and
+            each step's views are made there (device_views.make_views, jitted, sharded like the batch),
+            so the host only computes indices. For small datasets on fast accelerators, whose host
+            would otherwise feed the step too slowly, and for machines without TensorFlow.
+Both replay the same stream on resume (a position's views depend on (seed, position, host) only);
+the two are different draws of the same distributions (tests/test_device_views.py).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from input_pipeline import device_views, sources
+from vit_accel import rng_streams
+from vit_accel import sharding as sharding_lib
+from vit_accel.errors import UserError
+
+
+def global_batches(source, config, shard, mesh, start_step: int = 0, local_crops_by_step=None):
+  """An endless iterator of the training batches from `start_step` on, as global jax.Arrays.
+
+  Args:
+    source: the training source (sources.load / pipeline.load_source).
+    config: the run's config (seed, model.image_size, aug, data.augment_on, data.prefetch).
+    shard: this process's pipeline.HostShard.
+    mesh: the run's mesh; the batches are sharded over its batch axes (sharding.batch_sharding).
+    start_step: the first step to produce (resume).
+    local_crops_by_step: see pipeline.train_dataset.
+  Returns:
+    iterator of {'views': (2 x uint8 [B, S, S, 3])} (+ 'local_views' for multi-crop recipes),
+    B = the global batch.
+  Raises:
+    UserError: as pipeline.train_dataset.
+  """
+  if config.data.augment_on == "device":
+    return DeviceStream(sources.as_source(source), config, shard, mesh, start_step,
+                        local_crops_by_step)
+  from input_pipeline import pipeline  # TensorFlow: only the host path needs it
+  batches = pipeline.train_dataset(source, config, shard, start_step,
+                                   local_crops_by_step=local_crops_by_step).as_numpy_iterator()
+  return (sharding_lib.host_to_global(batch, mesh) for batch in batches)
+
+
+class DeviceStream:
+  """data.augment_on='device': the training images on every device, the views made there.
+
+  The order is pipeline.train_dataset's scheme: each process reads its contiguous shard of the
+  training set, in a permutation per (seed, epoch, process) (NumPy's, so not the host path's
+  order), `shard.local_batch` examples per step, the epoch's remainder dropped; an example's views
+  are drawn from (seed, its position in its process's stream, process). Each process computes its
+  own rows' indices and keys; the jitted view function then runs where the batch's rows live.
+  """
+
+  def __init__(self, source: sources.InMemory, config, shard, mesh, start_step: int,
+               local_crops_by_step=None):
+    if shard.global_batch % shard.process_count:
+      raise UserError(f"batch_size={shard.global_batch} is not divisible by the "
+                      f"{shard.process_count} processes; pick a multiple of {shard.process_count}")
+    self._shard, self._mesh = shard, mesh
+    self._seed = int(config.seed)
+    self._start, end = shard.shard_bounds(source.num_examples)
+    self._per_epoch = ((end - self._start) // shard.local_batch) * shard.local_batch
+    if self._per_epoch == 0:
+      raise UserError(f"batch_size={shard.global_batch} is larger than the "
+                      f"{source.num_examples} training images; lower batch_size")
+    self._shard_size = end - self._start
+    self._step = start_step
+    self._crops = tuple(local_crops_by_step or ())
+    self._epoch_cache: tuple[int, np.ndarray] | None = None
+    replicated = sharding_lib.replicated(mesh)
+    self._images = jax.device_put(source.images, replicated)
+    rows = sharding_lib.batch_sharding(mesh)
+    aug, size = config.aug, int(config.model.image_size)
+
+    def views(images, indices, positions, hosts, local_used):
+      keys = device_views.view_keys(self._seed, positions, hosts)
+      return device_views.make_views(images[indices], keys, size, aug,
+                                     local_used if self._crops else None)
+    # Compiled here, ahead of the loop, so the first step's input wait is not a compilation.
+    batch = shard.global_batch
+    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)  # noqa: E731
+    self._views = jax.jit(views, out_shardings=rows).lower(
+        self._images, arg((batch,), np.int32), arg((batch, 2), np.uint32),
+        arg((batch,), np.int32), np.int32(0)).compile()
+    self._rows = rows
+
+  def __iter__(self):
+    return self
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+      rng = np.random.default_rng(
+          [self._seed, epoch * rng_streams.EPOCH_HOST_STRIDE + self._shard.process_index])
+      order = rng.permutation(self._shard_size)[:self._per_epoch] + self._start
+      self._epoch_cache = (epoch, order.astype(np.int32))
+    return self._epoch_cache[1]
+
+  def _local_crops(self, step: int) -> int:
+    for end, n in self._crops:
+      if step < end:
+        return int(n)
+    return int(self._crops[-1][1]) if self._crops else 0
+
+  def local_rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 indices into the training images, int64 stream positions) of this process's rows
+    of `step`'s batch, [shard.local_batch] each."""
+    b = self._shard.local_batch
+    positions = step * b + np.arange(b, dtype=np.int64)
+    epoch, offset = divmod(int(positions[0]), self._per_epoch)
+    return self._epoch_order(epoch)[offset:offset + b], positions  # per_epoch: a multiple of b
+
+  def __next__(self) -> dict:
+    indices, positions = self.local_rows(self._step)
+    local = lambda x: jax.make_array_from_process_local_data(self._rows, x)  # noqa: E731
+    batch = self._views(self._images, local(indices),
+                        local(device_views.split_positions(positions)),
+                        local(np.full(len(indices), self._shard.process_index, np.int32)),
+                        np.int32(self._local_crops(self._step)))
+    self._step += 1
+    return batch
