@@ -130,10 +130,28 @@ def test_eight_devices_make_the_same_batch_as_one(tmp_path):
   np.testing.assert_array_equal(eight["v1"], one["views"][1])
 
 
-def test_a_run_trains_and_evaluates_on_device_views(tmp_path, needs_fashion_mnist):
-  from vit_accel import train
-  result = train.train_and_evaluate(tiny_config(**{"data.augment_on": "device"}),
-                                    str(tmp_path / "run"))
-  assert 0.0 < result["knn_top1"] <= 1.0
-  losses = [json.loads(line).get("loss") for line in open(tmp_path / "run" / "metrics.jsonl")]
+NO_TENSORFLOW = "import sys, runpy; sys.modules['tensorflow'] = None; sys.argv = {argv!r}; " \
+                "runpy.run_path('main.py', run_name='__main__')"
+
+
+def test_device_views_train_without_tensorflow_and_the_host_path_says_it_needs_it(
+    tmp_path, needs_fashion_mnist):
+  """A machine without TensorFlow (TF blocked in sys.modules): the smoke recipe trains and
+  evaluates on device views; the host path exits with one error line before compiling."""
+  def main(*flags):
+    argv = ["main.py", "--config=configs/fmnist_mocov3.py:smoke", "--config.tensorboard=False",
+            "--config.budget=2500", *flags]
+    return subprocess.run([sys.executable, "-c", NO_TENSORFLOW.format(argv=argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  run = tmp_path / "device"
+  proc = main(f"--workdir={run}", "--config.data.augment_on=device")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "final kNN top-1" in proc.stdout
+  losses = [json.loads(line).get("loss") for line in open(run / "metrics.jsonl")]
   assert [x for x in losses if x is not None] and all(np.isfinite(x) for x in losses if x)
+  proc = main(f"--workdir={tmp_path / 'host'}")
+  assert proc.returncode != 0 and "compiled" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "augment_on=device" in errors[0], proc.stderr[-2000:]
+  assert not (tmp_path / "host").exists() or not any((tmp_path / "host").iterdir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from input_pipeline import tf_runtime
 from vit_accel import compression, config_domains, objectives, step_plan
 from vit_accel.errors import UserError
 from vit_accel.train_step import num_local_crops
@@ -47,6 +48,10 @@ def validate_config(config) -> None:
     if config.aug.downscale == "area":
       raise UserError("aug.downscale='area' is made on the host only; with "
                       "data.augment_on='device' use 'antialias' or 'bilinear'")
+  elif not tf_runtime.available():
+    raise UserError("TensorFlow is not importable here, and the host input pipeline "
+                    "(data.augment_on='host', tf.data) needs it: run ./setup.sh, or train an "
+                    "in-memory source (fashion_mnist) with --config.data.augment_on=device")
   if config.budget <= 0 and config.budget_epochs <= 0:
     raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
   specs = {key: step_plan.candidates(config, key)
