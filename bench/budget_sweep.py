@@ -29,6 +29,7 @@ average after each run is recorded, because two jobs on a 2-core machine slow ea
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -71,7 +72,33 @@ flags.DEFINE_list("lr_factors", ["0.5", "1", "2"], "Tuning grid: multiples of th
 flags.DEFINE_list("batches", ["64", "128"], "Tuning grid: global batch sizes.")
 flags.DEFINE_float("seed_budget", 0.5, "Budget of the extra-seed runs.")
 flags.DEFINE_list("extra_seeds", ["1", "2"], "Seeds run at --seed_budget besides seed 0.")
+flags.DEFINE_string("settings_from", "", "Instead of tuning: each arm's (base_lr, batch) from "
+                    "this earlier sweep's report (.json, its `best`), e.g. the CPU sweep's for a "
+                    "sweep on another machine; the tuning phase is skipped.")
+flags.DEFINE_float("stop_after_s", 0.0, "> 0: no run starts after this many seconds (runs in "
+                   "budget order, so the largest are the ones left out; the report lists them).")
 FLAGS = flags.FLAGS
+
+def settings_from_report(path: str, arms) -> dict:
+  """{arm: (base_lr, batch)} from an earlier sweep's report's `best`; exits with an error line when
+  the file is unreadable or lacks a setting for one of `arms`."""
+  try:
+    with open(path) as f:
+      best = json.load(f)["best"]
+  except (OSError, ValueError, KeyError) as e:
+    raise SystemExit(f"error: --settings_from={path}: no sweep report with a `best` ({e})")
+  missing = [a for a, _ in arms if not best.get(a)]
+  if missing:
+    raise SystemExit(f"error: --settings_from={path} has no tuned setting for arm(s) {missing}")
+  return {a: (float(best[a][0]), int(best[a][1])) for a, _ in arms}
+
+
+def best_settings(records: list[dict], arms, grid) -> dict:
+  """{arm: (base_lr, batch) or None}: --settings_from's, or each arm's best tuning-grid point."""
+  if FLAGS.settings_from:
+    return settings_from_report(FLAGS.settings_from, arms)
+  return {a: best_setting(records, a, grid) for a, _ in arms}
+
 
 def best_setting(records: list[dict], arm: str, grid: list[tuple[float, int]]
                  ) -> tuple[float, int] | None:
@@ -87,7 +114,7 @@ def planned_runs(records: list[dict], arms: list[tuple[str, str]], grid) -> list
   """(arm, schedule, budget, lr, batch, seed) still to run, in order; later phases appear once the
   tuning grid they depend on is complete."""
   todo = [(a, s, FLAGS.tune_budget, lr, bs, 0) for a, s in arms for lr, bs in grid]
-  best = {a: best_setting(records, a, grid) for a, _ in arms}
+  best = best_settings(records, arms, grid)
   if all(best.values()):
     budgets = sorted({float(b) for b in FLAGS.budgets})
     low = sorted({float(b) for b in FLAGS.low_budgets})
@@ -201,8 +228,8 @@ def fmt(x, spec=".4f", none="-"):
   return none if x is None else format(x, spec)
 
 
-def report(records: list[dict], arms, grid, stem: str) -> None:
-  best = {a: best_setting(records, a, grid) for a, _ in arms}
+def report(records: list[dict], arms, grid, stem: str, not_started=()) -> None:
+  best = best_settings(records, arms, grid)
   rows = speedups(records, arms, best)
   spread = seed_spread(records, arms, best)
   plot(records, arms, best, rows, stem + ".png")
@@ -214,8 +241,11 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
            f"{FLAGS.objective}.py), evaluated once at its end on one protocol (kNN k=20 and a "
            "ridge probe, 10k train / 5k test images). Wall-clock = training only.", "",
            "## Tuning grid", "",
-           f"Budget {FLAGS.tune_budget:g} full-cost epochs, seed 0; each arm then runs at its best "
-           "setting (bold) at every budget.", "",
+           (f"Not tuned here: each arm's (base_lr, batch) is the one tuned in {FLAGS.settings_from}"
+            f" ({', '.join(f'{a} {lr:g} / {bs}' for a, (lr, bs) in best.items())})."
+            if FLAGS.settings_from else
+            f"Budget {FLAGS.tune_budget:g} full-cost epochs, seed 0; each arm then runs at its "
+            "best setting (bold) at every budget."), "",
            "| arm | base_lr | batch | final kNN | final linear | train wall |",
            "|---|---:|---:|---:|---:|---:|"]
   for arm, _ in arms:
@@ -264,12 +294,17 @@ def report(records: list[dict], arms, grid, stem: str) -> None:
     lines.append(f"| {arm} | {', '.join(map(str, s['seeds']))} | "
                  f"{', '.join(f'{k:.4f}' for k in s['knn'])} | {s['mean']:.4f} | "
                  f"{s['std']:.4f} | {s['range']:.4f} |")
+  if not_started:
+    lines += ["", f"Not run: --stop_after_s={FLAGS.stop_after_s:g} s passed before "
+              + ", ".join(run_key(t[0], *t[2:]) for t in not_started) + " could start."]
   lines += ["", f"![final kNN vs budget]({os.path.basename(stem)}.png)", ""]
   io.atomic_write_text(stem + ".md", "\n".join(lines))
   io.atomic_write_json(stem + ".json", {"objective": FLAGS.objective, "arms": arms,
                                         "best": {a: list(b) if b else None
                                                  for a, b in best.items()},
                                         "speedups": rows, "seed_spread": spread,
+                                        "not_started": [run_key(t[0], *t[2:])
+                                                        for t in not_started],
                                         "runs": records})
 
 
@@ -278,7 +313,8 @@ def main(argv):
   arms = parse_arms(FLAGS.arms)
   runner = runner_from_flags()
   base_lr = float(runner.recipe_config().optim.base_lr)
-  grid = [(base_lr * float(f), int(b)) for f in FLAGS.lr_factors for b in FLAGS.batches]
+  grid = ([] if FLAGS.settings_from else
+          [(base_lr * float(f), int(b)) for f in FLAGS.lr_factors for b in FLAGS.batches])
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stem = os.path.join(FLAGS.out_dir, f"budget_sweep_{FLAGS.objective}"
                       + (f"_{FLAGS.tag}" if FLAGS.tag else ""))
@@ -287,16 +323,21 @@ def main(argv):
     for run in planned_runs(records, arms, grid):
       print(run_key(run[0], *run[2:]), run[1])
     return
+  started, not_started = time.time(), []
   while not FLAGS.report_only:
     todo = planned_runs(records, arms, grid)
     if not todo:
+      break
+    if FLAGS.stop_after_s > 0 and time.time() - started > FLAGS.stop_after_s:
+      not_started = todo
+      print(f"out of time: {len(todo)} run(s) not started", flush=True)
       break
     runner.wait_while_paused()
     record = runner.run(*todo[0])
     append(stem + ".jsonl", record)
     records.append(record)
     report(records, arms, grid, stem)
-  report(records, arms, grid, stem)
+  report(records, arms, grid, stem, not_started)
   print(open(stem + ".md").read(), flush=True)
 
 

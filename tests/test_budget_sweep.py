@@ -96,3 +96,37 @@ def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
   second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "main.py" not in second.stdout
+
+
+@pytest.mark.slow
+def test_gpu_sweep_tiny_probes_the_input_runs_device_views_and_stops_at_its_deadline(
+    tmp_path, needs_fashion_mnist):
+  """bench/gpu_sweep.py --tiny on the CPU: the input probe (device views and tf.data), one sweep
+  with the CPU sweep's tuned settings and views made on the device, and a deadline that lets only
+  the first run start (the others listed as not run)."""
+  out = tmp_path / "out"
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_sweep.py"), "--tiny",
+         "--objectives=mocov3", "--deadline_s=0", "--probe_batches=3", f"--out_dir={out}",
+         f"--workdir_root={tmp_path / 'runs'}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.load(open(out / "gpu_sweep_cpu_tiny.json"))
+  probe = report["probes"][0]
+  assert probe["objective"] == "mocov3" and probe["device_images_per_s"] > 0
+  assert probe["host_images_per_s"] > 0   # TensorFlow imports here
+  sweep = report["sweeps"]["mocov3"]
+  assert len(sweep["runs"]) == 1 and len(sweep["not_started"]) == 3
+  run = sweep["runs"][0]
+  tuned = json.load(open(os.path.join(ROOT, "bench", "results", "budget_sweep_mocov3.json")))
+  assert [run["base_lr"], run["batch_size"]] == tuned["best"][run["arm"]]
+  assert "data.augment_on=device" in run["extra"]
+  assert "Out of time, not run" in open(out / "gpu_sweep_cpu_tiny.md").read()
+
+
+def test_budget_sweep_settings_from_a_missing_report_is_one_error_line(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "budget_sweep.py"), "--dry_run",
+         f"--settings_from={tmp_path / 'none.json'}", f"--out_dir={tmp_path}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --settings_from=")
