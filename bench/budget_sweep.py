@@ -75,8 +75,9 @@ flags.DEFINE_list("extra_seeds", ["1", "2"], "Seeds run at --seed_budget besides
 flags.DEFINE_string("settings_from", "", "Instead of tuning: each arm's (base_lr, batch) from "
                     "this earlier sweep's report (.json, its `best`), e.g. the CPU sweep's for a "
                     "sweep on another machine; the tuning phase is skipped.")
-flags.DEFINE_float("stop_after_s", 0.0, "> 0: no run starts after this many seconds (runs in "
-                   "budget order, so the largest are the ones left out; the report lists them).")
+flags.DEFINE_float("end_by", 0.0, "> 0: a Unix time every run must end by: a run starts only if "
+                   "its predicted length (predicted_seconds) ends before it. Runs go in budget "
+                   "order, so the largest are the ones left out; the report lists them.")
 FLAGS = flags.FLAGS
 
 def settings_from_report(path: str, arms) -> dict:
@@ -127,6 +128,19 @@ def planned_runs(records: list[dict], arms: list[tuple[str, str]], grid) -> list
         todo.append((a, s, FLAGS.seed_budget, *best[a], seed))
   done = {r["key"] for r in records}
   return [t for t in todo if run_key(t[0], t[2], t[3], t[4], t[5]) not in done]
+
+
+def predicted_seconds(records: list[dict], run: tuple) -> float:
+  """How long `run` (a planned_runs entry) should take: the finished run of the same arm (else of
+  any arm) nearest below its budget, its whole command's seconds scaled by the budget ratio (an
+  overestimate: start-up and compilation do not grow with the budget); 0 with nothing to go by."""
+  arm, budget = run[0], run[2]
+  done = [r for r in records if r["budget_epochs"] <= budget and r.get("command_wall_s")]
+  same = [r for r in done if r["arm"] == arm] or done
+  if not same:
+    return 0.0
+  ref = max(same, key=lambda r: r["budget_epochs"])
+  return ref["command_wall_s"] * budget / ref["budget_epochs"]
 
 
 def tuned_curve(records: list[dict], arm: str, best: dict) -> list[dict]:
@@ -295,8 +309,8 @@ def report(records: list[dict], arms, grid, stem: str, not_started=()) -> None:
                  f"{', '.join(f'{k:.4f}' for k in s['knn'])} | {s['mean']:.4f} | "
                  f"{s['std']:.4f} | {s['range']:.4f} |")
   if not_started:
-    lines += ["", f"Not run: --stop_after_s={FLAGS.stop_after_s:g} s passed before "
-              + ", ".join(run_key(t[0], *t[2:]) for t in not_started) + " could start."]
+    lines += ["", "Not run (predicted to end after --end_by): "
+              + ", ".join(run_key(t[0], *t[2:]) for t in not_started) + "."]
   lines += ["", f"![final kNN vs budget]({os.path.basename(stem)}.png)", ""]
   io.atomic_write_text(stem + ".md", "\n".join(lines))
   io.atomic_write_json(stem + ".json", {"objective": FLAGS.objective, "arms": arms,
@@ -323,12 +337,12 @@ def main(argv):
     for run in planned_runs(records, arms, grid):
       print(run_key(run[0], *run[2:]), run[1])
     return
-  started, not_started = time.time(), []
+  not_started = []
   while not FLAGS.report_only:
     todo = planned_runs(records, arms, grid)
     if not todo:
       break
-    if FLAGS.stop_after_s > 0 and time.time() - started > FLAGS.stop_after_s:
+    if FLAGS.end_by > 0 and time.time() + predicted_seconds(records, todo[0]) > FLAGS.end_by:
       not_started = todo
       print(f"out of time: {len(todo)} run(s) not started", flush=True)
       break

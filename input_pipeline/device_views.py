@@ -7,9 +7,9 @@ with a fast accelerator, and on machines without TensorFlow. The draws come from
 seed gives other views than on the host; what is drawn, and how a draw becomes pixels, is the
 host's (tests/test_device_views.py compares the two, op by op and in distribution).
 
-Per view: random resized crop (TF's `sample_distorted_bounding_box` sampler, reproduced; the crop
-and resize in one `jax.image.scale_and_translate`, antialiased when shrinking, as
-`tf.image.resize(antialias=True)`), flip, colour jitter (brightness, contrast, saturation, hue in
+Per view: random resized crop (TF's `sample_distorted_bounding_box` sampler, reproduced; crop and
+resize as two matmuls with per-box weights, antialiased when shrinking: the values of
+`tf.image.resize(crop, antialias=True)`), flip, colour jitter (brightness, contrast, saturation, hue in
 that order, with probability `aug.jitter_p`), greyscale, Gaussian blur, solarisation -> uint8.
 Every op is computed for every example and kept where its coin says so (no data-dependent
 control flow on the device).
@@ -28,6 +28,8 @@ LUMA = (0.299, 0.587, 0.114)      # ITU-R BT.601, as augment.LUMA
 BLUR_TRUNCATE = 4.0               # as augment.BLUR_TRUNCATE
 CROP_ATTEMPTS = 10                # as augment.sample_crop_box (TF's max_attempts)
 DEVICE_DOWNSCALE = ("antialias", "bilinear")   # the aug.downscale filters made here
+# Full float32 matmuls: a GPU's default (TF32 on Ampere and later) would move pixels by a level.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ------------------------------------------------------------------------ random resized crop
@@ -82,14 +84,30 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 
   return jnp.where(ok.any(), box, jnp.array([0, 0, height, width], jnp.int32))
 
 
+def _resize_weights(start, length, in_size: int, out_size: int, antialias: bool):
+  """[in_size, out_size] weights taking pixels [start, start + length) of one axis to out_size
+  samples: the triangle (bilinear) filter at half-pixel centres, widened by the shrink factor
+  when `antialias` and shrinking, each column renormalised over the pixels inside the span (as
+  TensorFlow's scale-and-translate resize of the cropped span: nothing outside it contributes)."""
+  length = length.astype(jnp.float32)
+  inv_scale = length / out_size
+  width = jnp.maximum(inv_scale, 1.0) if antialias else 1.0
+  centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * inv_scale - 0.5   # in the span
+  pixel = jnp.arange(in_size, dtype=jnp.float32) - start.astype(jnp.float32)
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(centre[None, :] - pixel[:, None]) / width)
+  weights = jnp.where(((pixel >= 0) & (pixel < length))[:, None], weights, 0.0)
+  return weights / jnp.maximum(weights.sum(0, keepdims=True), 1e-12)
+
+
 def crop_resize(image, box, size: int, downscale: str = "antialias"):
   """The box of an image, resized to size x size: float32 [size, size, C] in the image's units.
 
-  Bilinear (triangle filter) with half-pixel centres; along a side that shrinks, with
-  downscale='antialias' the filter is widened by the shrink factor, as `tf.image.resize(...,
-  antialias=True)` and PIL; with 'bilinear' it is not (big_vision's inception crop). Crop and resize are one `jax.image.scale_and_translate` over the whole image, so the
-  filter's taps at the box's edges may reach pixels just outside it (the host crops first);
-  inside, the values equal the host's up to float rounding.
+  Bilinear (triangle filter) with half-pixel centres, over the box's pixels only; along a side
+  that shrinks, with downscale='antialias' the filter is widened by the shrink factor, as
+  `tf.image.resize(crop, ..., antialias=True)` and PIL; with 'bilinear' it is not (big_vision's
+  inception crop). The same values as augment.resize_crop of augment.crop_image, up to float
+  rounding, computed as two matmuls with per-box weight matrices (the box's size is data, so no
+  dynamic slice).
 
   Args:
     image: [H, W, C], any real dtype.
@@ -101,12 +119,10 @@ def crop_resize(image, box, size: int, downscale: str = "antialias"):
   """
   if downscale not in DEVICE_DOWNSCALE:
     raise ValueError(f"downscale={downscale!r}; on the device: one of {DEVICE_DOWNSCALE}")
-  box = box.astype(jnp.float32)
-  scale = jnp.float32(size) / box[2:]
-  translation = -box[:2] * scale
-  return jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, image.shape[-1]),
-                                       (0, 1), scale, translation, method="linear",
-                                       antialias=downscale == "antialias")
+  antialias = downscale == "antialias"
+  rows = _resize_weights(box[0], box[2], image.shape[0], size, antialias)
+  cols = _resize_weights(box[1], box[3], image.shape[1], size, antialias)
+  return jnp.einsum("hy,hwc,wx->yxc", rows, image.astype(jnp.float32), cols, precision=HIGHEST)
 
 
 # ---------------------------------------------------------------------------------- colour ops
@@ -118,27 +134,40 @@ def _luma(image):
   """[H, W, C] -> [H, W, 1]: BT.601 luma (a grey image is its own luma)."""
   if image.shape[-1] == 1:
     return image
-  return jnp.tensordot(image, jnp.asarray(LUMA, image.dtype), axes=1)[..., None]
+  return jnp.tensordot(image, jnp.asarray(LUMA, image.dtype), axes=1, precision=HIGHEST)[..., None]
+
+
+def brightness_by(image, factor):
+  """Multiply by `factor`, clip to [0, 1] (SimCLR's brightness)."""
+  return jnp.clip(image * factor, 0.0, 1.0)
+
+
+def contrast_by(image, factor):
+  """Blend with the image's mean luma by `factor` (SimCLR / torchvision's contrast)."""
+  mean = _luma(image).mean()
+  return jnp.clip((image - mean) * factor + mean, 0.0, 1.0)
+
+
+def saturation_by(image, factor):
+  """Blend each pixel with its luma by `factor`; grey images unchanged."""
+  if image.shape[-1] == 1:
+    return image
+  return jnp.clip(image * factor + _luma(image) * (1.0 - factor), 0.0, 1.0)
 
 
 def adjust_brightness(image, key, strength: float):
-  """Multiply by a factor uniform in [1 - s, 1 + s] (SimCLR's brightness); clip to [0, 1]."""
-  return jnp.clip(image * _uniform(key, 1.0 - strength, 1.0 + strength), 0.0, 1.0)
+  """brightness_by with a factor uniform in [1 - s, 1 + s]."""
+  return brightness_by(image, _uniform(key, 1.0 - strength, 1.0 + strength))
 
 
 def adjust_contrast(image, key, strength: float):
-  """Blend with the mean luma, factor uniform in [1 - s, 1 + s] (SimCLR / torchvision)."""
-  mean = _luma(image).mean()
-  return jnp.clip((image - mean) * _uniform(key, 1.0 - strength, 1.0 + strength) + mean,
-                  0.0, 1.0)
+  """contrast_by with a factor uniform in [1 - s, 1 + s]."""
+  return contrast_by(image, _uniform(key, 1.0 - strength, 1.0 + strength))
 
 
 def adjust_saturation(image, key, strength: float):
-  """Blend with each pixel's luma, factor uniform in [1 - s, 1 + s]; grey images unchanged."""
-  if image.shape[-1] == 1:
-    return image
-  factor = _uniform(key, 1.0 - strength, 1.0 + strength)
-  return jnp.clip(image * factor + _luma(image) * (1.0 - factor), 0.0, 1.0)
+  """saturation_by with a factor uniform in [1 - s, 1 + s]."""
+  return saturation_by(image, _uniform(key, 1.0 - strength, 1.0 + strength))
 
 
 def _rgb_to_hsv(rgb):
@@ -162,14 +191,17 @@ def _hsv_to_rgb(hue, saturation, value):
   return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
 
 
-def adjust_hue(image, key, strength: float):
-  """Rotate the HSV hue by a fraction of a turn uniform in [-s, s] (`tf.image.adjust_hue`);
-  grey images unchanged."""
+def hue_by(image, delta):
+  """Rotate the HSV hue by `delta` turns (`tf.image.adjust_hue`), clip; grey images unchanged."""
   if image.shape[-1] == 1:
     return image
-  hue, saturation, value = _rgb_to_hsv(image)
-  hue = jnp.mod(hue + _uniform(key, -strength, strength), 1.0)
-  return jnp.clip(_hsv_to_rgb(hue, saturation, value), 0.0, 1.0)
+  hue, sat, value = _rgb_to_hsv(image)
+  return jnp.clip(_hsv_to_rgb(jnp.mod(hue + delta, 1.0), sat, value), 0.0, 1.0)
+
+
+def adjust_hue(image, key, strength: float):
+  """hue_by a fraction of a turn uniform in [-s, s]."""
+  return hue_by(image, _uniform(key, -strength, strength))
 
 
 def to_grayscale(image):
@@ -211,7 +243,7 @@ def gaussian_blur(image, key, sigma=(0.1, 2.0), kernel_frac: float = 0.1):
   side = image.shape[0]
   radius = max(1, int(math.ceil(kernel_frac * side / 2)))
   m = _blur_matrix(side, s, radius)
-  return jnp.einsum("ij,jkc,lk->ilc", m, image, m)
+  return jnp.einsum("ij,jkc,lk->ilc", m, image, m, precision=HIGHEST)
 
 
 def solarize(image):
@@ -275,7 +307,8 @@ def view_keys(seed: int, positions, hosts):
   Returns:
     jax.random keys [B].
   """
-  base = jax.random.key(seed)
+  # jax.random.key keeps a seed's low 32 bits: the high word is folded in, so no two seeds share.
+  base = jax.random.fold_in(jax.random.key(seed % 2**32), seed >> 32)
 
   def one(position, host):
     k = jax.random.fold_in(jax.random.fold_in(base, position[0]), position[1])

@@ -33,7 +33,7 @@ from absl import logging
 from input_pipeline.tf_runtime import tf
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from input_pipeline import augment, sources
+from input_pipeline import augment, sources, tf_runtime
 from input_pipeline import views as views_lib
 from vit_accel import rng_streams
 from vit_accel.errors import UserError
@@ -429,6 +429,7 @@ def _batched(ds, config, shard: HostShard):
 
 
 def _tfds_builder(source: sources.TfdsSplit):
+  tf_runtime.load()   # TF configured (accelerators hidden) before TFDS imports it
   import tensorflow_datasets as tfds  # lazy: heavy, and only the TFDS source needs it
   return tfds, tfds.builder(source.name, data_dir=source.data_dir)
 

@@ -270,6 +270,8 @@ def check_tfds(config) -> None:
 
 
 def load_tfds(config, split: str) -> TfdsSplit:
+  from input_pipeline import tf_runtime
+  tf_runtime.load()   # TF configured (accelerators hidden) before TFDS imports it
   import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only for this source
   directory = data_dir(config)
   tfds_split = config.data.tfds_splits[split]

@@ -47,6 +47,41 @@ def global_batches(source, config, shard, mesh, start_step: int = 0, local_crops
   return (sharding_lib.host_to_global(batch, mesh) for batch in batches)
 
 
+# Reused by every stream of a process (the trainer's, each gradient-error or online measurement's):
+# the table is uploaded, and the view function compiled, once. Keyed by the array's id, kept
+# alive by holding the array itself.
+_TABLES: dict = {}
+_VIEW_FNS: dict = {}
+
+
+def _placed_table(images: np.ndarray, mesh) -> jax.Array:
+  """uint8 [N, H, W, C] training images, replicated on every device of `mesh` (once per array)."""
+  key = (id(images), mesh)
+  if key not in _TABLES:
+    if len(_TABLES) >= 2:   # a new source or mesh: drop the old tables' device memory
+      _TABLES.clear()
+    _TABLES[key] = (images, jax.device_put(images, sharding_lib.replicated(mesh)))
+  return _TABLES[key][1]
+
+
+def _compiled_views(config, batch: int, crops_by_step: bool, table: jax.Array, rows):
+  """The views of a global batch, compiled ahead of the loop (the first step's input wait is then
+  not a compilation): (table, int32 [B] indices, uint32 [B, 2] positions, int32 [B] hosts, int32
+  local crops used) -> make_views' dict, sharded as `rows`."""
+  seed, size, aug = int(config.seed), int(config.model.image_size), config.aug
+  key = (seed, size, aug.to_json(), batch, crops_by_step, table.shape, rows)
+  if key not in _VIEW_FNS:
+    def views(images, indices, positions, hosts, local_used):
+      keys = device_views.view_keys(seed, positions, hosts)
+      return device_views.make_views(images[indices], keys, size, aug,
+                                     local_used if crops_by_step else None)
+    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)  # noqa: E731
+    _VIEW_FNS[key] = jax.jit(views, out_shardings=rows).lower(
+        table, arg((batch,), np.int32), arg((batch, 2), np.uint32), arg((batch,), np.int32),
+        np.int32(0)).compile()
+  return _VIEW_FNS[key]
+
+
 class DeviceStream:
   """data.augment_on='device': the training images on every device, the views made there.
 
@@ -73,22 +108,10 @@ class DeviceStream:
     self._step = start_step
     self._crops = tuple(local_crops_by_step or ())
     self._epoch_cache: tuple[int, np.ndarray] | None = None
-    replicated = sharding_lib.replicated(mesh)
-    self._images = jax.device_put(source.images, replicated)
-    rows = sharding_lib.batch_sharding(mesh)
-    aug, size = config.aug, int(config.model.image_size)
-
-    def views(images, indices, positions, hosts, local_used):
-      keys = device_views.view_keys(self._seed, positions, hosts)
-      return device_views.make_views(images[indices], keys, size, aug,
-                                     local_used if self._crops else None)
-    # Compiled here, ahead of the loop, so the first step's input wait is not a compilation.
-    batch = shard.global_batch
-    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)  # noqa: E731
-    self._views = jax.jit(views, out_shardings=rows).lower(
-        self._images, arg((batch,), np.int32), arg((batch, 2), np.uint32),
-        arg((batch,), np.int32), np.int32(0)).compile()
-    self._rows = rows
+    self._rows = sharding_lib.batch_sharding(mesh)
+    self._images = _placed_table(source.images, mesh)
+    self._views = _compiled_views(config, shard.global_batch, bool(self._crops), self._images,
+                                  self._rows)
 
   def __iter__(self):
     return self

@@ -15,6 +15,17 @@ from vit_accel.errors import UserError
 _module = None
 
 
+def load():
+  """The configured `tensorflow` module (imported and its accelerators hidden on the first call).
+  Call it before importing anything that imports TensorFlow itself (tensorflow_datasets), so the
+  accelerators are hidden before TF starts.
+
+  Raises:
+    UserError: TensorFlow is not importable.
+  """
+  return _tensorflow()
+
+
 def _tensorflow():
   global _module
   if _module is None:

@@ -5,6 +5,11 @@ import pytest
 # Keep test processes quiet and on the CPU, whatever the machine has.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests import tensorflow themselves; TF must be configured (accelerators hidden) before any of
+# them runs an op, as the pipeline does at its first use.
+from input_pipeline import tf_runtime  # noqa: E402
+
+tf_runtime.load()
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

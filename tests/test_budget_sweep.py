@@ -99,29 +99,41 @@ def test_schedule_comparison_charges_the_pilot_and_reports_noise_and_reasons(
 
 
 @pytest.mark.slow
-def test_gpu_sweep_tiny_probes_the_input_runs_device_views_and_stops_at_its_deadline(
+def test_gpu_sweep_tiny_probes_the_input_runs_device_views_and_keeps_to_its_deadline(
     tmp_path, needs_fashion_mnist):
-  """bench/gpu_sweep.py --tiny on the CPU: the input probe (device views and tf.data), one sweep
-  with the CPU sweep's tuned settings and views made on the device, and a deadline that lets only
-  the first run start (the others listed as not run)."""
+  """bench/gpu_sweep.py --tiny on the CPU: the input probe (device views and tf.data), a sweep
+  with the CPU sweep's tuned settings and views made on the device; called again with more budgets
+  and a deadline already passed, it starts nothing, keeps the finished runs and lists the rest."""
   out = tmp_path / "out"
-  cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_sweep.py"), "--tiny",
-         "--objectives=mocov3", "--deadline_s=0", "--probe_batches=3", f"--out_dir={out}",
-         f"--workdir_root={tmp_path / 'runs'}"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.load(open(out / "gpu_sweep_cpu_tiny.json"))
+
+  def gpu_sweep(budgets, deadline):
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_sweep.py"), "--tiny",
+           "--objectives=mocov3", f"--budgets={budgets}", "--low_budgets=",
+           f"--deadline_s={deadline}", "--probe_batches=3", f"--out_dir={out}",
+           f"--workdir_root={tmp_path / 'runs'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(out / "gpu_sweep_cpu_tiny.json")), proc.stdout
+
+  report, _ = gpu_sweep("0.02", 900)
   probe = report["probes"][0]
   assert probe["objective"] == "mocov3" and probe["device_images_per_s"] > 0
   assert probe["host_images_per_s"] > 0   # TensorFlow imports here
   sweep = report["sweeps"]["mocov3"]
-  assert len(sweep["runs"]) == 1 and len(sweep["not_started"]) == 3
-  run = sweep["runs"][0]
+  assert sorted(r["arm"] for r in sweep["runs"]) == ["accelerated", "baseline"]
+  assert not sweep["not_started"] and len(sweep["speedups"]) == 1
   tuned = json.load(open(os.path.join(ROOT, "bench", "results", "budget_sweep_mocov3.json")))
-  assert [run["base_lr"], run["batch_size"]] == tuned["best"][run["arm"]]
-  assert "data.augment_on=device" in run["extra"]
-  assert "Out of time, not run" in open(out / "gpu_sweep_cpu_tiny.md").read()
+  for run in sweep["runs"]:
+    assert [run["base_lr"], run["batch_size"]] == tuned["best"][run["arm"]]
+    assert "data.augment_on=device" in run["extra"]
+
+  report, stdout = gpu_sweep("0.02,0.04", 0)
+  sweep = report["sweeps"]["mocov3"]
+  assert "main.py" not in stdout and len(sweep["runs"]) == 2
+  assert sorted(sweep["not_started"]) == ["accelerated_b0.04_lr0.002_bs128_s0",
+                                          "baseline_b0.04_lr0.001_bs64_s0"]
+  assert "Out of time" in open(out / "gpu_sweep_cpu_tiny.md").read()
 
 
 def test_budget_sweep_settings_from_a_missing_report_is_one_error_line(tmp_path):

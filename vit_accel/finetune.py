@@ -45,7 +45,7 @@ import optax
 from absl import logging
 from input_pipeline.tf_runtime import tf
 
-from input_pipeline import augment, pipeline, sources, views
+from input_pipeline import augment, pipeline, sources, tf_runtime, views
 from vit_accel import evaluation, optimizer, rng_streams, state
 from vit_accel import sharding as sharding_lib
 from vit_accel.errors import UserError
@@ -147,6 +147,7 @@ def num_classes(source) -> int:
 
 
 def _tfds_builder(source: sources.TfdsSplit):
+  tf_runtime.load()   # TF configured (accelerators hidden) before TFDS imports it
   import tensorflow_datasets as tfds  # lazy: heavy, and only the TFDS source needs it
   return tfds.builder(source.name, data_dir=source.data_dir)
 
@@ -218,6 +219,7 @@ def train_dataset(source, config, shard: pipeline.HostShard):
 
 def _tfds_examples(source: sources.TfdsSplit, config, shard: pipeline.HostShard):
   """(position, float image, int32 label) of this host's TFDS part, repeated and shuffled."""
+  tf_runtime.load()
   import tensorflow_datasets as tfds
   builder = _tfds_builder(source)
   host_split = tfds.even_splits(source.split, n=shard.process_count,
