@@ -12,6 +12,10 @@ folder) and measures batches after a warm-up. Paths, side by side in one run:
   crops   this tree: JPEGs decode only the window holding the views' crop boxes, views are cropped
           in uint8 (train_dataset's default)
   whole   this tree, decode_crops=False: every image decoded whole by Pillow, cropped in float
+  windows this tree, data.augment_on=device: the host part only - each image's crop boxes drawn
+          and the one window holding them decoded and padded to data.window_size
+          (views.make_windows); the crop-resize, flip and colours then run on the accelerator
+          (device_views.views_from_windows), whose time is the step's, not in this figure
   crops[K=V,...]  the crops path with config overrides, one case per --variants entry (default:
           aug.downscale=area; aug.downscale=bilinear), image folder only
   HEAD    the committed input_pipeline/ (git archive of --baseline), as it was before this tree's
@@ -170,26 +174,33 @@ def _cpu_ticks() -> tuple[float, float] | None:
 
 class Meter:
   """Accumulates one stream's batches over interleaved chunks: images, wall and process CPU time,
-  and the CPU that other processes used meanwhile (/proc/stat)."""
+  and the CPU that other processes used meanwhile (/proc/stat).
+
+  Each chunk runs on its own iterator, deleted when the chunk ends: a live tf.data iterator keeps
+  filling its prefetch buffer and parallel map in the background, and that work would be charged
+  to whichever case is timed next (the process's CPU time is shared by all its threads)."""
 
   def __init__(self, ds, batch: int, warmup_batches: int):
-    self.batch = batch
-    self.it = iter(ds)
+    self.ds, self.batch, self.warmup_batches = ds, batch, warmup_batches
+    it = iter(ds)
     start = time.perf_counter()
-    next(self.it)
+    next(it)
     self.first_batch_s = time.perf_counter() - start
-    for _ in range(warmup_batches):
-      next(self.it)
+    del it
     self.images = 0
     self.wall = self.cpu = self.other = 0.0
 
   def run(self, seconds: float, min_batches: int = 1) -> None:
+    it = iter(self.ds)
+    for _ in range(self.warmup_batches):   # untimed: the pipeline reaches its steady state
+      next(it)
     ticks0, cpu0, wall0 = _cpu_ticks(), time.process_time(), time.perf_counter()
     n = 0
     while n < min_batches or time.perf_counter() - wall0 < seconds:
-      next(self.it)
+      next(it)
       n += 1
     wall, cpu, ticks1 = time.perf_counter() - wall0, time.process_time() - cpu0, _cpu_ticks()
+    del it   # its background work stops before the next case is timed
     self.images += n * self.batch
     self.wall += wall
     self.cpu += cpu
@@ -220,7 +231,8 @@ def run_worker(spec: dict) -> None:
   print("RESULT " + json.dumps({"event": "runtime", "impl": impl, "tf": tf.__version__}), flush=True)
   assert os.path.dirname(os.path.abspath(pipeline.__file__)) == os.path.join(
       os.path.abspath(spec["impl_dir"]), "input_pipeline"), pipeline.__file__
-  can_choose = "decode_crops" in inspect.signature(pipeline.train_dataset).parameters
+  params = inspect.signature(pipeline.train_dataset).parameters
+  can_choose, can_window = "decode_crops" in params, "windows" in params
   threads = spec["threads"]
   loaded = {}
 
@@ -274,10 +286,14 @@ def run_worker(spec: dict) -> None:
           row["load_source_s"] = time.perf_counter() - t
         if not can_choose and case["path"] != "whole":
           raise ValueError(f"{impl} has no crop-decoding path")
+        if case["path"] == "windows" and not can_window:
+          raise ValueError(f"{impl} has no device-views path")
         for key, value in case.get("overrides", {}).items():
           section, name = key.split(".")
           config[section][name] = value
-        kwargs = {"decode_crops": case["path"].startswith("crops")} if can_choose else {}
+        kwargs = {"decode_crops": case["path"] != "whole"} if can_choose else {}
+        if case["path"] == "windows":
+          kwargs["windows"] = int(config.data.window_size)
         ds = pipeline.train_dataset(loaded[source], config,
                                     pipeline.HostShard(0, 1, spec["batch"]), **kwargs)
         options = tf.data.Options()
@@ -402,14 +418,16 @@ def report(rows: list, meta: dict) -> str:
       f"Data: {meta['data']['files']} generated JPEGs (500x375 and 375x500, quality 90, "
       f"{meta['data']['mean_kb']:.0f} kB on average), {meta['classes']} class folders. "
       f"Batch {meta['batch']}; tf.data thread pool {meta['threads']} threads "
-      f"(per core = images/s / {meta['cores']}); {meta['warmup_batches']} warm-up batches, then "
+      f"(per core = images/s / {meta['cores']}); {meta['warmup_batches']} untimed warm-up batches per chunk, each chunk on a fresh iterator (no background work carried into another case), then "
       f">= {meta['seconds']} s per case and round, the paths of a recipe in {meta['chunks']} "
       f"alternating chunks; {meta['rounds']} round(s), this tree's and HEAD's processes "
       f"alternating.", "",
       "Paths: `crops` = JPEGs decode only the window holding the views' crops (default); `whole` = "
       "`decode_crops=False`, every image decoded whole (Pillow for image folders) and cropped in "
-      "float; `crops[K=V]` = the crops path with those config overrides (defaults: "
-      "`aug.downscale=antialias`); "
+      "float; `windows` = `data.augment_on=device`: the host's part only (boxes drawn, the "
+      "window holding them decoded and padded to `data.window_size`), the views' crop-resize, "
+      "flip and colours are then the accelerator's; `crops[K=V]` = the crops path with those "
+      "config overrides (defaults: `aug.downscale=antialias`); "
       "`HEAD whole` / `HEAD crops` = those paths of the committed input_pipeline/ (--baseline); "
       "`vs HEAD` compares a path with HEAD's same path (variants with HEAD's crops). TFDS rows read a TFDS dataset of the same files, auto-cache off (every "
       "epoch decodes again, as on ImageNet). `other cores` = CPU used by other processes during the case: when it is "
@@ -506,17 +524,17 @@ def main(argv=None):
           f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     tfds_dir = "" if args.no_tfds else os.path.join(tmp, "tfds")
     common = dict(image_root=image_root, tfds_dir=tfds_dir, threads=args.threads, batch=batch,
-                  warmup_batches=1 if quick else 4, seconds=seconds,
+                  warmup_batches=1 if quick else 2, seconds=seconds,
                   min_batches=2 if quick else 10, chunks=2 if quick else 5)
     current = [{"recipe": r, "source": "image_folder", "path": p}
-               for r in recipes for p in ("whole", "crops")]
+               for r in recipes for p in ("whole", "crops", "windows")]
     current += [{"recipe": r, "source": "image_folder", "overrides": v,
                  "path": "crops[" + ",".join(f"{k}={x}" for k, x in v.items()) + "]"}
                 for r in (recipes[:1] if quick else recipes) for v in variants]
     tfds_recipes = recipes[:1] if quick else recipes
     if tfds_dir:
       current += [{"recipe": r, "source": "tfds", "path": p}
-                  for r in tfds_recipes for p in ("whole", "crops")]
+                  for r in tfds_recipes for p in ("whole", "crops", "windows")]
     head_dir = None if args.baseline == "none" else head_tree(args.baseline,
                                                               os.path.join(tmp, "head"))
     head_recipes = recipes[:1] if quick else recipes

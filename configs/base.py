@@ -158,9 +158,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.mean = (0.286, 0.286, 0.286)   # Fashion-MNIST pixel statistics after padding
   c.data.std = (0.353, 0.353, 0.353)
   c.data.prefetch = 4
-  # Where the training views are made: 'host' (tf.data, every source) or 'device' (JAX, on the
-  # accelerator; in-memory sources, i.e. fashion_mnist): input_pipeline/streams.py.
+  # Where the training views are made: 'host' (tf.data) or 'device' (JAX, on the accelerator; on
+  # a file source the host still decodes each image's crop window): input_pipeline/streams.py.
   c.data.augment_on = "host"
+  # augment_on='device', file sources: side (px) of the fixed-size window each image's crops are
+  # sent in; a window larger than this is shrunk to fit on the host (views.make_windows).
+  c.data.window_size = 512
 
   # Two-view recipe for grey images: the augmentation keys and their meaning are recipes.defaults'
   # (one home); the colour ops (saturation, hue, greyscale, blur, solarise) are off here.

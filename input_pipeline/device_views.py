@@ -1,11 +1,14 @@
 """The view recipes in JAX, on the accelerator: a batch of uint8 images + keys -> the augmented views.
 
 The same recipes (`config.aug`) and the same distributions as the tf.data views (views.py,
-augment.py), computed for a whole batch at once on the device that trains, with no TensorFlow:
-for in-memory datasets (`data.augment_on='device'`), where the host would otherwise have to keep up
-with a fast accelerator, and on machines without TensorFlow. The draws come from jax.random, so a
-seed gives other views than on the host; what is drawn, and how a draw becomes pixels, is the
-host's (tests/test_device_views.py compares the two, op by op and in distribution).
+augment.py), computed for a whole batch at once on the device that trains (`data.augment_on='device'`), where
+the host would otherwise have to keep up with a fast accelerator. In-memory datasets (make_views)
+need no TensorFlow at all: the images are on the device, every draw is made here. File sources
+(views_from_windows): the host draws each view's crop box and decodes the one window of the image
+holding them (views.make_windows), and the rest is made here from those boxes. The draws come from
+jax.random, so a seed gives other views than on the host; what is drawn, and how a draw becomes
+pixels, is the host's (tests/test_device_views.py compares the two, op by op and in distribution;
+tests/test_window_views.py the views from windows with the host's).
 
 Per view: random resized crop (TF's `sample_distorted_bounding_box` sampler, reproduced; crop and
 resize as two matmuls with per-box weights, antialiased when shrinking: the values of
@@ -280,9 +283,25 @@ def augment_view(image, key, size: int, aug, *, crop_scale, blur_p: float, solar
   Returns:
     uint8 [size, size, 3].
   """
-  k_crop, k_flip, k_jitter, k_grey, k_blur, k_solar = jax.random.split(key, 6)
+  k_crop = jax.random.split(key, 6)[0]
   box = sample_crop_box(k_crop, image.shape[0], image.shape[1], tuple(crop_scale),
                         tuple(aug.crop_ratio))
+  return view_of_box(image, box, key, size, aug, blur_p=blur_p, solarize_p=solarize_p)
+
+
+def view_of_box(image, box, key, size: int, aug, *, blur_p: float, solarize_p: float):
+  """One view from a given crop box: crop-resize, flip, colour jitter, greyscale, blur, solarise.
+
+  Args:
+    image: uint8 [H, W, C], C = 1 or 3.
+    box: (top, left, height, width) [4], int32 or float32 (a box scaled with its window), in
+      pixels of `image`.
+    key: a jax.random key (augment_view's: its first split is the crop's and is not used here).
+    size, aug, blur_p, solarize_p: as augment_view.
+  Returns:
+    uint8 [size, size, 3].
+  """
+  _, k_flip, k_jitter, k_grey, k_blur, k_solar = jax.random.split(key, 6)
   x = crop_resize(image, box, size, aug.downscale) / 255.0
   if aug.flip:
     x = jnp.where(jax.random.uniform(k_flip) < 0.5, x[:, ::-1], x)
@@ -322,6 +341,28 @@ def split_positions(positions) -> np.ndarray:
   return np.stack([positions >> 32, positions & 0xFFFFFFFF], axis=-1).astype(np.uint32)
 
 
+def _per_view(key, size: int, aug) -> list:
+  """(key, side px, crop scale, blur_p, solarize_p) of each view of an example: the two global
+  views (keys split from the example's), then the local crops (keys folded in apart from them)."""
+  global_keys = jax.random.split(key, 2)
+  views = [(global_keys[i], size, aug.crop_scale, float(aug.blur_p[i]), float(aug.solarize_p[i]))
+           for i in range(2)]
+  return views + [(jax.random.fold_in(key, rng_streams.LOCAL_CROP + j), int(aug.local_size),
+                   aug.local_crop_scale, float(aug.local_blur_p), 0.0)
+                  for j in range(int(aug.local_crops))]
+
+
+def _views_dict(views: list, aug, local_used) -> dict:
+  out = {"views": tuple(views[:2])}
+  if aug.local_crops:
+    local = views[2:]
+    if local_used is not None:
+      local = [jnp.where(jnp.reshape(j < local_used, (-1, 1, 1, 1)), v, jnp.zeros_like(v))
+               for j, v in enumerate(local)]
+    out["local_views"] = tuple(local)
+  return out
+
+
 def make_views(images, keys, size: int, aug, local_used=None) -> dict:
   """All the views of a batch for the recipe `aug` (views.make_views' contract, batched).
 
@@ -330,27 +371,42 @@ def make_views(images, keys, size: int, aug, local_used=None) -> dict:
     keys: jax.random keys [B], one per example (view_keys).
     size: the global views' side, px.
     aug: the recipe (config.aug).
-    local_used: None (every local crop), or an int32 scalar: local crops from that index on are
-      zeros (a 'crops<N>' stage; the made crops are unchanged).
+    local_used: None (every local crop), or int32, a scalar or [B]: local crops from that index on
+      are zeros (a 'crops<N>' stage; the made crops are unchanged).
   Returns:
     {'views': two uint8 [B, size, size, 3]} plus {'local_views': aug.local_crops uint8
     [B, aug.local_size, aug.local_size, 3]} when the recipe has local crops.
   """
   def one(image, key):
-    global_keys = jax.random.split(key, 2)
-    views = [augment_view(image, global_keys[i], size, aug, crop_scale=aug.crop_scale,
-                          blur_p=float(aug.blur_p[i]), solarize_p=float(aug.solarize_p[i]))
-             for i in range(2)]
-    local = [augment_view(image, jax.random.fold_in(key, rng_streams.LOCAL_CROP + j),
-                          int(aug.local_size), aug, crop_scale=aug.local_crop_scale,
-                          blur_p=float(aug.local_blur_p), solarize_p=0.0)
-             for j in range(int(aug.local_crops))]
-    return views, local
+    return [augment_view(image, k, side, aug, crop_scale=scale, blur_p=blur, solarize_p=solar)
+            for k, side, scale, blur, solar in _per_view(key, size, aug)]
 
-  views, local = jax.vmap(one)(images, keys)
-  out = {"views": tuple(views)}
-  if aug.local_crops:
-    if local_used is not None:
-      local = [jnp.where(j < local_used, v, jnp.zeros_like(v)) for j, v in enumerate(local)]
-    out["local_views"] = tuple(local)
-  return out
+  return _views_dict(jax.vmap(one)(images, keys), aug, local_used)
+
+
+def views_from_windows(windows, boxes, keys, size: int, aug, local_used=None) -> dict:
+  """The device's half of device-made views from a file source: each view cropped from its
+  example's window at the box the host drew (views.make_windows), resized, flipped and coloured
+  here (view_of_box). The crop boxes are the host's, so the crop statistics are the host path's;
+  the flips and colours are this module's draws of the same distributions.
+
+  Args:
+    windows: uint8 [B, W, W, 3], make_windows' windows.
+    boxes: float32 [B, V, 4] (top, left, height, width) in window pixels, V = 2 +
+      aug.local_crops, the global views' first.
+    keys: jax.random keys [B] (view_keys of the examples' stream positions and hosts).
+    size, aug, local_used: as make_views.
+  Returns:
+    make_views' dict.
+  Raises:
+    ValueError: boxes' V is not 2 + aug.local_crops.
+  """
+  if boxes.shape[1] != 2 + int(aug.local_crops):
+    raise ValueError(f"{boxes.shape[1]} boxes per example for a recipe with "
+                     f"{2 + int(aug.local_crops)} views")
+
+  def one(window, example_boxes, key):
+    return [view_of_box(window, example_boxes[v], k, side, aug, blur_p=blur, solarize_p=solar)
+            for v, (k, side, _, blur, solar) in enumerate(_per_view(key, size, aug))]
+
+  return _views_dict(jax.vmap(one)(windows, boxes, keys), aug, local_used)

@@ -288,13 +288,14 @@ def _indexed_images(source, start: int, end: int):
   return lambda index: tf.cast(tf.gather(table, index), tf.float32) / 255.0
 
 
-def _indexed_views(source, start: int, end: int, config, host: int, crops_used=None):
-  """(global position, index into this host's rows) -> make_views of that image: JPEGs marked in
-  ImageFiles.jpeg / jpeg_routes as their bytes (the views decode their window), everything else
-  decoded whole, as uint8."""
+def _indexed_views(source, start: int, end: int, config, host: int, crops_used=None,
+                   windows: int = 0):
+  """(global position, index into this host's rows) -> make_views (or make_windows) of that image:
+  JPEGs marked in ImageFiles.jpeg / jpeg_routes as their bytes (the views decode their window),
+  everything else decoded whole, as uint8."""
 
   def views_of(image, position):
-    return _example_views(image, position, config, host, crops_used)
+    return _example_views(image, position, config, host, crops_used, windows)
 
   if isinstance(source, sources.InMemory):
     table = tf.constant(source.images[start:end])
@@ -321,7 +322,7 @@ def _indexed_views(source, start: int, end: int, config, host: int, crops_used=N
 
 
 def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
-                  decode_crops: bool = True, local_crops_by_step=None):
+                  decode_crops: bool = True, local_crops_by_step=None, windows: int = 0):
   """The training stream of one host from `start_step`, batched and prefetched.
 
   Args:
@@ -341,9 +342,15 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
       ((end_step, n), ...) in step order: examples of steps before end_step get only their first
       n local crops made, the rest zeros (step_plan.local_crops_by_step: the stages that train on
       'crops<N>'); steps past the last end_step get the last n. The made crops are unchanged.
+    windows: 0: the views are made here. > 0: only the crop windows are (views.make_windows,
+      window side `windows` px), for the accelerator to make the views from
+      (device_views.views_from_windows; data.augment_on='device' on a file source).
   Returns:
     tf.data.Dataset of {"views": (view0, view1)} uint8 [b, S, S, 3], plus "local_views" (uint8
     [b, L, L, 3] each) for multi-crop recipes; b = shard.local_batch, S = model.image_size.
+    With `windows`: {"window": uint8 [b, windows, windows, 3], "boxes": float32 [b, V, 4],
+    "position": uint32 [b, 2] (the stream position's high and low words), "host": int32 [b],
+    "local_used": int32 [b] (local crops the example's step uses)}, V = 2 + aug.local_crops.
   Raises:
     UserError: the batch does not split over the processes, or exceeds the training set.
   """
@@ -358,7 +365,8 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
     raise UserError(f"batch_size={shard.global_batch} is larger than the {num_examples} "
                     f"training images; lower batch_size")
   if isinstance(source, sources.TfdsSplit):
-    return _tfds_train_dataset(source, config, shard, start_step, decode_crops, crops_used)
+    return _tfds_train_dataset(source, config, shard, start_step, decode_crops, crops_used,
+                               windows)
   start, end = shard.shard_bounds(num_examples)
   shard_size = end - start
   first = start_step * shard.local_batch
@@ -374,13 +382,13 @@ def train_dataset(source, config, shard: HostShard, start_step: int = 0, *,
 
   ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch_examples).skip(offset)
   if decode_crops:   # read, decode and augment in one step: bytes (or uint8) reach the views
-    ds = ds.map(_indexed_views(source, start, end, config, host, crops_used),
+    ds = ds.map(_indexed_views(source, start, end, config, host, crops_used, windows),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batched(ds, config, shard)
+    return _batched(ds, config, shard, windows)
   load_image = _indexed_images(source, start, end)
   ds = ds.map(lambda position, index: (position, load_image(index)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _views_and_batches(ds, config, shard, crops_used)
+  return _views_and_batches(ds, config, shard, crops_used, windows)
 
 
 def _view_seed(config, position, host: int):
@@ -401,26 +409,42 @@ def _crops_used(local_crops_by_step, local_batch: int):
   return used
 
 
-def _example_views(image, position, config, host: int, crops_used=None):
-  """make_views of one example at its stream position (its seed, and its step's local crops)."""
-  return views_lib.make_views(image, _view_seed(config, position, host),
-                              int(config.model.image_size), config.aug,
-                              None if crops_used is None else crops_used(position))
+def _example_views(image, position, config, host: int, crops_used=None, windows: int = 0):
+  """make_views of one example at its stream position (its seed, and its step's local crops); with
+  `windows`, make_windows plus what the device needs to finish the views (train_dataset)."""
+  seed, size = _view_seed(config, position, host), int(config.model.image_size)
+  if not windows:
+    return views_lib.make_views(image, seed, size, config.aug,
+                                None if crops_used is None else crops_used(position))
+  out = views_lib.make_windows(image, seed, size, config.aug, windows)
+  out["position"] = tf.cast(tf.stack([tf.bitwise.right_shift(position, 32),
+                                      tf.bitwise.bitwise_and(position, 0xFFFFFFFF)]), tf.uint32)
+  out["host"] = tf.constant(host, tf.int32)
+  out["local_used"] = (tf.constant(int(config.aug.local_crops), tf.int32) if crops_used is None
+                       else crops_used(position))
+  return out
 
 
-def _views_and_batches(ds, config, shard: HostShard, crops_used=None):
+def _views_and_batches(ds, config, shard: HostShard, crops_used=None, windows: int = 0):
   """(global position, decoded image) elements -> augmented views, batched and prefetched."""
   host = shard.process_index
-  ds = ds.map(lambda position, image: _example_views(image, position, config, host, crops_used),
+  ds = ds.map(lambda position, image: _example_views(image, position, config, host, crops_used,
+                                                     windows),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _batched(ds, config, shard)
+  return _batched(ds, config, shard, windows)
 
 
-def _batched(ds, config, shard: HostShard):
+def _batched(ds, config, shard: HostShard, windows: int = 0):
   """View dicts -> local batches, in order, prefetched (data.prefetch batches: a batch of 4096
   pairs of 224 px views is 1.2 GB, so not AUTOTUNE). Each map runs its ops on one thread: the
-  parallelism is across examples (num_parallel_calls=AUTOTUNE)."""
-  ds = ds.batch(shard.local_batch, drop_remainder=True)
+  parallelism is across examples (num_parallel_calls=AUTOTUNE). With `windows`, each crop window
+  is padded to windows x windows as it is copied into the batch."""
+  if windows:
+    shapes = {k: [windows, windows, 3] if k == "window" else spec.shape
+              for k, spec in ds.element_spec.items()}
+    ds = ds.padded_batch(shard.local_batch, padded_shapes=shapes, drop_remainder=True)
+  else:
+    ds = ds.batch(shard.local_batch, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
@@ -437,18 +461,20 @@ def _tfds_builder(source: sources.TfdsSplit):
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _encoded_views(data, channels: int, position, config, host: int, crops_used=None):
+def _encoded_views(data, channels: int, position, config, host: int, crops_used=None,
+                   windows: int = 0):
   """make_views of one encoded TFDS image: a JPEG (magic bytes FF D8 FF) decodes its views' crop
   windows, anything else (PNG, ...) is decoded whole by tf.io.decode_image, as TFDS would."""
   return tf.cond(
       tf.equal(tf.strings.substr(data, 0, 3), JPEG_MAGIC),
-      lambda: _example_views(views_lib.jpeg(data, channels), position, config, host, crops_used),
+      lambda: _example_views(views_lib.jpeg(data, channels), position, config, host, crops_used,
+                             windows),
       lambda: _example_views(tf.io.decode_image(data, channels=channels, expand_animations=False),
-                             position, config, host, crops_used))
+                             position, config, host, crops_used, windows))
 
 
 def _tfds_train_dataset(source: sources.TfdsSplit, config, shard: HostShard, start_step: int,
-                        decode_crops: bool = True, crops_used=None):
+                        decode_crops: bool = True, crops_used=None, windows: int = 0):
   """train_dataset for a TFDS split: this host's even split, files and buffer shuffled by (seed,
   start_step); with decode_crops, the images stay encoded through the shuffle and each example's
   views decode only their crop window (JPEG) or the whole image (anything else)."""
@@ -472,13 +498,13 @@ def _tfds_train_dataset(source: sources.TfdsSplit, config, shard: HostShard, sta
   ds = ds.repeat().shuffle(int(config.data.shuffle_buffer), seed=shuffle_seed)
   ds = ds.enumerate(start=start_step * shard.local_batch)
   if not encoded:
-    return _views_and_batches(ds, config, shard, crops_used)
+    return _views_and_batches(ds, config, shard, crops_used, windows)
   channels = feature.shape[-1] or 3
   host = shard.process_index
   ds = ds.map(lambda position, data: _encoded_views(data, channels, position, config, host,
-                                                    crops_used),
+                                                    crops_used, windows),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _batched(ds, config, shard)
+  return _batched(ds, config, shard, windows)
 
 
 def eval_view(image, size: int):

@@ -4,12 +4,16 @@
 online scheduler. Where the views are made is `data.augment_on`:
   'host'    tf.data on the host CPUs (pipeline.train_dataset: every source, JPEGs decoded crop window
             only), each process's local batch then placed on its devices (sharding.host_to_global).
-  'device'  in-memory sources only: the uint8 training images are held once on every device and
-            each step's views are made there (device_views.make_views, jitted, sharded like the batch),
-            so the host only computes indices. For small datasets on fast accelerators, whose host
-            would otherwise feed the step too slowly, and for machines without TensorFlow.
+  'device'  the views are made on the accelerator (device_views, jitted, sharded like the batch).
+            In-memory sources: the uint8 training images are held once on every device, so the
+            host only computes indices (DeviceStream; no TensorFlow needed). File sources (image
+            folders, TFDS): the host draws every view's crop box and decodes the one window of
+            the image holding them (views.make_windows, tf.data), the device crops, resizes and
+            colours (device_views.views_from_windows): decoding is all the host does, so a host
+            whose cores cannot resize and colour as fast as the accelerator trains still keeps up.
 Both replay the same stream on resume (a position's views depend on (seed, position, host) only);
-the two are different draws of the same distributions (tests/test_device_views.py).
+host and device views are different draws of the same distributions (tests/test_device_views.py;
+from windows, the crop boxes are the host's own draws).
 """
 from __future__ import annotations
 
@@ -38,13 +42,35 @@ def global_batches(source, config, shard, mesh, start_step: int = 0, local_crops
   Raises:
     UserError: as pipeline.train_dataset.
   """
-  if config.data.augment_on == "device":
-    return DeviceStream(sources.as_source(source), config, shard, mesh, start_step,
-                        local_crops_by_step)
+  source = sources.as_source(source)
+  on_device = config.data.augment_on == "device"
+  if on_device and isinstance(source, sources.InMemory):
+    return DeviceStream(source, config, shard, mesh, start_step, local_crops_by_step)
   from input_pipeline import pipeline  # TensorFlow: only the host path needs it
-  batches = pipeline.train_dataset(source, config, shard, start_step,
+  windows = int(config.data.window_size) if on_device else 0
+  batches = pipeline.train_dataset(source, config, shard, start_step, windows=windows,
                                    local_crops_by_step=local_crops_by_step).as_numpy_iterator()
-  return (sharding_lib.host_to_global(batch, mesh) for batch in batches)
+  global_batches_ = (sharding_lib.host_to_global(batch, mesh) for batch in batches)
+  if not windows:
+    return global_batches_
+  views = _window_views(config, sharding_lib.batch_sharding(mesh))
+  return (views(b["window"], b["boxes"], b["position"], b["host"], b["local_used"])
+          for b in global_batches_)
+
+
+def _window_views(config, rows):
+  """The jitted device half of views from windows (device_views.views_from_windows), one per
+  (config, sharding) in a process: (windows, boxes, positions, hosts, local crops used), as
+  pipeline.train_dataset(windows=...) yields them, globally -> make_views' dict, sharded as
+  `rows`."""
+  seed, size, aug = int(config.seed), int(config.model.image_size), config.aug
+  key = ("windows", seed, size, aug.to_json(), rows)
+  if key not in _VIEW_FNS:
+    def views(windows, boxes, positions, hosts, local_used):
+      keys = device_views.view_keys(seed, positions, hosts)
+      return device_views.views_from_windows(windows, boxes, keys, size, aug, local_used)
+    _VIEW_FNS[key] = jax.jit(views, out_shardings=rows)
+  return _VIEW_FNS[key]
 
 
 # Reused by every stream of a process (the trainer's, each gradient-error or online measurement's):

@@ -53,24 +53,35 @@ def _spec(seed, size, crop_scale, blur_p, solarize_p) -> _ViewSpec:
                    float(blur_p), float(solarize_p))
 
 
-def _crops(image, specs, aug) -> list:
-  """Each view's random crop, at the crop's own size (uint8, or the image's dtype). A Jpeg is
-  decoded once, over the smallest window holding every view's box (rows below it and columns
-  beside it are never decoded); each view then slices its box out of that window."""
+def _boxes(image, specs, aug) -> list:
+  """Each view's crop box (augment.sample_crop_box from the view's crop seed), in image pixels."""
   ratio = tuple(aug.crop_ratio)
   shape = image.shape if isinstance(image, Jpeg) else tf.shape(image)
-  boxes = [augment.sample_crop_box(shape, spec.seeds[0], spec.crop_scale, ratio)
-           for spec in specs]
-  if not isinstance(image, Jpeg):
-    return [augment.crop_image(image, box) for box in boxes]
+  return [augment.sample_crop_box(shape, spec.seeds[0], spec.crop_scale, ratio) for spec in specs]
+
+
+def _window(image, boxes):
+  """(the smallest window of `image` holding every box, the boxes relative to it). A Jpeg decodes
+  only that window (rows below it and columns beside it are never decoded)."""
   top = tf.reduce_min([b.y for b in boxes])
   left = tf.reduce_min([b.x for b in boxes])
   bottom = tf.reduce_max([b.y + b.height for b in boxes])
   right = tf.reduce_max([b.x + b.width for b in boxes])
-  window = augment.decode_jpeg_crop(
-      image.data, augment.CropBox(top, left, bottom - top, right - left), image.channels)
-  return [augment.crop_image(window, augment.CropBox(b.y - top, b.x - left, b.height, b.width))
-          for b in boxes]
+  box = augment.CropBox(top, left, bottom - top, right - left)
+  window = (augment.decode_jpeg_crop(image.data, box, image.channels) if isinstance(image, Jpeg)
+            else augment.crop_image(image, box))
+  return window, [augment.CropBox(b.y - top, b.x - left, b.height, b.width) for b in boxes]
+
+
+def _crops(image, specs, aug) -> list:
+  """Each view's random crop, at the crop's own size (uint8, or the image's dtype). A Jpeg is
+  decoded once, over the smallest window holding every view's box; each view then slices its box
+  out of that window."""
+  boxes = _boxes(image, specs, aug)
+  if not isinstance(image, Jpeg):
+    return [augment.crop_image(image, box) for box in boxes]
+  window, inside = _window(image, boxes)
+  return [augment.crop_image(window, box) for box in inside]
 
 
 def _finish_view(crop, spec: _ViewSpec, aug):
@@ -176,3 +187,51 @@ def make_views(image, seed, size: int, aug, local_used=None) -> dict:
   if aug.local_crops:
     out["local_views"] = tuple(views[2:])
   return out
+
+
+def make_windows(image, seed, size: int, aug, window_size: int) -> dict:
+  """The host's half of device-made views (data.augment_on='device' on a file source): every view's
+  crop box drawn exactly as make_views draws it (same sampler, same seeds: the same crop
+  statistics), and the one window of the image holding them all, decoded once; the accelerator
+  then crops, resizes, flips and colours (device_views.views_from_windows). Decoding is all that
+  is left to the host.
+
+  The window is at most window_size px along each side; the batch pads it to window_size x
+  window_size (pipeline.train_dataset: padding while batching is one copy, a tf.pad here would be
+  another), and the device's resize weights cover each box's pixels only, so the padding never
+  reaches a view. A window larger than window_size along a side (images over window_size px,
+  crops spanning most of them) is first shrunk on the host to fit (antialiased bilinear, aspect
+  kept) and its boxes scaled with it: those views are resized twice, nearly but not exactly the
+  values of one resize.
+
+  Args:
+    image: as make_views (float32 [H, W, C] in [0, 1], uint8 [H, W, C], or a Jpeg); C = 1 or 3.
+    seed: int [2], the example's view seed.
+    size: global view side, px.
+    aug: the recipe (config.aug).
+    window_size: the window's side, px (config.data.window_size).
+  Returns:
+    {'window': uint8 [h, w, 3], h, w <= window_size, 'boxes': float32 [2 + aug.local_crops, 4]
+    (top, left, height, width) in window pixels, the global views' first, then the local crops'}.
+  """
+  specs = _global_specs(seed, size, aug) + _local_specs(seed, aug)
+  window, boxes = _window(image, _boxes(image, specs, aug))
+  if window.dtype != tf.uint8:
+    window = augment.to_uint8(window)
+  if window.shape[-1] == 1:
+    window = tf.tile(window, [1, 1, 3])
+  boxes = tf.cast(tf.stack([tf.stack(list(b)) for b in boxes]), tf.float32)
+  hw = tf.shape(window)[:2]
+  scale = tf.minimum(1.0, window_size / tf.cast(tf.reduce_max(hw), tf.float32))
+
+  def shrink():
+    new_hw = tf.maximum(1, tf.minimum(window_size, tf.cast(
+        tf.round(tf.cast(hw, tf.float32) * scale), tf.int32)))
+    small = tf.image.resize(window[None], new_hw, method="bilinear", antialias=True)[0]
+    factors = tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32)
+    return (tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8),
+            boxes * tf.concat([factors, factors], 0))
+
+  window, boxes = tf.cond(scale < 1.0, shrink, lambda: (window, boxes))
+  window.set_shape([None, None, 3])
+  return {"window": window, "boxes": boxes}

@@ -40,18 +40,15 @@ def validate_config(config) -> None:
     if local <= 0 or local % m.patch_size or local > m.image_size:
       raise UserError(f"aug.local_size={local} must be a positive multiple of model.patch_size="
                       f"{m.patch_size} and at most model.image_size={m.image_size}")
-  if config.data.augment_on == "device":
-    if config.data.source != "fashion_mnist":
-      raise UserError(f"data.augment_on='device' holds the training images in accelerator memory: "
-                      f"in-memory sources only (fashion_mnist), not data.source="
-                      f"{config.data.source!r}; use data.augment_on='host'")
-    if config.aug.downscale == "area":
-      raise UserError("aug.downscale='area' is made on the host only; with "
-                      "data.augment_on='device' use 'antialias' or 'bilinear'")
-  elif not tf_runtime.available():
-    raise UserError("TensorFlow is not importable here, and the host input pipeline "
-                    "(data.augment_on='host', tf.data) needs it: run ./setup.sh, or train an "
-                    "in-memory source (fashion_mnist) with --config.data.augment_on=device")
+  in_memory = config.data.source == "fashion_mnist"
+  if config.data.augment_on == "device" and config.aug.downscale == "area":
+    raise UserError("aug.downscale='area' is made on the host only; with "
+                    "data.augment_on='device' use 'antialias' or 'bilinear'")
+  if not (in_memory and config.data.augment_on == "device") and not tf_runtime.available():
+    raise UserError("TensorFlow is not importable here, and the host input pipeline (tf.data: "
+                    "every view on a file source, and decoding with data.augment_on='device') "
+                    "needs it: run ./setup.sh, or train an in-memory source (fashion_mnist) with "
+                    "--config.data.augment_on=device")
   if config.budget <= 0 and config.budget_epochs <= 0:
     raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
   specs = {key: step_plan.candidates(config, key)

@@ -242,6 +242,7 @@ DOMAINS = {
     "data.std": Each(POSITIVE, 3),
     "data.prefetch": Number(0, integer=True, also=(-1,)),   # -1 = tf.data AUTOTUNE
     "data.augment_on": Choice(("host", "device")),           # input_pipeline/streams.py
+    "data.window_size": Number(16, integer=True),           # input_pipeline/views.make_windows
     # augmentation
     "aug.crop_scale": RANGE_01,
     "aug.crop_ratio": Each(POSITIVE, 2, ordered=True),
