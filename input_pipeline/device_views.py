@@ -88,17 +88,21 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 
 
 
 def _resize_weights(start, length, in_size: int, out_size: int, antialias: bool):
-  """[in_size, out_size] weights taking pixels [start, start + length) of one axis to out_size
+  """[in_size, out_size] weights taking the span [start, start + length) of one axis to out_size
   samples: the triangle (bilinear) filter at half-pixel centres, widened by the shrink factor
-  when `antialias` and shrinking, each column renormalised over the pixels inside the span (as
-  TensorFlow's scale-and-translate resize of the cropped span: nothing outside it contributes)."""
+  when `antialias` and shrinking, each column renormalised over the pixels whose centre lies
+  inside the span (as TensorFlow's scale-and-translate resize of the cropped span: nothing outside
+  it contributes). start and length may be fractional (a box scaled with its window); for
+  integers the pixels are exactly start .. start + length - 1."""
   length = length.astype(jnp.float32)
   inv_scale = length / out_size
   width = jnp.maximum(inv_scale, 1.0) if antialias else 1.0
   centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * inv_scale - 0.5   # in the span
   pixel = jnp.arange(in_size, dtype=jnp.float32) - start.astype(jnp.float32)
   weights = jnp.maximum(0.0, 1.0 - jnp.abs(centre[None, :] - pixel[:, None]) / width)
-  weights = jnp.where(((pixel >= 0) & (pixel < length))[:, None], weights, 0.0)
+  # Pixel centres (pixel + 0.5) inside [0, length): for a fractional span, a pixel it covers less
+  # than half of (or a float end an ulp past the window, into its zero padding) is left out.
+  weights = jnp.where(((pixel >= -0.5) & (pixel < length - 0.5))[:, None], weights, 0.0)
   return weights / jnp.maximum(weights.sum(0, keepdims=True), 1e-12)
 
 
@@ -108,13 +112,14 @@ def crop_resize(image, box, size: int, downscale: str = "antialias"):
   Bilinear (triangle filter) with half-pixel centres, over the box's pixels only; along a side
   that shrinks, with downscale='antialias' the filter is widened by the shrink factor, as
   `tf.image.resize(crop, ..., antialias=True)` and PIL; with 'bilinear' it is not (big_vision's
-  inception crop). The same values as augment.resize_crop of augment.crop_image, up to float
-  rounding, computed as two matmuls with per-box weight matrices (the box's size is data, so no
-  dynamic slice).
+  inception crop). For an integer box the same values as augment.resize_crop of
+  augment.crop_image, up to float rounding, computed as two matmuls with per-box weight matrices
+  (the box's size is data, so no dynamic slice); a fractional box (scaled with its window,
+  views.make_windows) takes the pixels whose centres it covers.
 
   Args:
     image: [H, W, C], any real dtype.
-    box: int32 [4] (top, left, height, width), as sample_crop_box.
+    box: [4] (top, left, height, width), int32 as sample_crop_box, or float32.
     size: the view's side, px (static).
     downscale: 'antialias' or 'bilinear' (aug.downscale; its 'area' filter is the host's only).
   Raises:

@@ -198,11 +198,14 @@ def make_windows(image, seed, size: int, aug, window_size: int) -> dict:
 
   The window is at most window_size px along each side; the batch pads it to window_size x
   window_size (pipeline.train_dataset: padding while batching is one copy, a tf.pad here would be
-  another), and the device's resize weights cover each box's pixels only, so the padding never
-  reaches a view. A window larger than window_size along a side (images over window_size px,
-  crops spanning most of them) is first shrunk on the host to fit (antialiased bilinear, aspect
-  kept) and its boxes scaled with it: those views are resized twice, nearly but not exactly the
-  values of one resize.
+  another), and the device's resize weights cover only the pixels whose centres a box covers, so
+  the padding never reaches a view. A window larger than window_size along a side (images over
+  window_size px, crops spanning most of them) is first shrunk on the host to fit (antialiased
+  bilinear, whatever aug.downscale says; aspect kept) and its boxes scaled with it (ends clipped
+  to the shrunk window): those views are resized twice, and a crop that the shrink takes below
+  the view's size loses resolution (a 4000 px photo's window at 512 px: a quarter-side crop
+  arrives at ~128 px and is enlarged to 224). Pick window_size for the data: at least the
+  largest image side where that is affordable (ImageNet's images are mostly <= 500 px).
 
   Args:
     image: as make_views (float32 [H, W, C] in [0, 1], uint8 [H, W, C], or a Jpeg); C = 1 or 3.
@@ -229,8 +232,12 @@ def make_windows(image, seed, size: int, aug, window_size: int) -> dict:
         tf.round(tf.cast(hw, tf.float32) * scale), tf.int32)))
     small = tf.image.resize(window[None], new_hw, method="bilinear", antialias=True)[0]
     factors = tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32)
+    scaled = boxes * tf.concat([factors, factors], 0)
+    # Float rounding may put a box's end an ulp past the shrunk window (into the batch's padding).
+    limit = tf.cast(new_hw, tf.float32)
+    ends = tf.minimum(scaled[:, :2] + scaled[:, 2:], limit)
     return (tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8),
-            boxes * tf.concat([factors, factors], 0))
+            tf.concat([scaled[:, :2], ends - scaled[:, :2]], 1))
 
   window, boxes = tf.cond(scale < 1.0, shrink, lambda: (window, boxes))
   window.set_shape([None, None, 3])

@@ -96,6 +96,33 @@ def test_a_window_larger_than_window_size_is_shrunk_with_its_boxes(tmp_path):
     assert diff.mean() < 3.0, diff.mean()     # resized twice: close, not equal
 
 
+@pytest.mark.parametrize("recipe", ["byol_asymmetric", "dino_multicrop"])
+def test_the_padding_of_a_shrunk_window_never_reaches_a_view(tmp_path, recipe):
+  """Flat grey images, windows shrunk to 96 px and padded with zeros: a box whose end lands an
+  ulp past the shrunk window (float scaling) must not pull padding into its edge pixels."""
+  folder = tmp_path / "a"
+  os.makedirs(folder)
+  paths = []
+  for i in range(16):
+    path = str(folder / f"{i}.jpg")
+    with open(path, "wb") as f:
+      f.write(jpeg_bytes(np.full((300, 400, 3) if i % 2 else (400, 300, 3), 200, np.uint8)))
+    paths.append(os.fsencode(path))
+  source = sources.ImageFiles(np.array(paths), np.zeros(16, np.int32), ("a",))
+  config = config_for(recipe, colour=False, flip=False)
+  made = device_views_of(host_batch(source, config, batch=16, windows=96), config)
+  for view in made["views"] + made.get("local_views", ()):
+    assert view.min() >= 198 and view.max() <= 202, (view.min(), view.max())
+
+
+def test_window_size_below_the_view_size_is_refused():
+  from vit_accel.errors import UserError
+  config = config_for(**{"data.augment_on": "device", "data.source": "image_folder",
+                         "data.window_size": 32})
+  with pytest.raises(UserError, match="data.window_size=32 is smaller than the views"):
+    config_checks.validate_config(config)
+
+
 def test_windows_carry_the_stream_positions_host_and_local_crops(tmp_path):
   source = image_files(tmp_path)
   config = config_for("dino_multicrop")

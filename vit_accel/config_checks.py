@@ -44,6 +44,12 @@ def validate_config(config) -> None:
   if config.data.augment_on == "device" and config.aug.downscale == "area":
     raise UserError("aug.downscale='area' is made on the host only; with "
                     "data.augment_on='device' use 'antialias' or 'bilinear'")
+  if (config.data.augment_on == "device" and not in_memory
+      and config.data.window_size < m.image_size):
+    raise UserError(f"data.window_size={config.data.window_size} is smaller than the views "
+                    f"(model.image_size={m.image_size}): every view would be enlarged from a "
+                    f"shrunk window; use at least {m.image_size} (the default 512 keeps images "
+                    f"up to 512 px whole)")
   if not (in_memory and config.data.augment_on == "device") and not tf_runtime.available():
     raise UserError("TensorFlow is not importable here, and the host input pipeline (tf.data: "
                     "every view on a file source, and decoding with data.augment_on='device') "
