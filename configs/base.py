@@ -45,8 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 4.0
   c.model.dtype = "float32"      # backbone compute; "bfloat16" on GPU/TPU (params stay float32)
-  # jax.nn.dot_product_attention's implementation: 'auto' = cuDNN's fused attention on a GPU with a
-  # 16-bit dtype (head dim a multiple of 8, <= 128), XLA's otherwise; or force 'xla' / 'cudnn'.
+  # Attention implementation: 'auto' = cuDNN's fused attention on a GPU with a 16-bit dtype (head dim
+  # a multiple of 8, <= 128), 'heads_major' on a CPU (XLA's, with q/k/v laid out [B, N, T, H] first:
+  # faster there), jax.nn.dot_product_attention's XLA path otherwise; or force 'xla' / 'cudnn' /
+  # 'heads_major'. All compute the same function.
   c.model.attention = "auto"
   c.model.attention_pad_to = 0   # > 1: pad the sequence to a multiple of this (masked; same result)
   # Rematerialisation for large batches: 'block' recomputes each encoder block in the backward pass,

@@ -79,7 +79,7 @@ def _strategy_specs():
   return sorted(specs)
 
 
-def _features(monkeypatch, spec, dtype, reference=False, pad_to=0):
+def _features(monkeypatch, spec, dtype, reference=False, pad_to=0, attention="xla"):
   from vit_accel.compression import Strategy
   from vit_accel.models import vit as vit_module
   if reference:   # flax's own attention: what the backbone used before jax.nn.dot_product_attention
@@ -87,7 +87,7 @@ def _features(monkeypatch, spec, dtype, reference=False, pad_to=0):
     monkeypatch.setattr(vit_module, "dot_product_attention",
                         lambda q, k, v, **_: nn.dot_product_attention(q, k, v, dtype=q.dtype))
   model = VisionTransformer(width=32, depth=2, num_heads=4, patch_size=4, image_size=32,
-                            dtype=dtype, attention="xla", attention_pad_to=pad_to)
+                            dtype=dtype, attention=attention, attention_pad_to=pad_to)
   images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   params = model.init(jax.random.key(1), images)
   strategy = Strategy.parse(spec)
@@ -96,26 +96,29 @@ def _features(monkeypatch, spec, dtype, reference=False, pad_to=0):
   return [np.asarray(o, np.float32) for o in out]
 
 
+@pytest.mark.parametrize("attention", ["xla", "heads_major"])
 @pytest.mark.parametrize("spec", _strategy_specs())
-def test_dot_product_attention_matches_flax_attention_for_every_strategy(monkeypatch, spec):
+def test_dot_product_attention_matches_flax_attention_for_every_strategy(monkeypatch, spec,
+                                                                         attention):
   ref = _features(monkeypatch, spec, jnp.float32, reference=True)
-  ours = _features(monkeypatch, spec, jnp.float32)
+  ours = _features(monkeypatch, spec, jnp.float32, attention=attention)
   for r, o in zip(ref, ours):
     np.testing.assert_allclose(o, r, atol=2e-5, rtol=2e-5)
   # bfloat16: both within bf16 rounding of the float32 result; ours (float32 softmax) no worse.
   flax_bf16 = _features(monkeypatch, spec, jnp.bfloat16, reference=True)
-  ours_bf16 = _features(monkeypatch, spec, jnp.bfloat16)
+  ours_bf16 = _features(monkeypatch, spec, jnp.bfloat16, attention=attention)
   for r, f, o in zip(ref, flax_bf16, ours_bf16):
     err_ours, err_flax = np.max(np.abs(o - r)), np.max(np.abs(f - r))
     assert err_ours < 0.1 * np.max(np.abs(r)), (spec, err_ours)
     assert err_ours <= 1.5 * err_flax + 1e-3, (spec, err_ours, err_flax)
 
 
+@pytest.mark.parametrize("attention", ["xla", "heads_major"])
 @pytest.mark.parametrize("pad_to", [8, 64])
 @pytest.mark.parametrize("spec", ["full", "keep0.25", "patch8"])
-def test_padded_attention_gives_the_same_features(monkeypatch, spec, pad_to):
-  plain = _features(monkeypatch, spec, jnp.float32)
-  padded = _features(monkeypatch, spec, jnp.float32, pad_to=pad_to)
+def test_padded_attention_gives_the_same_features(monkeypatch, spec, pad_to, attention):
+  plain = _features(monkeypatch, spec, jnp.float32, attention=attention)
+  padded = _features(monkeypatch, spec, jnp.float32, pad_to=pad_to, attention=attention)
   for p, q in zip(plain, padded):
     np.testing.assert_allclose(q, p, atol=1e-5, rtol=1e-5)
 
@@ -125,7 +128,9 @@ def test_attention_choice():
   assert attention_implementation("auto", jnp.bfloat16, 64, platform="gpu") == "cudnn"
   assert attention_implementation("auto", jnp.float32, 64, platform="gpu") == "xla"
   assert attention_implementation("auto", jnp.bfloat16, 12, platform="gpu") == "xla"  # not x8
-  assert attention_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
+  assert attention_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "heads_major"
+  assert attention_implementation("auto", jnp.float32, 64, platform="tpu") == "xla"
+  assert attention_implementation("heads_major", jnp.bfloat16, 64, platform="gpu") == "heads_major"
   assert attention_implementation("xla", jnp.bfloat16, 64, platform="gpu") == "xla"
   with pytest.raises(ValueError, match="model.attention"):
     attention_implementation("flash", jnp.bfloat16, 64)
@@ -254,3 +259,22 @@ def test_self_attention_is_flax_multi_head_attention_with_the_same_parameters():
     np.testing.assert_array_equal(u, v)
   y = ours.apply(p_flax, x.reshape(b * t, width), (b, t)).reshape(b, t, width)
   np.testing.assert_allclose(y, flax_mha.apply(p_flax, x, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pad_to", [0, 8])
+def test_heads_major_attention_has_the_xla_paths_values_and_gradients(pad_to):
+  """The CPU default ('heads_major') computes jax.nn.dot_product_attention's function: outputs and
+  the gradients of q, k and v, float32 (padded keys masked out when pad_to > 1)."""
+  from vit_accel.models.vit import dot_product_attention
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, 13, 4, 8)) for i in range(3))
+  weights = jax.random.normal(jax.random.key(3), (3, 13, 4, 8))
+
+  def loss(implementation, pad):
+    return lambda a, b, c: jnp.sum(weights * dot_product_attention(
+      a, b, c, implementation=implementation, pad_to=pad))
+  ref_value, ref_grads = jax.value_and_grad(loss("xla", 0), argnums=(0, 1, 2))(q, k, v)
+  value, grads = jax.jit(jax.value_and_grad(loss("heads_major", pad_to), argnums=(0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+  assert float(jnp.max(jnp.abs(ref_grads[1]))) > 1e-3   # gradients are not trivially zero

@@ -158,7 +158,7 @@ DOMAINS = {
     "model.num_heads": COUNT,
     "model.mlp_ratio": POSITIVE,
     "model.dtype": Choice(("float32", "bfloat16")),
-    "model.attention": Choice(("auto", "xla", "cudnn")),
+    "model.attention": Choice(("auto", "xla", "cudnn", "heads_major")),
     "model.attention_pad_to": NON_NEGATIVE_INT,
     "model.remat": Choice(("none", "block", "dots")),
     # objectives
