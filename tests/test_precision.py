@@ -25,12 +25,13 @@ BACKBONE = ("/backbone/",)
 HEADS = ("/projector/", "/predictor/", "/head/")
 
 
-def lowered_ops(objective: str, schedule: str):
+def lowered_ops(objective: str, schedule: str, attention: str = "auto"):
   """[(op, operand/result dtypes, module path)] of the bf16 train step for `schedule`'s first
   stage, its (dtype, name) arguments, and the train states the compiled step takes and returns."""
   from vit_accel import run_setup, step_plan, train_step
   config = tiny_config(recipe=objective, schedule=schedule)
   config.model.dtype = "bfloat16"
+  config.model.attention = attention
   setup = run_setup.build(config, splits=())
   strategies = step_plan.parse_schedule(schedule, config.compression.bucket,
                                         config.model)[0].strategies
@@ -57,11 +58,15 @@ def lowered_ops(objective: str, schedule: str):
   return ops, ARG.findall(text), in_state, out_state
 
 
-@pytest.mark.parametrize("objective,schedule", [("mocov3", "none"),
-                                                ("simclr", "1:patch8|patch8"),
-                                                ("dino", "1:keep0.5|full|full")])
-def test_bfloat16_step_follows_the_precision_policy(objective, schedule):
-  ops, args, state, out_state = lowered_ops(objective, schedule)
+# Attention: 'heads_major' is what 'auto' runs on a CPU; 'xla' what it runs on a TPU or a float32
+# GPU. One objective each for the second, so every implementation that can lower here is checked.
+@pytest.mark.parametrize("objective,schedule,attention",
+                         [("mocov3", "none", "heads_major"),
+                          ("simclr", "1:patch8|patch8", "heads_major"),
+                          ("dino", "1:keep0.5|full|full", "heads_major"),
+                          ("mocov3", "none", "xla")])
+def test_bfloat16_step_follows_the_precision_policy(objective, schedule, attention):
+  ops, args, state, out_state = lowered_ops(objective, schedule, attention)
   in_model = lambda name: any(p in name for p in BACKBONE + HEADS)  # noqa: E731
   under = lambda name, parts: any(f"/{p}/" in name for p in parts)  # noqa: E731
 

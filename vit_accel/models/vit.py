@@ -103,7 +103,7 @@ def remat_block(block_cls, policy: str):
 
 
 def attention_implementation(choice: str, dtype, head_dim: int, platform: str | None = None) -> str:
-  """Which `jax.nn.dot_product_attention` implementation `model.attention=choice` runs.
+  """Which attention implementation `model.attention=choice` runs (see `dot_product_attention`).
 
   'auto' picks cuDNN's fused (flash) attention where it applies - a GPU, a 16-bit compute dtype and
   a head dimension that is a multiple of 8 up to 128 (cuDNN's limits) -, 'heads_major' on a CPU
@@ -125,7 +125,8 @@ def attention_implementation(choice: str, dtype, head_dim: int, platform: str | 
 
 
 def dot_product_attention(query, key, value, *, implementation: str = "xla", pad_to: int = 0):
-  """Softmax attention of every token to every token, through `jax.nn.dot_product_attention`.
+  """Softmax attention of every token to every token: `jax.nn.dot_product_attention`, or the same
+  computation heads-major (`heads_major_attention`).
 
   query, key, value: [B, T, N, H] in the compute dtype. Logits and softmax are float32 whatever the
   compute dtype (JAX's XLA path and cuDNN both accumulate in float32); the output [B, T, N, H] is in
@@ -160,8 +161,11 @@ def heads_major_attention(query, key, value, valid_keys: int | None = None):
 
   Why: XLA's CPU backend runs the two batched matmuls on [B, N, ...] operands it can read in
   place, so the layout copies come once per tensor instead of around each product and its
-  gradients; on 2 CPU cores the embedded default's MoCo-v3 train step ran ~15-20% faster
-  (bench/cpu_peer.py). Other backends keep `jax.nn.dot_product_attention` ('auto').
+  gradients; on a 2-core CPU the embedded default's MoCo-v3 train step ran 10-27% faster at full
+  length (two processes per arm; bench/results/README.md). Other backends keep
+  `jax.nn.dot_product_attention` ('auto'). float16 operands ask for the F16_F16_F32 dot algorithm,
+  which XLA's CPU backend does not implement (as with JAX's own path under jit); the configs allow
+  float32 and bfloat16.
   """
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (query, key, value))
   # 16-bit operands accumulate in float32 with a stated algorithm, as JAX's own path does, so the
@@ -228,7 +232,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  attention: str = "auto"     # model.attention: 'auto' | 'xla' | 'cudnn'
+  attention: str = "auto"     # model.attention: 'auto' | 'xla' | 'cudnn' | 'heads_major'
   attention_pad_to: int = 0   # model.attention_pad_to
 
   @nn.compact
