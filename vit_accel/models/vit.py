@@ -142,12 +142,10 @@ def dot_product_attention(query, key, value, *, implementation: str = "xla", pad
     query, key, value = (jnp.pad(a, pad) for a in (query, key, value))
   if implementation == "heads_major":
     out = heads_major_attention(query, key, value, valid_keys=t if padded > t else None)
-  elif padded > t:
-    lengths = jnp.full((query.shape[0],), t, jnp.int32)
+  else:
+    lengths = jnp.full((query.shape[0],), t, jnp.int32) if padded > t else None
     out = jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
                                        implementation=implementation)
-  else:
-    out = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
   return out[:, :t]
 
 
