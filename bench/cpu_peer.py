@@ -3,6 +3,7 @@
   python bench/cpu_peer.py --peer_python=/path/to/python-with-torch-and-timm
   python bench/cpu_peer.py --tiny            # seconds: checks the code path
   python bench/cpu_peer.py --ours_xla_flags="--xla_cpu_experimental_ynn_fusion_type= ..."
+  python bench/cpu_peer.py --products        # the step's matrix products alone, both libraries
 
 The step: symmetric MoCo-v3 (Chen et al. 2021) on the embedded default's ViT (width 128, depth 4, 4
 heads, patch 4 on 32 px, MLP ratio 4, CLS token without a position embedding), projector 3 layers /
@@ -22,6 +23,14 @@ of the environment's XLA_FLAGS), with its own columns: XLA's CPU flags change wh
 matmuls and fusions, and are measured here rather than assumed. torch and timm are not requirements of vit-accel: the peer runs with
 `--peer_python` (default: this Python) where they import, and the report says so where they do not.
 Output: bench/results/cpu_peer.{md,json}.
+
+--products times the step's matrix products one by one instead, in both libraries, alternately as
+above: per transformer block and strategy, the four float32 products (qkv, attention output
+projection, MLP in, MLP out) at M = batch x tokens rows, each as forward (x @ w), input gradient
+(dy @ w.T) and weight gradient (x.T @ dy). Their sum, weighted by how often the step runs each
+(forward: online and momentum branch; gradients: online only; two views; every block), says how
+much of a step-time gap is the matmul kernels (XLA's Eigen vs PyTorch's oneDNN / MKL) and how much
+everything else. Output: bench/results/cpu_peer_products.{md,json}.
 """
 from __future__ import annotations
 
@@ -66,6 +75,72 @@ def measure_ours(spec: dict, batch: int, repeats: int) -> dict:
   return {r["strategy"]: r["ms_per_step"] for r in rows}
 
 
+def product_shapes(spec: dict, batch: int) -> list[dict]:
+  """The block's matrix products per strategy: [{strategy, name, kind, m, k, n, per_step}], kind
+  'fwd' (m x k @ k x n), 'dx' (m x n @ (k x n).T) or 'dw' ((m x k).T @ m x n); per_step is how
+  many the symmetric MoCo-v3 step runs (two views, every block; forward twice: online + momentum)."""
+  width, hidden = spec["width"], int(spec["width"] * spec["mlp"])
+  patches = (spec["image"] // spec["patch"]) ** 2
+  layers = [("qkv", width, 3 * width), ("proj", width, width), ("mlp_in", width, hidden),
+            ("mlp_out", hidden, width)]
+  out = []
+  for strategy, keep in STRATEGIES.items():
+    m = batch * (round(patches * keep) + 1)   # kept patches + the CLS token
+    for name, k, n in layers:
+      for kind, per_view in (("fwd", 2), ("dx", 1), ("dw", 1)):
+        out.append({"strategy": strategy, "name": name, "kind": kind, "m": m, "k": k, "n": n,
+                    "per_step": 2 * per_view * spec["depth"]})
+  return out
+
+
+def _median_ms(fn, repeats: int) -> float:
+  for _ in range(3):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return 1000 * statistics.median(times)
+
+
+def products_ours(spec: dict, batch: int, repeats: int) -> dict:
+  """{'strategy name kind': ms} for each product_shapes entry, jitted JAX under the recipe's flags."""
+  sys.path.insert(0, ROOT)
+  from configs import fmnist_mocov3
+  from vit_accel import xla_flags
+  xla_flags.apply(fmnist_mocov3.get_config())   # the same kernels as the training step's
+  import jax
+  fns = {"fwd": jax.jit(lambda a, b: a @ b), "dx": jax.jit(lambda a, b: a @ b.T),
+         "dw": jax.jit(lambda a, b: a.T @ b)}
+  res = {}
+  for p in product_shapes(spec, batch):
+    a_shape = (p["m"], p["n"]) if p["kind"] == "dx" else (p["m"], p["k"])
+    b_shape = {"fwd": (p["k"], p["n"]), "dx": (p["k"], p["n"]), "dw": (p["m"], p["n"])}[p["kind"]]
+    a = jax.random.normal(jax.random.PRNGKey(0), a_shape)
+    b = jax.random.normal(jax.random.PRNGKey(1), b_shape)
+    f = fns[p["kind"]]
+    res[f"{p['strategy']} {p['name']} {p['kind']}"] = _median_ms(
+        lambda: f(a, b).block_until_ready(), repeats)
+  return res
+
+
+def products_peer(spec: dict, batch: int, repeats: int) -> dict:
+  """products_ours in PyTorch (every core), with '_versions'."""
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  fns = {"fwd": lambda a, b: a @ b, "dx": lambda a, b: a @ b.T, "dw": lambda a, b: a.T @ b}
+  res = {}
+  with torch.no_grad():
+    for p in product_shapes(spec, batch):
+      a_shape = (p["m"], p["n"]) if p["kind"] == "dx" else (p["m"], p["k"])
+      b_shape = {"fwd": (p["k"], p["n"]), "dx": (p["k"], p["n"]), "dw": (p["m"], p["n"])}[p["kind"]]
+      a, b, f = torch.randn(*a_shape), torch.randn(*b_shape), fns[p["kind"]]
+      res[f"{p['strategy']} {p['name']} {p['kind']}"] = _median_ms(lambda: f(a, b), repeats)
+  res["_versions"] = f"torch {torch.__version__}"
+  return res
+
+
 # ------------------------------------------------------------------------------------- peer
 def measure_peer(spec: dict, batch: int, repeats: int) -> dict:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +153,8 @@ def measure_peer(spec: dict, batch: int, repeats: int) -> dict:
 def run_role(python: str, role: str, args, xla_flags: str = "") -> dict | str:
   """Runs one measurement in a fresh process (with `xla_flags` added to XLA_FLAGS); its result
   dict, or the error's last line."""
+  if args.products:
+    role += "_products"
   cmd = [python, os.path.abspath(__file__), f"--role={role}", f"--batch={args.batch}",
          f"--repeats={args.repeats}"] + (["--tiny"] if args.tiny else [])
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -119,6 +196,74 @@ def markdown(res: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def products_markdown(res: dict) -> str:
+  """The per-product table and, per strategy, the step's products summed with their counts."""
+  lines = ["# The step's matrix products: XLA (ours) vs PyTorch on this CPU", "",
+           f"Machine: {res['machine']}. Date: {res['date']}. Command: `{res['command']}`.", "",
+           f"{res['model']}, batch {res['batch']}, float32; median over {res['rounds']} "
+           f"alternating rounds of each process's median of {res['repeats']} calls. Peer: "
+           f"{res.get('peer_versions') or 'not run'}. fwd = x @ w, dx = dy @ w.T, "
+           "dw = x.T @ dy; per step = how many the symmetric MoCo-v3 step runs.", ""]
+  if res.get("peer_error"):
+    lines += [f"Peer not measured: {res['peer_error']}", ""]
+  lines += ["| strategy | product | kind | m x k x n | per step | ours ms | peer ms | peer / ours |",
+            "|---|---|---|---|---:|---:|---:|---:|"]
+  totals = {}
+  for p in res["shapes"]:
+    key = f"{p['strategy']} {p['name']} {p['kind']}"
+    ours, peer = res["ours"].get(key), res["peer"].get(key)
+    t = totals.setdefault(p["strategy"], [0.0, 0.0])
+    t[0] += p["per_step"] * ours
+    t[1] += p["per_step"] * (peer or 0.0)
+    ratio = f"{peer / ours:.2f}x" if peer else "n/a"
+    lines.append(f"| {p['strategy'].replace('|', chr(92) + '|')} | {p['name']} | {p['kind']} | "
+                 f"{p['m']} x {p['k']} x {p['n']} | {p['per_step']} | {ours:.2f} | "
+                 f"{f'{peer:.2f}' if peer else 'n/a'} | {ratio} |")
+  lines += ["", "Per step (each product times its count):", "",
+            "| strategy | ours ms | peer ms | ours - peer ms |", "|---|---:|---:|---:|"]
+  for strategy, (ours, peer) in totals.items():
+    lines.append(f"| {strategy.replace('|', chr(92) + '|')} | {ours:.0f} | "
+                 + (f"{peer:.0f} | {ours - peer:+.0f} |" if peer else "n/a | n/a |"))
+  return "\n".join(lines) + "\n"
+
+
+def products_main(args, spec: dict) -> None:
+  ours_rounds, peer_rounds, peer_error, versions = [], [], None, None
+  for i in range(args.rounds):
+    ours = run_role(sys.executable, "ours", args)
+    if isinstance(ours, str):
+      sys.exit(f"error: our products failed: {ours}")
+    ours_rounds.append(ours)
+    if peer_error is None:
+      peer = run_role(args.peer_python, "peer", args)
+      if isinstance(peer, str):
+        peer_error = peer
+      else:
+        versions = peer.pop("_versions")
+        peer_rounds.append(peer)
+    print(f"round {i + 1} done", flush=True)
+
+  def med(rounds):
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} if rounds else {}
+  res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"{platform.processor() or 'cpu'}",
+         "date": time.strftime("%Y-%m-%d"),
+         "command": "python bench/cpu_peer.py " + " ".join(sys.argv[1:]),
+         "model": "ViT w{width} d{depth} h{heads} patch {patch} on {image}px".format(**spec),
+         "batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
+         "shapes": product_shapes(spec, args.batch), "ours": med(ours_rounds),
+         "peer": med(peer_rounds), "peer_versions": versions, "peer_error": peer_error,
+         "ours_rounds": ours_rounds, "peer_rounds": peer_rounds}
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, "cpu_peer_products" + ("_tiny" if args.tiny else ""))
+  with open(stem + ".json", "w") as f:
+    json.dump(res, f, indent=1)
+  text = products_markdown(res)
+  with open(stem + ".md", "w") as f:
+    f.write(text)
+  print(text, flush=True)
+
+
 def main():
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,13 +275,20 @@ def main():
   p.add_argument("--tiny", action="store_true", help="A tiny model and batch: the code path.")
   p.add_argument("--ours_xla_flags", default="",
                  help="Also time our step with these XLA flags added (a third process per round).")
+  p.add_argument("--products", action="store_true",
+                 help="Time the step's matrix products one by one instead of the whole step.")
   p.add_argument("--out_dir", default=os.path.join(ROOT, "bench", "results"))
-  p.add_argument("--role", choices=("ours", "peer"), help=argparse.SUPPRESS)
+  p.add_argument("--role", choices=("ours", "peer", "ours_products", "peer_products"),
+                 help=argparse.SUPPRESS)
   args = p.parse_args()
   spec = model_spec(args.tiny)
   if args.role:
-    fn = measure_ours if args.role == "ours" else measure_peer
+    fn = {"ours": measure_ours, "peer": measure_peer, "ours_products": products_ours,
+          "peer_products": products_peer}[args.role]
     child.emit(fn(spec, args.batch, args.repeats))
+    return
+  if args.products:
+    products_main(args, spec)
     return
 
   ours_rounds, flagged_rounds, peer_rounds, peer_error, versions = [], [], [], None, None

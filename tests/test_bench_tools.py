@@ -67,6 +67,35 @@ def test_cpu_peer_times_ours_with_and_without_xla_flags(tmp_path):
   assert "ours + flags ms/step" in text and "--xla_cpu_enable_fast_math=false" in text
 
 
+def test_cpu_peer_products_are_the_steps_matmuls_with_their_counts(tmp_path):
+  """bench/cpu_peer.py --products: every block product of each strategy at batch x (kept + CLS)
+  rows, timed in our process (the peer cannot run here), and the per-step sums in the report."""
+  import cpu_peer  # bench/cpu_peer.py
+  spec = cpu_peer.model_spec(tiny=False)
+  shapes = cpu_peer.product_shapes(spec, batch=8)
+  assert len(shapes) == len(cpu_peer.STRATEGIES) * 4 * 3
+  rows = {p["strategy"]: p["m"] for p in shapes}
+  assert rows == {"full": 8 * 65, "keep0.25|keep0.25": 8 * 17}
+  mlp_out_dw = [p for p in shapes if p["name"] == "mlp_out" and p["kind"] == "dw"][0]
+  assert (mlp_out_dw["k"], mlp_out_dw["n"], mlp_out_dw["per_step"]) == (512, 128, 2 * 4)
+  assert {p["per_step"] for p in shapes if p["kind"] == "fwd"} == {2 * 2 * 4}
+
+  out = str(tmp_path / "products")
+  subprocess.run([sys.executable, "bench/cpu_peer.py", "--tiny", "--products", "--rounds=1",
+                  "--repeats=2", "--peer_python=/nonexistent/python", f"--out_dir={out}"],
+                 cwd=ROOT, check=True, capture_output=True)
+  with open(os.path.join(out, "cpu_peer_products_tiny.json")) as f:
+    res = json.load(f)
+  keys = {f"{p['strategy']} {p['name']} {p['kind']}" for p in res["shapes"]}
+  assert set(res["ours"]) == keys and all(v > 0 for v in res["ours"].values())
+  assert res["peer_error"].startswith("cannot start") and not res["peer"]
+  with open(os.path.join(out, "cpu_peer_products_tiny.md")) as f:
+    text = f.read()
+  full = sum(p["per_step"] * res["ours"][f"full {p['name']} {p['kind']}"]
+             for p in res["shapes"] if p["strategy"] == "full")
+  assert f"| full | {full:.0f} | n/a | n/a |" in text
+
+
 def test_child_that_hangs_is_stopped_and_reported():
   assert child.run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1) == \
       "timed out after 1 s"
