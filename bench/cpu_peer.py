@@ -228,12 +228,30 @@ def products_markdown(res: dict) -> str:
 
 
 def products_main(args, spec: dict) -> None:
-  ours_rounds, peer_rounds, peer_error, versions = [], [], None, None
+  ours_rounds, _, peer_rounds, peer_error, versions = alternate_rounds(args)
+  res = {**header(args),
+         "model": "ViT w{width} d{depth} h{heads} patch {patch} on {image}px".format(**spec),
+         "shapes": product_shapes(spec, args.batch), "ours": median_over(ours_rounds),
+         "peer": median_over(peer_rounds), "peer_versions": versions, "peer_error": peer_error,
+         "ours_rounds": ours_rounds, "peer_rounds": peer_rounds}
+  save(args, "cpu_peer_products", res, products_markdown(res))
+
+
+def alternate_rounds(args):
+  """args.rounds rounds of: ours, ours under args.ours_xla_flags (if any), the peer (until it
+  fails once). Returns (ours rounds, flagged rounds, peer rounds, the peer's error or None, the
+  peer's versions); exits with an error line when ours fails."""
+  ours_rounds, flagged_rounds, peer_rounds, peer_error, versions = [], [], [], None, None
   for i in range(args.rounds):
     ours = run_role(sys.executable, "ours", args)
     if isinstance(ours, str):
-      sys.exit(f"error: our products failed: {ours}")
+      sys.exit(f"error: our step failed: {ours}")
     ours_rounds.append(ours)
+    if args.ours_xla_flags:
+      flagged = run_role(sys.executable, "ours", args, args.ours_xla_flags)
+      if isinstance(flagged, str):
+        sys.exit(f"error: our step with XLA_FLAGS {args.ours_xla_flags!r} failed: {flagged}")
+      flagged_rounds.append(flagged)
     if peer_error is None:
       peer = run_role(args.peer_python, "peer", args)
       if isinstance(peer, str):
@@ -241,24 +259,29 @@ def products_main(args, spec: dict) -> None:
       else:
         versions = peer.pop("_versions")
         peer_rounds.append(peer)
-    print(f"round {i + 1} done", flush=True)
+    print(f"round {i + 1} of {args.rounds} done", flush=True)
+  return ours_rounds, flagged_rounds, peer_rounds, peer_error, versions
 
-  def med(rounds):
-    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} if rounds else {}
-  res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{platform.processor() or 'cpu'}",
-         "date": time.strftime("%Y-%m-%d"),
-         "command": "python bench/cpu_peer.py " + " ".join(sys.argv[1:]),
-         "model": "ViT w{width} d{depth} h{heads} patch {patch} on {image}px".format(**spec),
-         "batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
-         "shapes": product_shapes(spec, args.batch), "ours": med(ours_rounds),
-         "peer": med(peer_rounds), "peer_versions": versions, "peer_error": peer_error,
-         "ours_rounds": ours_rounds, "peer_rounds": peer_rounds}
+
+def median_over(rounds: list[dict]) -> dict:
+  """{key: median over rounds} ({} for no rounds)."""
+  return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} if rounds else {}
+
+
+def header(args) -> dict:
+  return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                     f"{platform.processor() or 'cpu'}",
+          "date": time.strftime("%Y-%m-%d"),
+          "command": "python bench/cpu_peer.py " + " ".join(sys.argv[1:]),
+          "batch": args.batch, "repeats": args.repeats, "rounds": args.rounds}
+
+
+def save(args, name: str, res: dict, text: str) -> None:
+  """OUT_DIR/<name>[_tiny].{json,md}, and the markdown printed."""
   os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(args.out_dir, "cpu_peer_products" + ("_tiny" if args.tiny else ""))
+  stem = os.path.join(args.out_dir, name + ("_tiny" if args.tiny else ""))
   with open(stem + ".json", "w") as f:
     json.dump(res, f, indent=1)
-  text = products_markdown(res)
   with open(stem + ".md", "w") as f:
     f.write(text)
   print(text, flush=True)
@@ -288,53 +311,21 @@ def main():
     child.emit(fn(spec, args.batch, args.repeats))
     return
   if args.products:
+    if args.ours_xla_flags:
+      sys.exit("error: --products times the products under the recipe's flags only; "
+               "drop --ours_xla_flags")
     products_main(args, spec)
     return
 
-  ours_rounds, flagged_rounds, peer_rounds, peer_error, versions = [], [], [], None, None
-  for i in range(args.rounds):
-    ours = run_role(sys.executable, "ours", args)
-    if isinstance(ours, str):
-      sys.exit(f"error: our step failed: {ours}")
-    ours_rounds.append(ours)
-    if args.ours_xla_flags:
-      flagged = run_role(sys.executable, "ours", args, args.ours_xla_flags)
-      if isinstance(flagged, str):
-        sys.exit(f"error: our step with XLA_FLAGS {args.ours_xla_flags!r} failed: {flagged}")
-      flagged_rounds.append(flagged)
-    if peer_error is None:
-      peer = run_role(args.peer_python, "peer", args)
-      if isinstance(peer, str):
-        peer_error = peer
-      else:
-        versions = peer.pop("_versions")
-        peer_rounds.append(peer)
-    print(f"round {i + 1}: ours {ours}"
-          + (f", ours + flags {flagged_rounds[-1]}" if flagged_rounds else "")
-          + (f", peer {peer_rounds[-1]}" if peer_rounds else ""), flush=True)
-
-  def med(rounds):
-    return {k: statistics.median(r[k] for r in rounds) for k in STRATEGIES} if rounds else {}
-
-  res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{platform.processor() or 'cpu'}",
-         "date": time.strftime("%Y-%m-%d"),
-         "command": "python bench/cpu_peer.py " + " ".join(sys.argv[1:]),
+  ours_rounds, flagged_rounds, peer_rounds, peer_error, versions = alternate_rounds(args)
+  res = {**header(args),
          "model": ("ViT w{width} d{depth} h{heads} patch {patch} on {image}px, heads "
                    "{hidden}->{out}").format(**spec),
-         "batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
-         "ours": med(ours_rounds), "peer": med(peer_rounds), "peer_versions": versions,
-         "peer_error": peer_error, "ours_rounds": ours_rounds, "peer_rounds": peer_rounds,
-         "ours_xla_flags": args.ours_xla_flags, "ours_flagged": med(flagged_rounds),
-         "ours_flagged_rounds": flagged_rounds}
-  os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(args.out_dir, "cpu_peer" + ("_tiny" if args.tiny else ""))
-  with open(stem + ".json", "w") as f:
-    json.dump(res, f, indent=1)
-  text = markdown(res)
-  with open(stem + ".md", "w") as f:
-    f.write(text)
-  print(text, flush=True)
+         "ours": median_over(ours_rounds), "peer": median_over(peer_rounds),
+         "peer_versions": versions, "peer_error": peer_error, "ours_rounds": ours_rounds,
+         "peer_rounds": peer_rounds, "ours_xla_flags": args.ours_xla_flags,
+         "ours_flagged": median_over(flagged_rounds), "ours_flagged_rounds": flagged_rounds}
+  save(args, "cpu_peer", res, markdown(res))
 
 
 if __name__ == "__main__":
