@@ -24,13 +24,14 @@ matmuls and fusions, and are measured here rather than assumed. torch and timm a
 `--peer_python` (default: this Python) where they import, and the report says so where they do not.
 Output: bench/results/cpu_peer.{md,json}.
 
---products times the step's matrix products one by one instead, in both libraries, alternately as
-above: per transformer block and strategy, the four float32 products (qkv, attention output
-projection, MLP in, MLP out) at M = batch x tokens rows, each as forward (x @ w), input gradient
-(dy @ w.T) and weight gradient (x.T @ dy). Their sum, weighted by how often the step runs each
-(forward: online and momentum branch; gradients: online only; two views; every block), says how
-much of a step-time gap is the matmul kernels (XLA's Eigen vs PyTorch's oneDNN / MKL) and how much
-everything else. Output: bench/results/cpu_peer_products.{md,json}.
+--products times the step's dense matrix products one by one instead, in both libraries,
+alternately as above: the transformer blocks' four products (q/k/v, attention output, MLP in, MLP
+out) at M = batch x tokens rows, the patch embedding, and the projector and predictor heads, each
+as forward (x @ w), input gradient (dy @ w.T) and weight gradient (x.T @ dy), ours as our model
+runs them (q, k, v as three products), the peer as timm's (one qkv product). Their sums, weighted
+by how often the step runs each (product_shapes), say how much of a step-time gap is the matmul
+kernels (XLA's Eigen vs PyTorch's oneDNN / MKL) and how much everything else (attention's batched
+products, normalisation, activations, layout copies, the optimiser). Output: bench/results/cpu_peer_products.{md,json}.
 """
 from __future__ import annotations
 
@@ -76,21 +77,57 @@ def measure_ours(spec: dict, batch: int, repeats: int) -> dict:
 
 
 def product_shapes(spec: dict, batch: int) -> list[dict]:
-  """The block's matrix products per strategy: [{strategy, name, kind, m, k, n, per_step}], kind
-  'fwd' (m x k @ k x n), 'dx' (m x n @ (k x n).T) or 'dw' ((m x k).T @ m x n); per_step is how
-  many the symmetric MoCo-v3 step runs (two views, every block; forward twice: online + momentum)."""
+  """Every dense matrix product of the symmetric MoCo-v3 step, per strategy: [{strategy, part,
+  name, kind, m, k, n, per_step, ours_parts}].
+
+  kind: 'fwd' (m x k @ k x n), 'dx' (m x n @ (k x n).T, the input gradient) or 'dw'
+  ((m x k).T @ m x n, the weight gradient); per_step: how many the step runs (two views; forward
+  on the online and the momentum branch, gradients on the online one); ours_parts: how many
+  products ours splits it into along n (q, k and v are three projections in our model, one fused
+  qkv Linear in timm's). part: 'blocks' (the transformer blocks, m = batch x (kept + CLS)),
+  'heads' (projector and predictor, m = batch) or 'patch_embed' (every patch is embedded before
+  the token keep, in both; no input gradient). The kept count is the model's (bucket-rounded, as
+  compression.Strategy.layout computes it). Attention's batched products are not here."""
+  sys.path.insert(0, ROOT)
+  from vit_accel import compression
   width, hidden = spec["width"], int(spec["width"] * spec["mlp"])
+  head_hidden, out_dim, depth = spec["hidden"], spec["out"], spec["depth"]
   patches = (spec["image"] // spec["patch"]) ** 2
-  layers = [("qkv", width, 3 * width), ("proj", width, width), ("mlp_in", width, hidden),
-            ("mlp_out", hidden, width)]
+  both, online = 2 * 2, 2   # forwards on two branches x two views; gradients on one branch
   out = []
-  for strategy, keep in STRATEGIES.items():
-    m = batch * (round(patches * keep) + 1)   # kept patches + the CLS token
-    for name, k, n in layers:
-      for kind, per_view in (("fwd", 2), ("dx", 1), ("dw", 1)):
-        out.append({"strategy": strategy, "name": name, "kind": kind, "m": m, "k": k, "n": n,
-                    "per_step": 2 * per_view * spec["depth"]})
+  for strategy in STRATEGIES:
+    kept = compression.BranchStrategies.parse(strategy).query.layout(
+        spec["image"], spec["patch"]).kept
+
+    def add(part, name, m, k, n, kinds, parts=1, times=1):
+      for kind, per_step in kinds:
+        out.append({"strategy": strategy, "part": part, "name": name, "kind": kind, "m": m,
+                    "k": k, "n": n, "per_step": per_step * times, "ours_parts": parts})
+    grads = (("fwd", both), ("dx", online), ("dw", online))
+    rows = batch * (kept + 1)
+    add("blocks", "qkv", rows, width, 3 * width, grads, parts=3, times=depth)
+    add("blocks", "attn_out", rows, width, width, grads, times=depth)
+    add("blocks", "mlp_in", rows, width, hidden, grads, times=depth)
+    add("blocks", "mlp_out", rows, hidden, width, grads, times=depth)
+    add("patch_embed", "patch_embed", batch * patches, spec["patch"] ** 2 * 3, width,
+        (("fwd", both), ("dw", online)))
+    add("heads", "proj_fc0", batch, width, head_hidden, grads)
+    add("heads", "proj_fc1", batch, head_hidden, head_hidden, grads)
+    add("heads", "proj_fc2", batch, head_hidden, out_dim, grads)
+    online_only = (("fwd", online), ("dx", online), ("dw", online))   # no momentum predictor
+    add("heads", "pred_fc0", batch, out_dim, head_hidden, online_only)
+    add("heads", "pred_fc1", batch, head_hidden, out_dim, online_only)
   return out
+
+
+def product_key(p: dict) -> str:
+  return f"{p['strategy']} {p['name']} {p['kind']}"
+
+
+def product_operands(p: dict, n: int) -> tuple[tuple, tuple]:
+  """The two operand shapes of product p with n output columns."""
+  return {"fwd": ((p["m"], p["k"]), (p["k"], n)), "dx": ((p["m"], n), (p["k"], n)),
+          "dw": ((p["m"], p["k"]), (p["m"], n))}[p["kind"]]
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -104,8 +141,9 @@ def _median_ms(fn, repeats: int) -> float:
   return 1000 * statistics.median(times)
 
 
-def products_ours(spec: dict, batch: int, repeats: int) -> dict:
-  """{'strategy name kind': ms} for each product_shapes entry, jitted JAX under the recipe's flags."""
+def products_ours(shapes: list[dict], repeats: int) -> dict:
+  """{product_key: ms} for each product, as ours runs it (ours_parts products of n / ours_parts
+  columns), jitted JAX under the recipe's XLA flags."""
   sys.path.insert(0, ROOT)
   from configs import fmnist_mocov3
   from vit_accel import xla_flags
@@ -114,29 +152,27 @@ def products_ours(spec: dict, batch: int, repeats: int) -> dict:
   fns = {"fwd": jax.jit(lambda a, b: a @ b), "dx": jax.jit(lambda a, b: a @ b.T),
          "dw": jax.jit(lambda a, b: a.T @ b)}
   res = {}
-  for p in product_shapes(spec, batch):
-    a_shape = (p["m"], p["n"]) if p["kind"] == "dx" else (p["m"], p["k"])
-    b_shape = {"fwd": (p["k"], p["n"]), "dx": (p["k"], p["n"]), "dw": (p["m"], p["n"])}[p["kind"]]
+  for p in shapes:
+    a_shape, b_shape = product_operands(p, p["n"] // p["ours_parts"])
     a = jax.random.normal(jax.random.PRNGKey(0), a_shape)
     b = jax.random.normal(jax.random.PRNGKey(1), b_shape)
     f = fns[p["kind"]]
-    res[f"{p['strategy']} {p['name']} {p['kind']}"] = _median_ms(
-        lambda: f(a, b).block_until_ready(), repeats)
+    res[product_key(p)] = p["ours_parts"] * _median_ms(lambda: f(a, b).block_until_ready(),
+                                                       repeats)
   return res
 
 
-def products_peer(spec: dict, batch: int, repeats: int) -> dict:
-  """products_ours in PyTorch (every core), with '_versions'."""
+def products_peer(shapes: list[dict], repeats: int) -> dict:
+  """{product_key: ms} in PyTorch (every core, one product of n columns each), with '_versions'."""
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   fns = {"fwd": lambda a, b: a @ b, "dx": lambda a, b: a @ b.T, "dw": lambda a, b: a.T @ b}
   res = {}
   with torch.no_grad():
-    for p in product_shapes(spec, batch):
-      a_shape = (p["m"], p["n"]) if p["kind"] == "dx" else (p["m"], p["k"])
-      b_shape = {"fwd": (p["k"], p["n"]), "dx": (p["k"], p["n"]), "dw": (p["m"], p["n"])}[p["kind"]]
+    for p in shapes:
+      a_shape, b_shape = product_operands(p, p["n"])
       a, b, f = torch.randn(*a_shape), torch.randn(*b_shape), fns[p["kind"]]
-      res[f"{p['strategy']} {p['name']} {p['kind']}"] = _median_ms(lambda: f(a, b), repeats)
+      res[product_key(p)] = _median_ms(lambda: f(a, b), repeats)
   res["_versions"] = f"torch {torch.__version__}"
   return res
 
@@ -157,6 +193,8 @@ def run_role(python: str, role: str, args, xla_flags: str = "") -> dict | str:
     role += "_products"
   cmd = [python, os.path.abspath(__file__), f"--role={role}", f"--batch={args.batch}",
          f"--repeats={args.repeats}"] + (["--tiny"] if args.tiny else [])
+  if args.products:   # computed here, where vit_accel imports (the peer's Python may lack JAX)
+    cmd.append("--shapes_json=" + json.dumps(product_shapes(model_spec(args.tiny), args.batch)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   if xla_flags:
     env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
@@ -197,38 +235,41 @@ def markdown(res: dict) -> str:
 
 
 def products_markdown(res: dict) -> str:
-  """The per-product table and, per strategy, the step's products summed with their counts."""
-  lines = ["# The step's matrix products: XLA (ours) vs PyTorch on this CPU", "",
+  """The per-product table and, per strategy and part, the products summed with their counts."""
+  def cell(strategy):
+    return strategy.replace("|", "\\|")
+  lines = ["# The step's dense matrix products: XLA (ours) vs PyTorch on this CPU", "",
            f"Machine: {res['machine']}. Date: {res['date']}. Command: `{res['command']}`.", "",
            f"{res['model']}, batch {res['batch']}, float32; median over {res['rounds']} "
            f"alternating rounds of each process's median of {res['repeats']} calls. Peer: "
            f"{res.get('peer_versions') or 'not run'}. fwd = x @ w, dx = dy @ w.T, "
-           "dw = x.T @ dy; per step = how many the symmetric MoCo-v3 step runs.", ""]
+           "dw = x.T @ dy; per step = how many the symmetric MoCo-v3 step runs; ours runs qkv "
+           "as three products of n / 3 (its q, k, v projections), timm as one. Not timed: "
+           "attention's batched products and everything that is not a matrix product.", ""]
   if res.get("peer_error"):
     lines += [f"Peer not measured: {res['peer_error']}", ""]
   lines += ["| strategy | product | kind | m x k x n | per step | ours ms | peer ms | peer / ours |",
             "|---|---|---|---|---:|---:|---:|---:|"]
   totals = {}
   for p in res["shapes"]:
-    key = f"{p['strategy']} {p['name']} {p['kind']}"
-    ours, peer = res["ours"].get(key), res["peer"].get(key)
-    t = totals.setdefault(p["strategy"], [0.0, 0.0])
-    t[0] += p["per_step"] * ours
-    t[1] += p["per_step"] * (peer or 0.0)
-    ratio = f"{peer / ours:.2f}x" if peer else "n/a"
-    lines.append(f"| {p['strategy'].replace('|', chr(92) + '|')} | {p['name']} | {p['kind']} | "
+    ours, peer = res["ours"][product_key(p)], res["peer"].get(product_key(p))
+    for part in (p["part"], "all"):
+      t = totals.setdefault((p["strategy"], part), [0.0, 0.0])
+      t[0] += p["per_step"] * ours
+      t[1] += p["per_step"] * (peer or 0.0)
+    lines.append(f"| {cell(p['strategy'])} | {p['name']} | {p['kind']} | "
                  f"{p['m']} x {p['k']} x {p['n']} | {p['per_step']} | {ours:.2f} | "
-                 f"{f'{peer:.2f}' if peer else 'n/a'} | {ratio} |")
+                 + (f"{peer:.2f} | {peer / ours:.2f}x |" if peer else "n/a | n/a |"))
   lines += ["", "Per step (each product times its count):", "",
-            "| strategy | ours ms | peer ms | ours - peer ms |", "|---|---:|---:|---:|"]
-  for strategy, (ours, peer) in totals.items():
-    lines.append(f"| {strategy.replace('|', chr(92) + '|')} | {ours:.0f} | "
-                 + (f"{peer:.0f} | {ours - peer:+.0f} |" if peer else "n/a | n/a |"))
+            "| strategy | products | ours ms | peer ms | ours - peer ms |", "|---|---|---:|---:|---:|"]
+  for (strategy, part), (ours, peer) in totals.items():
+    lines.append(f"| {cell(strategy)} | {part} | {ours:.1f} | "
+                 + (f"{peer:.1f} | {ours - peer:+.1f} |" if res["peer"] else "n/a | n/a |"))
   return "\n".join(lines) + "\n"
 
 
 def products_main(args, spec: dict) -> None:
-  ours_rounds, _, peer_rounds, peer_error, versions = alternate_rounds(args)
+  ours_rounds, _, peer_rounds, peer_error, versions = alternate_rounds(args, "our products")
   res = {**header(args),
          "model": "ViT w{width} d{depth} h{heads} patch {patch} on {image}px".format(**spec),
          "shapes": product_shapes(spec, args.batch), "ours": median_over(ours_rounds),
@@ -237,7 +278,7 @@ def products_main(args, spec: dict) -> None:
   save(args, "cpu_peer_products", res, products_markdown(res))
 
 
-def alternate_rounds(args):
+def alternate_rounds(args, what: str = "our step"):
   """args.rounds rounds of: ours, ours under args.ours_xla_flags (if any), the peer (until it
   fails once). Returns (ours rounds, flagged rounds, peer rounds, the peer's error or None, the
   peer's versions); exits with an error line when ours fails."""
@@ -245,7 +286,7 @@ def alternate_rounds(args):
   for i in range(args.rounds):
     ours = run_role(sys.executable, "ours", args)
     if isinstance(ours, str):
-      sys.exit(f"error: our step failed: {ours}")
+      sys.exit(f"error: {what} failed: {ours}")
     ours_rounds.append(ours)
     if args.ours_xla_flags:
       flagged = run_role(sys.executable, "ours", args, args.ours_xla_flags)
@@ -259,7 +300,9 @@ def alternate_rounds(args):
       else:
         versions = peer.pop("_versions")
         peer_rounds.append(peer)
-    print(f"round {i + 1} of {args.rounds} done", flush=True)
+    print(f"round {i + 1}: ours {ours}"
+          + (f", ours + flags {flagged_rounds[-1]}" if flagged_rounds else "")
+          + (f", peer {peer_rounds[-1]}" if peer_rounds else ""), flush=True)
   return ours_rounds, flagged_rounds, peer_rounds, peer_error, versions
 
 
@@ -291,7 +334,8 @@ def main():
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--peer_python", default=sys.executable,
-                 help="A Python where torch and timm import (default: this one).")
+                 help="A Python where torch and timm import (default: this one; --products "
+                      "needs torch alone).")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--rounds", type=int, default=3)
@@ -303,12 +347,16 @@ def main():
   p.add_argument("--out_dir", default=os.path.join(ROOT, "bench", "results"))
   p.add_argument("--role", choices=("ours", "peer", "ours_products", "peer_products"),
                  help=argparse.SUPPRESS)
+  p.add_argument("--shapes_json", help=argparse.SUPPRESS)
   args = p.parse_args()
   spec = model_spec(args.tiny)
   if args.role:
-    fn = {"ours": measure_ours, "peer": measure_peer, "ours_products": products_ours,
-          "peer_products": products_peer}[args.role]
-    child.emit(fn(spec, args.batch, args.repeats))
+    if args.role.endswith("_products"):
+      fn = products_ours if args.role == "ours_products" else products_peer
+      child.emit(fn(json.loads(args.shapes_json), args.repeats))
+    else:
+      fn = measure_ours if args.role == "ours" else measure_peer
+      child.emit(fn(spec, args.batch, args.repeats))
     return
   if args.products:
     if args.ours_xla_flags:

@@ -67,33 +67,65 @@ def test_cpu_peer_times_ours_with_and_without_xla_flags(tmp_path):
   assert "ours + flags ms/step" in text and "--xla_cpu_enable_fast_math=false" in text
 
 
-def test_cpu_peer_products_are_the_steps_matmuls_with_their_counts(tmp_path):
-  """bench/cpu_peer.py --products: every block product of each strategy at batch x (kept + CLS)
-  rows, timed in our process (the peer cannot run here), and the per-step sums in the report."""
+def test_cpu_peer_products_are_the_steps_matmuls_with_their_counts():
+  """bench/cpu_peer.py --products: every dense product of the symmetric MoCo-v3 step on the
+  embedded default's ViT (w128 d4, MLP 512, patch 4 on 32 px; heads 1024 -> 256), with how often
+  the step runs it, and the per-step sums of its report."""
   import cpu_peer  # bench/cpu_peer.py
-  spec = cpu_peer.model_spec(tiny=False)
-  shapes = cpu_peer.product_shapes(spec, batch=8)
-  assert len(shapes) == len(cpu_peer.STRATEGIES) * 4 * 3
-  rows = {p["strategy"]: p["m"] for p in shapes}
-  assert rows == {"full": 8 * 65, "keep0.25|keep0.25": 8 * 17}
-  mlp_out_dw = [p for p in shapes if p["name"] == "mlp_out" and p["kind"] == "dw"][0]
-  assert (mlp_out_dw["k"], mlp_out_dw["n"], mlp_out_dw["per_step"]) == (512, 128, 2 * 4)
-  assert {p["per_step"] for p in shapes if p["kind"] == "fwd"} == {2 * 2 * 4}
+  shapes = cpu_peer.product_shapes(cpu_peer.model_spec(tiny=False), batch=8)
+  fwd2, grad = (("fwd", 16), ("dx", 8), ("dw", 8)), (("fwd", 4), ("dx", 2), ("dw", 2))
+  want = {}
+  for strategy, tokens in (("full", 65), ("keep0.25|keep0.25", 17)):
+    m = 8 * tokens   # kept patches (the model's bucket-rounded count) + CLS
+    for name, k, n in (("qkv", 128, 384), ("attn_out", 128, 128), ("mlp_in", 128, 512),
+                       ("mlp_out", 512, 128)):
+      want.update({(strategy, name, kind): (m, k, n, count) for kind, count in fwd2})
+    want[(strategy, "patch_embed", "fwd")] = (8 * 64, 48, 128, 4)
+    want[(strategy, "patch_embed", "dw")] = (8 * 64, 48, 128, 2)
+    for name, k, n in (("proj_fc0", 128, 1024), ("proj_fc1", 1024, 1024),
+                       ("proj_fc2", 1024, 256)):
+      want.update({(strategy, name, kind): (8, k, n, count) for kind, count in grad})
+    for name, k, n in (("pred_fc0", 256, 1024), ("pred_fc1", 1024, 256)):   # online branch only
+      want.update({(strategy, name, kind): (8, k, n, 2) for kind in ("fwd", "dx", "dw")})
+  got = {(p["strategy"], p["name"], p["kind"]): (p["m"], p["k"], p["n"], p["per_step"])
+         for p in shapes}
+  assert got == want and len(shapes) == len(want)
+  assert {p["name"] for p in shapes if p["ours_parts"] == 3} == {"qkv"}   # q, k, v: three in ours
+  assert all(p["ours_parts"] == 1 for p in shapes if p["name"] != "qkv")
 
+  # The report: each product weighted by its count, per part and in all.
+  res = {"machine": "m", "date": "d", "command": "c", "model": "vit", "batch": 8, "repeats": 1,
+         "rounds": 1, "shapes": shapes, "peer_versions": "torch", "peer_error": None,
+         "ours": {cpu_peer.product_key(p): 1.0 for p in shapes},
+         "peer": {cpu_peer.product_key(p): 2.0 for p in shapes}}
+  text = cpu_peer.products_markdown(res)
+  blocks = sum(count for (s, name, _), (*_, count) in want.items()
+               if s == "full" and name in ("qkv", "attn_out", "mlp_in", "mlp_out"))
+  total = sum(count for (s, _, _), (*_, count) in want.items() if s == "full")
+  assert f"| full | blocks | {blocks:.1f} | {2 * blocks:.1f} | {-blocks:+.1f} |" in text
+  assert f"| full | all | {total:.1f} | {2 * total:.1f} | {-total:+.1f} |" in text
+  assert f"| keep0.25\\|keep0.25 | all | {total:.1f} |" in text
+  assert "| full | qkv | dw | 520 x 128 x 384 | 8 | 1.00 | 2.00 | 2.00x |" in text
+
+
+@pytest.mark.slow
+def test_cpu_peer_products_run_in_their_own_process(tmp_path):
+  """The --products run end to end (tiny): ours timed in a child, a peer that cannot start
+  reported as such, and --ours_xla_flags refused with an error line."""
   out = str(tmp_path / "products")
   subprocess.run([sys.executable, "bench/cpu_peer.py", "--tiny", "--products", "--rounds=1",
                   "--repeats=2", "--peer_python=/nonexistent/python", f"--out_dir={out}"],
                  cwd=ROOT, check=True, capture_output=True)
   with open(os.path.join(out, "cpu_peer_products_tiny.json")) as f:
     res = json.load(f)
-  keys = {f"{p['strategy']} {p['name']} {p['kind']}" for p in res["shapes"]}
-  assert set(res["ours"]) == keys and all(v > 0 for v in res["ours"].values())
+  import cpu_peer  # bench/cpu_peer.py
+  assert set(res["ours"]) == {cpu_peer.product_key(p) for p in res["shapes"]}
+  assert all(v > 0 for v in res["ours"].values())
   assert res["peer_error"].startswith("cannot start") and not res["peer"]
-  with open(os.path.join(out, "cpu_peer_products_tiny.md")) as f:
-    text = f.read()
-  full = sum(p["per_step"] * res["ours"][f"full {p['name']} {p['kind']}"]
-             for p in res["shapes"] if p["strategy"] == "full")
-  assert f"| full | {full:.0f} | n/a | n/a |" in text
+  bad = subprocess.run([sys.executable, "bench/cpu_peer.py", "--tiny", "--products",
+                        "--ours_xla_flags=--xla_cpu_enable_fast_math=false"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --products")
 
 
 def test_child_that_hangs_is_stopped_and_reported():
