@@ -96,13 +96,15 @@ def product_shapes(spec: dict, batch: int) -> list[dict]:
   both, online = 2 * 2, 2   # forwards on two branches x two views; gradients on one branch
   out = []
   for strategy in STRATEGIES:
-    kept = compression.BranchStrategies.parse(strategy).query.layout(
-        spec["image"], spec["patch"]).kept
+    branches = compression.BranchStrategies.parse(strategy)
+    kept = branches.query.layout(spec["image"], spec["patch"]).kept
+    # One row count for both branches: the strategies here keep the same share on both.
+    assert branches.key.layout(spec["image"], spec["patch"]).kept == kept, strategy
 
-    def add(part, name, m, k, n, kinds, parts=1, times=1):
+    def add(part, name, m, k, n, kinds, parts=1, times=1, **extra):
       for kind, per_step in kinds:
         out.append({"strategy": strategy, "part": part, "name": name, "kind": kind, "m": m,
-                    "k": k, "n": n, "per_step": per_step * times, "ours_parts": parts})
+                    "k": k, "n": n, "per_step": per_step * times, "ours_parts": parts, **extra})
     grads = (("fwd", both), ("dx", online), ("dw", online))
     rows = batch * (kept + 1)
     add("blocks", "qkv", rows, width, 3 * width, grads, parts=3, times=depth)
@@ -110,7 +112,7 @@ def product_shapes(spec: dict, batch: int) -> list[dict]:
     add("blocks", "mlp_in", rows, width, hidden, grads, times=depth)
     add("blocks", "mlp_out", rows, hidden, width, grads, times=depth)
     add("patch_embed", "patch_embed", batch * patches, spec["patch"] ** 2 * 3, width,
-        (("fwd", both), ("dw", online)))
+        (("fwd", both), ("dw", online)), image=spec["image"], patch=spec["patch"])
     add("heads", "proj_fc0", batch, width, head_hidden, grads)
     add("heads", "proj_fc1", batch, head_hidden, head_hidden, grads)
     add("heads", "proj_fc2", batch, head_hidden, out_dim, grads)
@@ -125,7 +127,8 @@ def product_key(p: dict) -> str:
 
 
 def product_operands(p: dict, n: int) -> tuple[tuple, tuple]:
-  """The two operand shapes of product p with n output columns."""
+  """Our two operand shapes of product p with n output columns (x [m, k], a [k, n] kernel,
+  dy [m, n]): fwd (x, w), dx (dy, w), dw (x, dy)."""
   return {"fwd": ((p["m"], p["k"]), (p["k"], n)), "dx": ((p["m"], n), (p["k"], n)),
           "dw": ((p["m"], p["k"]), (p["m"], n))}[p["kind"]]
 
@@ -141,9 +144,12 @@ def _median_ms(fn, repeats: int) -> float:
   return 1000 * statistics.median(times)
 
 
-def products_ours(shapes: list[dict], repeats: int) -> dict:
-  """{product_key: ms} for each product, as ours runs it (ours_parts products of n / ours_parts
-  columns), jitted JAX under the recipe's XLA flags."""
+def products_ours(shapes: list[dict], repeats: int, timer=None) -> dict:
+  """{product_key: ms} for each product as ours runs it: flax Dense's [k, n] kernel (forward
+  x @ w, input gradient dy @ w.T, weight gradient x.T @ dy), ours_parts products of n / ours_parts
+  columns (one timed, times ours_parts, so its dispatch counts ours_parts times), jitted JAX under
+  the recipe's XLA flags. timer(fn, repeats) -> ms: _median_ms unless given."""
+  timer = timer or _median_ms
   sys.path.insert(0, ROOT)
   from configs import fmnist_mocov3
   from vit_accel import xla_flags
@@ -153,26 +159,37 @@ def products_ours(shapes: list[dict], repeats: int) -> dict:
          "dw": jax.jit(lambda a, b: a.T @ b)}
   res = {}
   for p in shapes:
+    assert p["n"] % p["ours_parts"] == 0, p
     a_shape, b_shape = product_operands(p, p["n"] // p["ours_parts"])
     a = jax.random.normal(jax.random.PRNGKey(0), a_shape)
     b = jax.random.normal(jax.random.PRNGKey(1), b_shape)
     f = fns[p["kind"]]
-    res[product_key(p)] = p["ours_parts"] * _median_ms(lambda: f(a, b).block_until_ready(),
-                                                       repeats)
+    res[product_key(p)] = p["ours_parts"] * timer(lambda: f(a, b).block_until_ready(), repeats)
   return res
 
 
 def products_peer(shapes: list[dict], repeats: int) -> dict:
-  """{product_key: ms} in PyTorch (every core, one product of n columns each), with '_versions'."""
+  """{product_key: ms} in PyTorch (every core) as timm runs them: nn.Linear's [n, k] weight
+  (forward x @ w.T, input gradient dy @ w, weight gradient dy.T @ x), one product of n columns
+  each (the fused qkv), and the patch embedding as timm's stride-p convolution (conv2d forward,
+  its weight gradient through torch.nn.grad.conv2d_weight); with '_versions'."""
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
-  fns = {"fwd": lambda a, b: a @ b, "dx": lambda a, b: a @ b.T, "dw": lambda a, b: a.T @ b}
   res = {}
   with torch.no_grad():
     for p in shapes:
-      a_shape, b_shape = product_operands(p, p["n"])
-      a, b, f = torch.randn(*a_shape), torch.randn(*b_shape), fns[p["kind"]]
-      res[product_key(p)] = _median_ms(lambda: f(a, b), repeats)
+      m, k, n = p["m"], p["k"], p["n"]
+      if p["name"] == "patch_embed":
+        side, patch = p["image"], p["patch"]
+        images = torch.randn(m // (side // patch) ** 2, 3, side, side)
+        w, dy = torch.randn(n, 3, patch, patch), torch.randn(images.shape[0], n, side // patch,
+                                                             side // patch)
+        f = {"fwd": lambda: torch.nn.functional.conv2d(images, w, stride=patch),
+             "dw": lambda: torch.nn.grad.conv2d_weight(images, w.shape, dy, stride=patch)}[p["kind"]]
+      else:
+        x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+        f = {"fwd": lambda: x @ w.T, "dx": lambda: dy @ w, "dw": lambda: dy.T @ x}[p["kind"]]
+      res[product_key(p)] = _median_ms(f, repeats)
   res["_versions"] = f"torch {torch.__version__}"
   return res
 
@@ -243,9 +260,12 @@ def products_markdown(res: dict) -> str:
            f"{res['model']}, batch {res['batch']}, float32; median over {res['rounds']} "
            f"alternating rounds of each process's median of {res['repeats']} calls. Peer: "
            f"{res.get('peer_versions') or 'not run'}. fwd = x @ w, dx = dy @ w.T, "
-           "dw = x.T @ dy; per step = how many the symmetric MoCo-v3 step runs; ours runs qkv "
-           "as three products of n / 3 (its q, k, v projections), timm as one. Not timed: "
-           "attention's batched products and everything that is not a matrix product.", ""]
+           "dw = x.T @ dy (the peer with nn.Linear's [n, k] weight: x @ w.T, dy @ w, dy.T @ x; "
+           "its patch embedding as timm's stride-p convolution); per step = how many the "
+           "symmetric MoCo-v3 step runs; ours runs qkv as three products of n / 3 (its q, k, v "
+           "projections), timm as one. Not timed: attention's batched products, the InfoNCE "
+           "logits (256 x 256 x 256, negligible) and everything that is not a matrix product.",
+           ""]
   if res.get("peer_error"):
     lines += [f"Peer not measured: {res['peer_error']}", ""]
   lines += ["| strategy | product | kind | m x k x n | per step | ours ms | peer ms | peer / ours |",
@@ -262,7 +282,10 @@ def products_markdown(res: dict) -> str:
                  + (f"{peer:.2f} | {peer / ours:.2f}x |" if peer else "n/a | n/a |"))
   lines += ["", "Per step (each product times its count):", "",
             "| strategy | products | ours ms | peer ms | ours - peer ms |", "|---|---|---:|---:|---:|"]
-  for (strategy, part), (ours, peer) in totals.items():
+  order = ("blocks", "patch_embed", "heads", "all")
+  strategies = list(STRATEGIES)
+  for (strategy, part), (ours, peer) in sorted(
+      totals.items(), key=lambda kv: (strategies.index(kv[0][0]), order.index(kv[0][1]))):
     lines.append(f"| {cell(strategy)} | {part} | {ours:.1f} | "
                  + (f"{peer:.1f} | {ours - peer:+.1f} |" if res["peer"] else "n/a | n/a |"))
   return "\n".join(lines) + "\n"
@@ -352,6 +375,8 @@ def main():
   spec = model_spec(args.tiny)
   if args.role:
     if args.role.endswith("_products"):
+      if not args.shapes_json:
+        p.error(f"--shapes_json is required with --role={args.role}")
       fn = products_ours if args.role == "ours_products" else products_peer
       child.emit(fn(json.loads(args.shapes_json), args.repeats))
     else:

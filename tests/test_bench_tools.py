@@ -90,6 +90,17 @@ def test_cpu_peer_products_are_the_steps_matmuls_with_their_counts():
   got = {(p["strategy"], p["name"], p["kind"]): (p["m"], p["k"], p["n"], p["per_step"])
          for p in shapes}
   assert got == want and len(shapes) == len(want)
+  parts = {p["name"]: p["part"] for p in shapes}
+  assert parts == {"qkv": "blocks", "attn_out": "blocks", "mlp_in": "blocks", "mlp_out": "blocks",
+                   "patch_embed": "patch_embed", "proj_fc0": "heads", "proj_fc1": "heads",
+                   "proj_fc2": "heads", "pred_fc0": "heads", "pred_fc1": "heads"}
+  # Our operands multiply to the product's output: fwd -> [m, n], dx -> [m, k], dw -> [k, n].
+  import numpy as np
+  ops = {"fwd": lambda a, b: a @ b, "dx": lambda a, b: a @ b.T, "dw": lambda a, b: a.T @ b}
+  for p in shapes[:30]:
+    a, b = cpu_peer.product_operands(p, p["n"])
+    out = {"fwd": (p["m"], p["n"]), "dx": (p["m"], p["k"]), "dw": (p["k"], p["n"])}[p["kind"]]
+    assert ops[p["kind"]](np.zeros(a, np.float32), np.zeros(b, np.float32)).shape == out
   assert {p["name"] for p in shapes if p["ours_parts"] == 3} == {"qkv"}   # q, k, v: three in ours
   assert all(p["ours_parts"] == 1 for p in shapes if p["name"] != "qkv")
 
@@ -106,6 +117,28 @@ def test_cpu_peer_products_are_the_steps_matmuls_with_their_counts():
   assert f"| full | all | {total:.1f} | {2 * total:.1f} | {-total:+.1f} |" in text
   assert f"| keep0.25\\|keep0.25 | all | {total:.1f} |" in text
   assert "| full | qkv | dw | 520 x 128 x 384 | 8 | 1.00 | 2.00 | 2.00x |" in text
+  heads = sum(count for (s, name, _), (*_, count) in want.items()
+              if s == "full" and name.startswith(("proj", "pred")))
+  assert f"| full | heads | {heads:.1f} | {2 * heads:.1f} | {-heads:+.1f} |" in text
+  assert "| full | patch_embed | 6.0 | 12.0 | -6.0 |" in text
+
+
+def test_cpu_peer_times_our_qkv_as_three_projections(monkeypatch):
+  """Ours runs q, k, v as three [k, n / 3] products: one is timed, at n / 3 columns, and counted
+  three times; every other product once, at its own width."""
+  import cpu_peer  # bench/cpu_peer.py
+  # products_ours sets the recipe's XLA_FLAGS in os.environ; restored after this test.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  shapes = [p for p in cpu_peer.product_shapes(cpu_peer.model_spec(tiny=True), batch=2)
+            if p["strategy"] == "full" and p["kind"] == "fwd"]
+  widths = []
+
+  def fake_timer(fn, repeats):
+    widths.append(fn().shape[-1])
+    return 1.0
+  got = cpu_peer.products_ours(shapes, repeats=1, timer=fake_timer)
+  assert got["full qkv fwd"] == 3.0 and got["full attn_out fwd"] == 1.0
+  assert widths[0] == 32 and widths[1] == 32   # qkv at 96 / 3 columns; attn_out at its 32
 
 
 @pytest.mark.slow
