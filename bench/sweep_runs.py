@@ -59,10 +59,29 @@ def runner_from_flags():
 MEASURED = ("pilot", "online")
 
 
+# Rules versions whose runs that measured nothing (the prior, unmeasured) ran what this code's
+# rules run: version 3 changed only the intervals of measurements, not when measuring is skipped.
+UNMEASURED_SAME_AS = {2: 3}
+
+
+def measured_nothing(record: dict) -> bool:
+  """Whether a measured arm's run ran its prior without measuring: a pilot of no rounds, or an
+  online run whose every decision was the prior's, unmeasured."""
+  if record["schedule"] == "pilot":
+    return record.get("pilot_rounds") == 0
+  decisions = [w for w in record.get("why", []) if w.startswith("at ")]
+  return bool(decisions) and all("unmeasured" in w for w in decisions)
+
+
 def same_rules(record: dict) -> bool:
   """Whether a finished record of a measured arm chose by this code's rules (records before the
-  version was kept: version 1); always True for a fixed schedule."""
-  return record["schedule"] not in MEASURED or record.get("rules_version", 1) == RULES_VERSION
+  version was kept: version 1; a run of an older version that measured nothing, where that version
+  skipped measuring as this one does: UNMEASURED_SAME_AS); always True for a fixed schedule."""
+  if record["schedule"] not in MEASURED:
+    return True
+  version = record.get("rules_version", 1)
+  return version == RULES_VERSION or (UNMEASURED_SAME_AS.get(version) == RULES_VERSION
+                                      and measured_nothing(record))
 
 
 def check_rules_version(workdir: str) -> None:

@@ -195,3 +195,21 @@ def test_a_measured_arm_resumes_only_a_workdir_of_its_own_rules(tmp_path):
   assert not sweep_runs.same_rules({"schedule": "pilot"})
   assert sweep_runs.same_rules({"schedule": "dynamic"})
   assert sweep_runs.same_rules({"schedule": "online", "rules_version": sweep_runs.RULES_VERSION})
+
+
+def test_a_run_of_older_rules_counts_only_where_it_measured_nothing():
+  import sweep_runs
+  older = next(v for v, same in sweep_runs.UNMEASURED_SAME_AS.items()
+               if same == sweep_runs.RULES_VERSION)
+  skipped = {"schedule": "pilot", "rules_version": older, "pilot_rounds": 0}
+  assert sweep_runs.same_rules(skipped)
+  assert not sweep_runs.same_rules(dict(skipped, pilot_rounds=2))        # it measured and chose
+  assert not sweep_runs.same_rules(dict(skipped, rules_version=1))       # an incompatible version
+  unmeasured = ["at 0%: the prior's patch8|patch8, unmeasured: too few batches",
+                "at 60%: the prior's keep0.5|keep0.5, unmeasured: too few batches",
+                "the last segment runs at full length (search.final_full)"]
+  online = {"schedule": "online", "rules_version": older, "why": unmeasured}
+  assert sweep_runs.same_rules(online)
+  measured = unmeasured[:1] + ["at 20%: lowest CA-MSE keep0.5|keep0.5 0.8281 [0.68, 1.77]"]
+  assert not sweep_runs.same_rules(dict(online, why=measured))
+  assert not sweep_runs.same_rules(dict(online, why=[]))

@@ -84,6 +84,22 @@ def bootstrap_weights(rng: np.random.Generator, n: int, draws: int) -> np.ndarra
 TERMS = ("bias2", "variance", "ca_mse")
 
 
+def bias_corrected(values: np.ndarray) -> np.ndarray:
+  """[draws + 1] estimate and bootstrap draws -> the same with the draws shifted by the bootstrap's
+  bias estimate, mean(draws) - estimate (Efron & Tibshirani, An Introduction to the Bootstrap,
+  1993, ch. 10), so that they centre on the estimate.
+
+  Why: a resample of n batches repeats some, so its unbiased variance is (n - 1) / n of the
+  sample's on average, and the norm of its mean is inflated by the mean's noise; the noise-corrected
+  bias2 of a resample therefore centres on the plug-in value, not on the corrected one. The
+  gradients have millions of coordinates, so these shifts are far larger than the draws' spread:
+  uncorrected, the percentile interval of an unbiased candidate's bias2 excludes 0 and the
+  variance's excludes its own estimate, at any number of batches below ~100."""
+  out = np.array(values, dtype=np.float64, copy=True)
+  out[1:] -= np.mean(out[1:]) - out[0]
+  return out
+
+
 def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
   """Rows pooled over independent rounds, with intervals.
 
@@ -91,7 +107,8 @@ def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
   values and its bootstrap distribution is the rounds' draws averaged draw by draw. bias2 is pooled
   before clipping at 0 (averaging clipped values would keep an upward bias that more rounds cannot
   remove), then clipped, and CA-MSE rebuilt from it; bias2_plugin is the mean of the rounds'
-  plug-in values. Intervals: the central `level` share of the draws (`<term>_ci` = [low, high]);
+  plug-in values. The draws of bias2 (before clipping) and of the variance are `bias_corrected`
+  first. Intervals: the central `level` share of the draws (`<term>_ci` = [low, high]);
   `ca_mse_diff_ci[other]` is the same for this row's CA-MSE minus the other's, draw by draw (the
   draws are paired: every strategy of a round saw the same resampled batches), and
   `ca_mse_diff_p[other]` the share of draws in which this row's CA-MSE is not below the other's
@@ -111,9 +128,10 @@ def pool_rounds(rounds: list[dict], level: float) -> list[dict]:
     mean = {term: np.mean([rnd[spec][term] for rnd in rounds], axis=0)
             for term in ("bias2_raw", "bias2_plugin", "variance", "cosine", "grad_norm2",
                          "cost_ratio")}
-    bias2 = np.maximum(mean["bias2_raw"], 0.0)
-    values = {"bias2": bias2, "variance": mean["variance"],
-              "ca_mse": bias2 + mean["variance"] * mean["cost_ratio"],
+    raw, variance = (bias_corrected(mean[term]) for term in ("bias2_raw", "variance"))
+    bias2 = np.maximum(raw, 0.0)
+    values = {"bias2": bias2, "variance": variance,
+              "ca_mse": bias2 + variance * mean["cost_ratio"],
               "bias2_plugin": mean["bias2_plugin"], "cosine": mean["cosine"],
               "grad_norm2": mean["grad_norm2"]}
     pooled[spec] = values

@@ -28,8 +28,9 @@ from vit_accel.errors import UserError
 
 # Bumped when a change to the rules below can change which schedule the same measurements give
 # (benchmarks keep results per version). 2: the prior is displaced only on enough batches, at a
-# level shared among the candidates, and where it stands its own stages run.
-RULES_VERSION = 2
+# level shared among the candidates, and where it stands its own stages run. 3: the bootstrap
+# intervals are bias-corrected (grad_error.bias_corrected); when a measurement is skipped is unchanged.
+RULES_VERSION = 3
 
 # Narrowest stage (budget fraction) a search keeps from the prior: 0.1% - schedule files carry 4
 # decimals, and a stage narrower than a step gets none.
@@ -66,10 +67,9 @@ def lower_with_confidence(row: dict, than: dict, tie_tolerance: float, ties: str
   where it is not (`ca_mse_diff_p`) at most `alpha` (one-sided level) when the table has it and
   `alpha` is given, else the difference's interval (`ca_mse_diff_ci`) lies below 0 - or in tables
   without paired differences the intervals do not overlap; else (or without intervals) below by
-  more than tie_tolerance (row x (1 + tie_tolerance) < than). The estimate must agree: at a few
-  batches the percentile bootstrap is biased (a resample with duplicated batches has a smaller
-  variance; the full-length row's draws sit below its estimate), so a difference interval can lie
-  wholly on the other side of the measured difference."""
+  more than tie_tolerance (row x (1 + tie_tolerance) < than). The estimate must agree: the draws are
+  bias-corrected on average (grad_error.bias_corrected), but a skewed difference interval can
+  still lie wholly on the other side of the measured difference."""
   if "ca_mse" not in row or "ca_mse" not in than or row["ca_mse"] >= than["ca_mse"]:
     return False   # an unmeasured row is never lower, and nothing is lower than it
   if ties == "interval" and alpha is not None and "ca_mse_diff_p" in row:
