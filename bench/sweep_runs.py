@@ -60,8 +60,8 @@ MEASURED = ("pilot", "online")
 
 
 # Rules versions whose runs that measured nothing (the prior, unmeasured) ran what this code's
-# rules run: version 3 changed only the intervals of measurements, not when measuring is skipped.
-UNMEASURED_SAME_AS = {2: 3}
+# rules run: versions 3 and 4 changed only what measurements decide, not when measuring is skipped.
+UNMEASURED_SAME_AS = {2: 4, 3: 4}
 
 
 def measured_nothing(record: dict) -> bool:

@@ -252,6 +252,43 @@ def test_a_prior_that_stands_everywhere_comes_out_as_itself():
       "0.475:patch8|patch8; 0.75:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full"
 
 
+def test_a_prior_stage_the_table_rejects_does_not_run_where_another_of_its_stages_stands():
+  """The pilot's 60% table stands for 47.5%-75% of the budget; the preset's patch8 runs to 55%
+  inside it. keep0.5|keep0.5 (the preset's strategy at 60%) stands, but the same table puts
+  patch8 above both keep strategies with confidence: patch8 gives way there, to the cheapest of
+  the rows below it (the rule a table applies to any incumbent)."""
+  specs = ("full", "patch8|patch8", "keep0.5|keep0.5", "keep0.25|keep0.25")
+  costs = {"full": 8.0, "patch8|patch8": 2.0, "keep0.5|keep0.5": 4.0, "keep0.25|keep0.25": 2.0}
+  tied = [paired(s, 0.3, costs[s], {o: [-0.1, 0.1] for o in specs if o != s}) for s in specs]
+  ca = {"full": 0.30, "patch8|patch8": 0.60, "keep0.5|keep0.5": 0.25, "keep0.25|keep0.25": 0.28}
+
+  def diff(a, b):
+    if "patch8|patch8" in (a, b):     # patch8 against anything: resolved
+      return [ca[a] - ca[b] - 0.05, ca[a] - ca[b] + 0.05]
+    return [-0.1, 0.1]                # the rest: within the noise
+  rejecting = [paired(s, ca[s], costs[s], {o: diff(s, o) for o in specs if o != s}) for s in specs]
+  tables = [{"progress": p, "rows": tied} for p in (0.1, 0.35, 0.9)]
+  tables.insert(2, {"progress": 0.6, "rows": rejecting})
+  text = "0.55:patch8|patch8; 0.8:keep0.5|keep0.5; 1:full"
+  prior = [(s.end, s.strategies.spec) for s in step_plan.parse_schedule(text, 8, MODEL)]
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=prior)
+  assert schedule_search.schedule_string(stages) == \
+      "0.475:patch8|patch8; 0.55:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full"
+  why = next(w for s in stages for w in s["why"] if w.startswith("at 60%"))
+  assert "displaced on this table: the prior's patch8|patch8 over 47.5%-55.0% -> " \
+         "keep0.25|keep0.25" in why
+  # Under the monotone rule keep0.25 (cheaper than nothing before it) may take patch8's place,
+  # and keep0.5 after it; a piece is never cheaper than the one before.
+  stages = schedule_search.search_stages(tables, 0.0, True, monotone=True, prior=prior)
+  costs_run = [s["cost_units"] for s in stages]
+  assert costs_run == sorted(costs_run)
+  assert "patch8|patch8" not in [s["strategy"] for s in stages[1:]]
+  # Where no table rejects a prior stage, the prior comes out as itself (as before).
+  tables[2] = {"progress": 0.6, "rows": tied}
+  assert schedule_search.schedule_string(
+      schedule_search.search_stages(tables, 0.0, True, prior=prior)) == text
+
+
 def test_without_paired_differences_a_prior_yields_only_to_a_disjoint_interval():
   prior = ci_row("patch8|patch8", 0.30, 0.25, 0.35, 2.0)
   keep = ci_row("keep0.5|keep0.5", 0.20, 0.15, 0.26, 4.0)   # lower, but its interval reaches

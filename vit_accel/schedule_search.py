@@ -30,7 +30,8 @@ from vit_accel.errors import UserError
 # (benchmarks keep results per version). 2: the prior is displaced only on enough batches, at a
 # level shared among the candidates, and where it stands its own stages run. 3: the bootstrap
 # intervals are bias-corrected (grad_error.bias_corrected); when a measurement is skipped is unchanged.
-RULES_VERSION = 3
+# 4: where the prior stands, each of its stages inside the interval is tested on the table too.
+RULES_VERSION = 4
 
 # Narrowest stage (budget fraction) a search keeps from the prior: 0.1% - schedule files carry 4
 # decimals, and a stage narrower than a step gets none.
@@ -238,10 +239,12 @@ def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = F
   `monotone`: compression only relaxes along training (each interval's strategy costs at least the
   previous one's). `prior` ([(stage end, spec)], e.g. the recipe's hand-set schedule): each table's
   incumbent is the prior's strategy at its progress (`choose`, at `ci_level`); where it stands,
-  the interval runs the prior's own stages, boundaries included, so a prior that stands
-  everywhere comes out as itself (unless a stage inside the interval is one the monotone rule
-  forbids; with `final_full`, the last interval keeps the prior's stages only if the prior ends at
-  full length). `why` holds one `describe` line per table, on the stage that holds its progress.
+  the interval runs the prior's own stages, boundaries included, each of them the incumbent on
+  that table in turn (`choose` with it as the prior, and under `monotone` the previous piece's cost
+  as the floor): a prior stage the table shows worse with confidence gives way to what displaces
+  it, so a prior that stands everywhere comes out as itself, and one of its stages that every
+  table inside its span rejects does not run. With `final_full`, the last interval keeps the
+  prior's stages only if the prior ends at full length. `why` holds one `describe` line per table, on the stage that holds its progress.
   """
   if not tables:
     raise UserError("no gradient-error tables to search a schedule from; run --mode=grad_error "
@@ -271,19 +274,27 @@ def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = F
     why = describe(table["progress"], choice, table["rows"])
     pieces = [(end, winner)]
     if choice.get("prior") and not choice["challengers"]:
-      # The prior stands: its own stages over [start, end), where the rules allow every one.
-      # A prior boundary within SLIVER of the interval's own is not kept (a stage that narrow
-      # would get no step, and its end would round onto its neighbour's in the schedule file).
-      inside = [(min(e, end), rows.get(spec))
+      # The prior stands: its own stages over [start, end), each one put to this table as the
+      # incumbent in turn (a prior stage the table shows worse with confidence does not run just
+      # because another stage of the prior held the table's progress). A prior boundary within
+      # SLIVER of the interval's own is not kept (a stage that narrow would get no step, and its
+      # end would round onto its neighbour's in the schedule file).
+      inside = [(min(e, end), spec)
                 for (e, spec), b in zip(prior, [0.0] + [e for e, _ in prior[:-1]])
                 if min(e, end) - max(b, start) >= SLIVER]
       if inside:
         inside[-1] = (end, inside[-1][1])
-      costs = [relative_cost(r) for _, r in inside if r is not None]
-      ok = bool(inside) and len(costs) == len(inside) and (not monotone or (
-          costs[0] >= min_cost - 1e-12 and all(b >= a - 1e-12 for a, b in zip(costs, costs[1:]))))
-      if ok:
-        pieces = inside
+      if inside and all(spec in rows for _, spec in inside):
+        pieces, floor, displaced = [], min_cost, []
+        for (e, spec), b in zip(inside, [start] + [e for e, _ in inside[:-1]]):
+          held = choose(table["rows"], tie_tolerance, ties, floor if monotone else 0.0, spec,
+                        ci_level)["winner"]
+          if held["strategy"] != spec:
+            displaced.append(f"the prior's {spec} over {b:.1%}-{e:.1%} -> {held['strategy']}")
+          pieces.append((e, held))
+          floor = relative_cost(held)
+        if displaced:
+          why += "; displaced on this table: " + ", ".join(displaced)
     if last and final_full:
       if len(pieces) > 1 and pieces[-1][1]["strategy"] == "full":
         why += "; the prior's stages end at full length (search.final_full)"
