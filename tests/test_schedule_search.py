@@ -280,13 +280,42 @@ def test_a_prior_stage_the_table_rejects_does_not_run_where_another_of_its_stage
   # Under the monotone rule keep0.25 (cheaper than nothing before it) may take patch8's place,
   # and keep0.5 after it; a piece is never cheaper than the one before.
   stages = schedule_search.search_stages(tables, 0.0, True, monotone=True, prior=prior)
-  costs_run = [s["cost_units"] for s in stages]
-  assert costs_run == sorted(costs_run)
-  assert "patch8|patch8" not in [s["strategy"] for s in stages[1:]]
+  assert schedule_search.schedule_string(stages) == \
+      "0.475:patch8|patch8; 0.55:keep0.25|keep0.25; 0.8:keep0.5|keep0.5; 1:full"
+  # The last interval's full-length stage is not put to the table under search.final_full (it
+  # runs full length either way); its other stages are. The 70% table stands for 55%-100%.
+  def diff_full(a, b, margin=0.02):   # here full is resolved against everything as well
+    if {"patch8|patch8", "full"} & {a, b}:
+      return [ca[a] - ca[b] - margin, ca[a] - ca[b] + margin]
+    return [-0.1, 0.1]
+  against_full = [paired(s, ca[s], costs[s], {o: diff_full(s, o) for o in specs if o != s})
+                  for s in specs]
+  late = [dict(tables[0], progress=0.1), {"progress": 0.4, "rows": against_full}]
+  late_prior = [(0.5, "keep0.5|keep0.5"), (0.6, "patch8|patch8"), (1.0, "full")]
+  stages = schedule_search.search_stages(late, 0.0, True, prior=late_prior)
+  assert schedule_search.schedule_string(stages) == \
+      "0.5:keep0.5|keep0.5; 0.6:keep0.25|keep0.25; 1:full"
+  why = stages[0]["why"][-1]
+  assert why.startswith("at 40%") and "the prior's stages end at full length" in why
+  assert "patch8|patch8 over 50.0%-60.0% -> keep0.25|keep0.25" in why and "full over" not in why
   # Where no table rejects a prior stage, the prior comes out as itself (as before).
   tables[2] = {"progress": 0.6, "rows": tied}
   assert schedule_search.schedule_string(
       schedule_search.search_stages(tables, 0.0, True, prior=prior)) == text
+
+
+def test_unmeasured_tables_run_a_prior_unchanged_under_the_monotone_rule_too():
+  """With nothing measured no prior stage is displaced; a prior that breaks search.monotone
+  inside an interval runs the stage holding the table's progress over the whole interval."""
+  unmeasured = [{"strategy": s, "cost_units": c}
+                for s, c in (("full", 8.0), ("patch8|patch8", 2.0), ("keep0.5", 4.0))]
+  tables = [{"progress": p, "rows": unmeasured} for p in (0.1, 0.35, 0.6, 0.9)]
+  prior = [(0.3, "keep0.5"), (0.55, "patch8|patch8"), (1.0, "full")]
+  stages = schedule_search.search_stages(tables, 0.0, True, monotone=True, prior=prior)
+  assert schedule_search.schedule_string(stages) == "0.475:keep0.5; 1:full"
+  assert not any("displaced" in w for s in stages for w in s["why"])
+  stages = schedule_search.search_stages(tables, 0.0, True, prior=prior)
+  assert schedule_search.schedule_string(stages) == "0.3:keep0.5; 0.55:patch8|patch8; 1:full"
 
 
 def test_without_paired_differences_a_prior_yields_only_to_a_disjoint_interval():

@@ -229,6 +229,37 @@ def describe(progress: float, choice: dict, rows: list[dict]) -> str:
   return text
 
 
+def _prior_pieces(table: dict, inside: list[tuple[float, str]], start: float,
+                  tie_tolerance: float, ties: str, monotone: bool, min_cost: float,
+                  ci_level: float, final_full: bool, why: str) -> tuple[list, str]:
+  """The pieces [(end, row)] of an interval where the prior stands at the table's progress:
+  the prior's stages `inside` ([(end, spec)], from `start`), each other than the one holding the
+  table's progress put to the table as the incumbent (`choose`; under `monotone` the previous
+  piece's cost is the floor): a stage the table shows worse with confidence gives way to what
+  displaces it. The holder stands (the table's own `choose` said so); under `final_full` a last stage at full
+  length is not put to the test (it runs full length either way). Returns the pieces and `why`
+  with the stages displaced named."""
+  rows = {r["strategy"]: r for r in table["rows"]}
+  pieces, floor, displaced = [], min_cost, []
+  for k, ((e, spec), b) in enumerate(zip(inside, [start] + [e for e, _ in inside[:-1]])):
+    holds = b <= table["progress"] < e or (k == len(inside) - 1 and table["progress"] >= e)
+    if holds or (final_full and k == len(inside) - 1 and spec == "full"):
+      held = rows[spec]
+    else:
+      held = choose(table["rows"], tie_tolerance, ties, floor if monotone else 0.0, spec,
+                    ci_level)["winner"]
+      if held["strategy"] != spec:
+        reason = ("" if not monotone or relative_cost(rows[spec]) >= floor - 1e-12
+                  else " (search.monotone: cheaper than the stage before)")
+        displaced.append(f"the prior's {spec} over {b:.1%}-{e:.1%} -> {held['strategy']}"
+                         + reason)
+    pieces.append((e, held))
+    floor = relative_cost(held)
+  if displaced:
+    why += "; displaced on this table: " + ", ".join(displaced)
+  return pieces, why
+
+
 def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = False,
                   ties: str = "interval", monotone: bool = False,
                   prior: list[tuple[float, str]] | None = None,
@@ -274,27 +305,21 @@ def search_stages(tables: list[dict], tie_tolerance: float, final_full: bool = F
     why = describe(table["progress"], choice, table["rows"])
     pieces = [(end, winner)]
     if choice.get("prior") and not choice["challengers"]:
-      # The prior stands: its own stages over [start, end), each one put to this table as the
-      # incumbent in turn (a prior stage the table shows worse with confidence does not run just
-      # because another stage of the prior held the table's progress). A prior boundary within
-      # SLIVER of the interval's own is not kept (a stage that narrow would get no step, and its
-      # end would round onto its neighbour's in the schedule file).
+      # The prior stands: its own stages over [start, end), where the rules allow every one. A
+      # prior boundary within SLIVER of the interval's own is not kept (a stage that narrow would
+      # get no step, and its end would round onto its neighbour's in the schedule file).
       inside = [(min(e, end), spec)
                 for (e, spec), b in zip(prior, [0.0] + [e for e, _ in prior[:-1]])
                 if min(e, end) - max(b, start) >= SLIVER]
       if inside:
         inside[-1] = (end, inside[-1][1])
-      if inside and all(spec in rows for _, spec in inside):
-        pieces, floor, displaced = [], min_cost, []
-        for (e, spec), b in zip(inside, [start] + [e for e, _ in inside[:-1]]):
-          held = choose(table["rows"], tie_tolerance, ties, floor if monotone else 0.0, spec,
-                        ci_level)["winner"]
-          if held["strategy"] != spec:
-            displaced.append(f"the prior's {spec} over {b:.1%}-{e:.1%} -> {held['strategy']}")
-          pieces.append((e, held))
-          floor = relative_cost(held)
-        if displaced:
-          why += "; displaced on this table: " + ", ".join(displaced)
+      costs = [relative_cost(rows[spec]) for _, spec in inside if spec in rows]
+      ok = bool(inside) and len(costs) == len(inside) and (not monotone or (
+          costs[0] >= min_cost - 1e-12 and all(b >= a - 1e-12 for a, b in zip(costs, costs[1:]))))
+      # (A last interval whose prior stages do not end at full length runs full length whole.)
+      if ok and not (last and final_full and inside[-1][1] != "full"):
+        pieces, why = _prior_pieces(table, inside, start, tie_tolerance, ties, monotone,
+                                    min_cost, ci_level, last and final_full, why)
     if last and final_full:
       if len(pieces) > 1 and pieces[-1][1]["strategy"] == "full":
         why += "; the prior's stages end at full length (search.final_full)"
