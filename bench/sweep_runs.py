@@ -151,6 +151,7 @@ class Runner:
       key, _, value = item.partition("=")
       common[key] = value
     t0 = time.time()
+    code = commit()   # the code that runs (a commit made while it trains is not it)
     if schedule in MEASURED:
       check_rules_version(workdir)
     pilot = None
@@ -207,7 +208,7 @@ class Runner:
             "steps": final["step"], "stages": [f"{s['spec']} x{s['num_steps']}"
                                               for s in plan["stages"]],
             "command_wall_s": time.time() - t0, "load_avg_1m": os.getloadavg()[0],
-            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(),
+            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": code,
             "extra": list(self.extra) + list(overrides), **extra}
 
   def main_py(self, workdir: str, overrides: dict, mode: str = "train") -> None:
