@@ -60,8 +60,13 @@ MEASURED = ("pilot", "online")
 
 
 # Rules versions whose runs that measured nothing (the prior, unmeasured) ran what this code's
-# rules run: versions 3 and 4 changed only what measurements decide, not when measuring is skipped.
-UNMEASURED_SAME_AS = {2: 4, 3: 4}
+# rules run: versions 3 and 4 changed only what measurements decide, not when measuring is skipped;
+# version 5 skips the online schedule's measurements in more cases, and what a skipped run runs
+# (the prior at the segment starts) is unchanged.
+UNMEASURED_SAME_AS = {2: 5, 3: 5, 4: 5}
+# Rules versions whose measured runs of a schedule chose by this code's rules: version 5 changed
+# only the online schedule.
+MEASURED_SAME_AS = {"pilot": {4: 5}}
 
 
 def measured_nothing(record: dict) -> bool:
@@ -76,10 +81,13 @@ def measured_nothing(record: dict) -> bool:
 def same_rules(record: dict) -> bool:
   """Whether a finished record of a measured arm chose by this code's rules (records before the
   version was kept: version 1; a run of an older version that measured nothing, where that version
-  skipped measuring as this one does: UNMEASURED_SAME_AS); always True for a fixed schedule."""
+  skipped measuring as this one does: UNMEASURED_SAME_AS; a run of an older version whose rules
+  for its schedule are this one's: MEASURED_SAME_AS); always True for a fixed schedule."""
   if record["schedule"] not in MEASURED:
     return True
   version = record.get("rules_version", 1)
+  if MEASURED_SAME_AS.get(record["schedule"], {}).get(version) == RULES_VERSION:
+    return True
   return version == RULES_VERSION or (UNMEASURED_SAME_AS.get(version) == RULES_VERSION
                                       and measured_nothing(record))
 

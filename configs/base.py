@@ -114,14 +114,17 @@ def get_config() -> ml_collections.ConfigDict:
   # and run the best until the next decision.
   c.online = ml_collections.ConfigDict()
   c.online.every = 0.2
-  c.online.reference_batches = 3
-  c.online.batches = 2
-  c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5")
-  # With a prior, 3 + 2 batches cannot displace it (3 + 6 could, for two candidates, at 6.6% of a
-  # 1-epoch budget): the default online run measures nothing and runs the prior's strategies.
-  # Ties -> the cheaper, as search.ties; 'tolerance' (search.tie_tolerance) by default: bootstrap
-  # intervals over 3 + 2 batches say little (raise both counts to ~8 before 'interval').
-  c.online.ties = "tolerance"
+  # 6 + 6 batches: the fewest on which one of 3 candidates may displace search.prior's strategy
+  # at grad_error.ci_level 0.9 (schedule_search.batches_to_displace).
+  c.online.reference_batches = 6
+  c.online.batches = 6
+  c.online.candidates = ("patch8|patch8", "keep0.5|keep0.5", "keep0.25|keep0.25")
+  # The measurements' cap, as a share of the budget. A round costs the same at any budget: the
+  # default 4 rounds cost ~10% of a 1-epoch MoCo-v3 budget, ~2.6% of a 4-epoch one. Above the cap
+  # the online schedule measures nothing and runs search.prior's strategies.
+  c.online.measure_fraction = 0.05
+  # Ties -> the cheaper, as search.ties.
+  c.online.ties = "interval"
   # --mode=pilot: a short uncompressed run (this share of the budget) with milestones at these
   # fractions of its own budget, then grad_error and search on it, all in WORKDIR.
   c.pilot = ml_collections.ConfigDict()

@@ -213,3 +213,12 @@ def test_a_run_of_older_rules_counts_only_where_it_measured_nothing():
   measured = unmeasured[:1] + ["at 20%: lowest CA-MSE keep0.5|keep0.5 0.8281 [0.68, 1.77]"]
   assert not sweep_runs.same_rules(dict(online, why=measured))
   assert not sweep_runs.same_rules(dict(online, why=[]))
+  # A version whose rules for one schedule are this code's: its measured runs of that schedule
+  # count, those of another schedule do not.
+  for schedule, same in sweep_runs.MEASURED_SAME_AS.items():
+    for version, now in same.items():
+      assert now == sweep_runs.RULES_VERSION
+      chose = {"schedule": schedule, "rules_version": version, "pilot_rounds": 2, "why": measured}
+      assert sweep_runs.same_rules(chose)
+      other = next(s for s in sweep_runs.MEASURED if s != schedule)
+      assert not sweep_runs.same_rules(dict(chose, schedule=other))

@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_config
 from vit_accel import grad_error, step_plan, train
 from vit_accel.compression import BranchStrategies
+from vit_accel.errors import UserError
 
 KEEP = "keep0.25|keep0.25"
 
@@ -17,7 +18,7 @@ def online_config(steps, **overrides):
   config = tiny_config(steps=steps, schedule="online", **{
       "online.every": 0.5, "online.reference_batches": 2, "online.batches": 2,
       "online.candidates": (KEEP,), "search.tie_tolerance": 0.0, "search.prior": "",
-      **overrides})
+      "online.measure_fraction": 1.0, **overrides})
   return config
 
 
@@ -106,7 +107,9 @@ def test_too_few_batches_to_displace_the_prior_measure_nothing_and_run_the_prior
 
   monkeypatch.setattr(grad_error, "measure", never)
   config = online_config(20, **{"search.final_full": False, "search.prior": f"0.5:{KEEP}; 1:full"})
-  assert not step_plan.online_measures(config) and step_plan.online_overhead_units(config) == 0
+  n = 60000
+  assert not step_plan.online_measures(config, n)
+  assert step_plan.online_overhead_units(config, n) == 0
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   choices = [l for l in read_lines(workdir) if "online_choice" in l]
@@ -117,7 +120,49 @@ def test_too_few_batches_to_displace_the_prior_measure_nothing_and_run_the_prior
     plan = json.load(f)
   assert plan["stages"][0]["start_units"] == 0   # nothing charged before the first segment
   config.online.reference_batches = config.online.batches = 5
-  assert step_plan.online_measures(config) and step_plan.online_overhead_units(config) > 0
+  assert step_plan.online_measures(config, n) and step_plan.online_overhead_units(config, n) > 0
+
+
+def test_measurements_the_budget_does_not_pay_for_are_not_taken():
+  """Enough batches to displace the prior, but their cost above online.measure_fraction of the
+  budget: the prior runs unmeasured, at no charge, and says why; with a larger cap (or budget) it
+  measures. Without a prior to fall back on, the same shortfall is an error before training."""
+  n = 60000
+  config = online_config(20, **{"search.prior": f"0.5:{KEEP}; 1:full",
+                                "online.reference_batches": 5, "online.batches": 5})
+  full_plan = step_plan.make_step_plan(config, n)
+  measures, _ = step_plan.online_measurement(config, n)
+  assert measures and full_plan.stages[0].start_units > 0
+  # the share of the budget one measurement takes: decisions x round / budget
+  decisions = len(step_plan.online_segments(config.online.every)) - 1   # final_full: last unmeasured
+  share = decisions * step_plan.online_overhead_units(config, n) / step_plan.budget_units(config, n)
+  config.online.measure_fraction = share * 0.99
+  measures, why = step_plan.online_measurement(config, n)
+  assert not measures and f"would cost {share:.1%} of the budget" in why
+  assert "online.measure_fraction" in why
+  assert step_plan.online_overhead_units(config, n) == 0
+  assert step_plan.make_step_plan(config, n).stages[0].start_units == 0
+  config.online.measure_fraction = share * 1.01
+  assert step_plan.online_measures(config, n)
+  config.search.prior = ""
+  config.online.measure_fraction = share * 0.99
+  with pytest.raises(UserError, match="without search.prior there is nothing to follow"):
+    step_plan.make_step_plan(config, n)
+
+
+@pytest.mark.parametrize("recipe", ["mocov3", "simclr", "dino"])
+def test_the_recipes_online_schedule_measures_at_four_epochs_not_at_one(recipe):
+  """The defaults' cap: measuring 4 decisions costs ~10% of a 1-epoch budget (more than the
+  measurements could win back), a few % of a 4-epoch one; the recipe's prior can be displaced."""
+  import importlib
+  config = importlib.import_module(f"configs.fmnist_{recipe}").get_config()
+  n = 60000
+  config.budget, config.budget_epochs = -1.0, 1.0
+  assert not step_plan.online_measures(config, n)
+  config.budget_epochs = 4.0
+  assert step_plan.online_measures(config, n)
+  assert step_plan.prior_displaceable(config, "online.candidates", config.online.reference_batches,
+                                      config.online.batches)[0]
 
 
 @pytest.mark.slow

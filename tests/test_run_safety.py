@@ -407,7 +407,7 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
   run_identity.check_resumable(saved, saved, "/run/checkpoints", False)
   for key, value in (("search.monotone", True), ("search.final_full", False),
                      ("search.tie_tolerance", 0.2), ("grad_error.ci_level", 0.5),
-                     ("search.prior", "1:full"), ("online.ties", "interval")):
+                     ("search.prior", "1:full"), ("online.ties", "tolerance")):
     changed = tiny_config(steps=100, schedule="online", **{key: value})
     current = run_identity.run_metadata(changed, step_plan.make_step_plan(changed, 1000), {},
                                         online=True)
@@ -433,7 +433,11 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
                                       r"it with the vit-accel that started it"):
     run_identity.check_resumable(older_rules, saved, "/run/checkpoints", False)
   run_identity.check_resumable(older_rules, saved, "/run/checkpoints", True)
-  unprimed = tiny_config(steps=100, schedule="online", **{"search.prior": ""})
+  # (without a prior, this budget only pays for the measurements under a wider cap)
+  online = dict(before_prior["plan"]["online"], measure_fraction=1.0)
+  before_prior = dict(before_prior, plan=dict(before_prior["plan"], online=online))
+  unprimed = tiny_config(steps=100, schedule="online",
+                         **{"search.prior": "", "online.measure_fraction": 1.0})
   run_identity.check_resumable(before_prior, run_identity.run_metadata(
       unprimed, step_plan.make_step_plan(unprimed, 1000), {}, online=True), "/run/checkpoints",
       False)

@@ -214,6 +214,7 @@ DOMAINS = {
     "online.batches": Number(2, integer=True),
     "online.candidates": Each(TEXT),
     "online.ties": Choice(("interval", "tolerance")),
+    "online.measure_fraction": FRACTION,
     "pilot.budget_fraction": FRACTION,
     "pilot.measure_fraction": FRACTION,
     "pilot.at_progress": Each(FRACTION),

@@ -7,8 +7,10 @@ separate from training's), and the segment runs the strategy --mode=search's rul
 (schedule_search.choose: the prior schedule's strategy for the segment, `search.prior`, unless a
 candidate is below it with confidence on enough batches; lowest CA-MSE, ties -> the cheaper by
 `online.ties`; `search.monotone`). When online.reference_batches and online.batches are too few
-for any candidate to displace the prior (step_plan.prior_displaceable), nothing is measured and
-every segment runs the prior's strategy, at no measurement cost; the
+for any candidate to displace the prior (step_plan.prior_displaceable), or the measurements would
+cost more than online.measure_fraction of the budget (step_plan.online_measurement: at the
+defaults, budgets below ~2.5 full-cost epochs), nothing is measured and every segment runs the
+prior's strategy, at no measurement cost; the
 last segment runs at full length unmeasured when `search.final_full` (the default), as a searched
 schedule's last stage does. The measurement's compute is charged to the budget before the segment
 (its units are known in advance), so an online run spends the same budget as any other.
@@ -40,11 +42,11 @@ class OnlineScheduler:
     self.grad_fns = grad_error.make_grad_fns(config, run.model, self.strategies,
                                              run.state_shardings, run.mesh)
     self.costs = {st: step_plan.step_cost_units(config, st) for st in self.strategies}
-    self.overhead = step_plan.online_overhead_units(config)
+    num_train = run.train_source.num_examples
+    self.overhead = step_plan.online_overhead_units(config, num_train)
     # Measured (config_checks saw to it), spelled as the candidates are.
     self.prior = step_plan.prior_stages(config, [st.spec for st in self.strategies])
-    self.measures, self.needed = step_plan.prior_displaceable(
-        config, "online.candidates", config.online.reference_batches, config.online.batches)
+    self.measures, self.unmeasured_why = step_plan.online_measurement(config, num_train)
 
   @staticmethod
   def due(step: int, plan: step_plan.StepPlan, decisions: list) -> bool:
@@ -70,10 +72,7 @@ class OnlineScheduler:
                                      ([0.0] + step_plan.online_segments(cfg.every))[segment])
     if not self.measures:
       spec = prior
-      why = (f"at {progress:.0%}: the prior's {spec}, unmeasured: online.reference_batches="
-             f"{cfg.reference_batches} / online.batches={cfg.batches} cannot displace it (that "
-             f"takes >= {self.needed} batches each at grad_error.ci_level="
-             f"{float(self.config.grad_error.ci_level):g})")
+      why = f"at {progress:.0%}: the prior's {spec}, unmeasured: {self.unmeasured_why}"
       logging.info("online decision %d at step %d: %s", segment, step, why)
       return {"segment": segment, "step": step, "strategy": spec, "overhead_units": 0.0,
               "ca_mse": {}, "bias2": {}, "seconds": 0.0, "why": why}

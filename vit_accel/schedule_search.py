@@ -31,7 +31,9 @@ from vit_accel.errors import UserError
 # level shared among the candidates, and where it stands its own stages run. 3: the bootstrap
 # intervals are bias-corrected (grad_error.bias_corrected); when a measurement is skipped is unchanged.
 # 4: where the prior stands, each of its stages inside the interval is tested on the table too.
-RULES_VERSION = 4
+# 5: the online schedule measures where online.measure_fraction of the budget pays for it (the
+# pilot's rules are 4's).
+RULES_VERSION = 5
 
 # Narrowest stage (budget fraction) a search keeps from the prior: 0.1% - schedule files carry 4
 # decimals, and a stage narrower than a step gets none.

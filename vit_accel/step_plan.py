@@ -337,17 +337,49 @@ def prior_displaceable(config, key: str, reference_batches: int, batches: int,
   return n * max(1, int(rounds)) >= needed, needed
 
 
-def online_measures(config) -> bool:
-  """Whether the online schedule measures before its decisions (prior_displaceable with
-  online.reference_batches and online.batches, one round); if not, it follows search.prior."""
-  return prior_displaceable(config, "online.candidates", config.online.reference_batches,
-                            config.online.batches)[0]
+def online_measurement(config, num_train_examples: int) -> tuple[bool, str]:
+  """(whether the online schedule measures before its decisions, why not where it does not).
+
+  It measures where the measurements could change a decision and the budget pays for them: one
+  round of online.reference_batches + online.batches per decision (every segment but a final
+  full-length one under search.final_full) may cost at most online.measure_fraction of the
+  budget (budget_units), and those batches must be enough to displace search.prior
+  (prior_displaceable). Where either fails the schedule follows the prior, unmeasured, at no cost.
+  Raises UserError, before anything trains, when there is no prior to follow and the budget does
+  not pay for the measurements."""
+  cfg = config.online
+  displaceable, needed = prior_displaceable(config, "online.candidates", cfg.reference_batches,
+                                            cfg.batches)
+  if not displaceable:
+    return False, (f"online.reference_batches={cfg.reference_batches} / online.batches="
+                   f"{cfg.batches} cannot displace it (that takes >= {needed} batches each at "
+                   f"grad_error.ci_level={float(config.grad_error.ci_level):g})")
+  decisions = len(online_segments(cfg.every)) - (1 if config.search.final_full else 0)
+  units = decisions * measurement_units(config, candidates(config, "online.candidates"),
+                                        cfg.reference_batches, cfg.batches)
+  share = units / budget_units(config, num_train_examples)
+  if share <= float(cfg.measure_fraction):
+    return True, ""
+  why = (f"its {decisions} measurement(s) of {cfg.reference_batches} + {cfg.batches} batches "
+         f"would cost {share:.1%} of the budget, above online.measure_fraction="
+         f"{float(cfg.measure_fraction):g}")
+  if _prior(config) is None:
+    raise UserError(f"schedule=online: {why}, and without search.prior there is nothing to "
+                    f"follow unmeasured; raise the budget or online.measure_fraction, measure "
+                    f"fewer online.candidates or batches, or set search.prior")
+  return False, why
 
 
-def online_overhead_units(config) -> float:
+def online_measures(config, num_train_examples: int) -> bool:
+  """Whether the online schedule measures before its decisions (online_measurement); if not, it
+  follows search.prior."""
+  return online_measurement(config, num_train_examples)[0]
+
+
+def online_overhead_units(config, num_train_examples: int) -> float:
   """Budget units one online decision's measurement costs (0 when it does not measure:
-  online_measures)."""
-  if not online_measures(config):
+  online_measurement)."""
+  if not online_measures(config, num_train_examples):
     return 0.0
   return measurement_units(config, candidates(config, "online.candidates"),
                            config.online.reference_batches, config.online.batches)
@@ -361,7 +393,7 @@ def make_step_plan(config, num_train_examples: int, decisions=()) -> StepPlan:
   if is_online(config):
     stages, overheads = online_stages(config.online.every, list(decisions),
                                       config.compression.bucket, config.model,
-                                      online_overhead_units(config),
+                                      online_overhead_units(config, num_train_examples),
                                       bool(config.search.final_full))
     return make_plan(stages, budget, config.batch_size, cost, config.model, overheads)
   return make_plan(schedule_stages(config), budget, config.batch_size, cost, config.model)
