@@ -92,15 +92,18 @@ def same_rules(record: dict) -> bool:
                                       and measured_nothing(record))
 
 
-def check_rules_version(workdir: str) -> None:
+def check_rules_version(workdir: str, schedule: str) -> None:
   """A measured arm's workdir holds what was measured and chosen under the rules of one version:
-  a new one gets this code's (WORKDIR/rules_version); resuming one of other rules (or of before
-  the file was written) would reuse their choices under this version's name, so it is refused
-  with an error line."""
+  a new one gets this code's (WORKDIR/rules_version); resuming one of other rules for `schedule`
+  (or of before the file was written) would reuse their choices under this version's name, so it
+  is refused with an error line (a version whose rules for `schedule` are this code's,
+  MEASURED_SAME_AS, resumes)."""
   marker = os.path.join(workdir, "rules_version")
   if os.path.isdir(workdir) and os.listdir(workdir):
     saved = open(marker).read().strip() if os.path.exists(marker) else "1"
-    if saved != str(RULES_VERSION):
+    same = {str(v) for v, now in MEASURED_SAME_AS.get(schedule, {}).items()
+            if now == RULES_VERSION}
+    if saved != str(RULES_VERSION) and saved not in same:
       raise SystemExit(f"error: {workdir} holds a run chosen under schedule rules version "
                        f"{saved}, this code's are version {RULES_VERSION}; move it away or use "
                        f"another --workdir_root")
@@ -161,7 +164,7 @@ class Runner:
     t0 = time.time()
     code = commit()   # the code that runs (a commit made while it trains is not it)
     if schedule in MEASURED:
-      check_rules_version(workdir)
+      check_rules_version(workdir, schedule)
     pilot = None
     if schedule == "pilot":
       # The paper's procedure at equal total budget: --mode=pilot (uncompressed pilot run, gradient

@@ -181,17 +181,27 @@ def test_pipeline_bench_variants_are_checked_config_overrides():
 def test_a_measured_arm_resumes_only_a_workdir_of_its_own_rules(tmp_path):
   import sweep_runs
   fresh = tmp_path / "fresh"
-  sweep_runs.check_rules_version(str(fresh))
+  sweep_runs.check_rules_version(str(fresh), "pilot")
   assert (fresh / "rules_version").read_text().strip() == str(sweep_runs.RULES_VERSION)
   (fresh / "pilot_cost.json").write_text("{}")
-  sweep_runs.check_rules_version(str(fresh))          # its own: resumes
+  sweep_runs.check_rules_version(str(fresh), "pilot")          # its own: resumes
   old = tmp_path / "old"
   old.mkdir()
   (old / "pilot_cost.json").write_text("{}")        # written before versions were kept
   with pytest.raises(SystemExit, match=r"error: .*old holds a run chosen under schedule rules "
                                        r"version 1"):
-    sweep_runs.check_rules_version(str(old))
+    sweep_runs.check_rules_version(str(old), "pilot")
   assert sorted(os.listdir(old)) == ["pilot_cost.json"]   # nothing written or moved
+  # A version whose rules for this schedule are this code's resumes; for another schedule it
+  # is refused.
+  assert sweep_runs.MEASURED_SAME_AS
+  for schedule, same in sweep_runs.MEASURED_SAME_AS.items():
+    for version in same:
+      (old / "rules_version").write_text(f"{version}\n")
+      sweep_runs.check_rules_version(str(old), schedule)
+      other = next(s for s in sweep_runs.MEASURED if s != schedule)
+      with pytest.raises(SystemExit, match=rf"rules version {version}, this code's"):
+        sweep_runs.check_rules_version(str(old), other)
   assert not sweep_runs.same_rules({"schedule": "pilot"})
   assert sweep_runs.same_rules({"schedule": "dynamic"})
   assert sweep_runs.same_rules({"schedule": "online", "rules_version": sweep_runs.RULES_VERSION})
@@ -215,6 +225,7 @@ def test_a_run_of_older_rules_counts_only_where_it_measured_nothing():
   assert not sweep_runs.same_rules(dict(online, why=[]))
   # A version whose rules for one schedule are this code's: its measured runs of that schedule
   # count, those of another schedule do not.
+  assert sweep_runs.MEASURED_SAME_AS
   for schedule, same in sweep_runs.MEASURED_SAME_AS.items():
     for version, now in same.items():
       assert now == sweep_runs.RULES_VERSION

@@ -144,8 +144,16 @@ def test_measurements_the_budget_does_not_pay_for_are_not_taken():
   assert step_plan.make_step_plan(config, n).stages[0].start_units == 0
   config.online.measure_fraction = share * 1.01
   assert step_plan.online_measures(config, n)
-  config.search.prior = ""
+  # The count of measured decisions: every segment but a final full-length one.
+  config.online.every, config.search.final_full = 0.25, False
+  round_units = step_plan.measurement_units(config, step_plan.candidates(config, "online.candidates"),
+                                            5, 5)
+  share = 4 * round_units / step_plan.budget_units(config, n)
+  config.online.measure_fraction = share * 1.01
+  assert step_plan.online_measures(config, n)
   config.online.measure_fraction = share * 0.99
+  assert not step_plan.online_measures(config, n)
+  config.search.prior = ""
   with pytest.raises(UserError, match="without search.prior there is nothing to follow"):
     step_plan.make_step_plan(config, n)
 
@@ -160,6 +168,12 @@ def test_the_recipes_online_schedule_measures_at_four_epochs_not_at_one(recipe):
   config.budget, config.budget_epochs = -1.0, 1.0
   assert not step_plan.online_measures(config, n)
   config.budget_epochs = 4.0
+  assert step_plan.online_measures(config, n)
+  # where it starts: ~10% of a 1-epoch budget for four rounds, so from ~2.1 epochs (DINO's two
+  # candidates: 2)
+  config.budget_epochs = 1.9
+  assert not step_plan.online_measures(config, n)
+  config.budget_epochs = 2.2
   assert step_plan.online_measures(config, n)
   assert step_plan.prior_displaceable(config, "online.candidates", config.online.reference_batches,
                                       config.online.batches)[0]

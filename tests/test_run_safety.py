@@ -407,7 +407,8 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
   run_identity.check_resumable(saved, saved, "/run/checkpoints", False)
   for key, value in (("search.monotone", True), ("search.final_full", False),
                      ("search.tie_tolerance", 0.2), ("grad_error.ci_level", 0.5),
-                     ("search.prior", "1:full"), ("online.ties", "tolerance")):
+                     ("search.prior", "1:full"), ("online.ties", "tolerance"),
+                     ("online.measure_fraction", 0.5)):
     changed = tiny_config(steps=100, schedule="online", **{key: value})
     current = run_identity.run_metadata(changed, step_plan.make_step_plan(changed, 1000), {},
                                         online=True)

@@ -9,7 +9,7 @@ candidate is below it with confidence on enough batches; lowest CA-MSE, ties -> 
 `online.ties`; `search.monotone`). When online.reference_batches and online.batches are too few
 for any candidate to displace the prior (step_plan.prior_displaceable), or the measurements would
 cost more than online.measure_fraction of the budget (step_plan.online_measurement: at the
-defaults, budgets below ~2.5 full-cost epochs), nothing is measured and every segment runs the
+defaults, budgets below ~2.1 full-cost epochs), nothing is measured and every segment runs the
 prior's strategy, at no measurement cost; the
 last segment runs at full length unmeasured when `search.final_full` (the default), as a searched
 schedule's last stage does. The measurement's compute is charged to the budget before the segment
