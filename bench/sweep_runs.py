@@ -191,6 +191,8 @@ class Runner:
       run_dir = os.path.join(workdir, "run")
       chosen = {"schedule_file": os.path.join(workdir, "schedule.txt"),
                 "budget": pilot["remaining_units"]}
+      if pilot.get("init_workdir"):   # pilot.warm_start: from the pilot's final weights
+        chosen["init.workdir"] = pilot["init_workdir"]
     else:
       run_dir = workdir
       chosen = ({} if schedule == "recipe" else

@@ -134,6 +134,18 @@ def get_config() -> ml_collections.ConfigDict:
   # budget, so at small budgets grad_error's R and M shrink (to 2 each at least) and fewer rounds
   # run, so that the pilot costs at most budget_fraction + measure_fraction.
   c.pilot.measure_fraction = 0.1
+  # True: the searched run starts from the pilot's final weights (init.workdir = WORKDIR/pilot, see
+  # `init`), so the pilot's training is not thrown away; its lr schedule and optimiser restart.
+  # --mode=pilot says so in schedule.txt and pilot_cost.json ("init_workdir").
+  c.pilot.warm_start = False
+
+  # A fresh run's starting weights: the trained network, the EMA copy and the objective's state
+  # (DINO's centre) of checkpoint `checkpoint_step` (-1 = the latest) in init.workdir's run; step,
+  # optimiser state and every schedule start afresh. "" = random initialisation. A run resuming
+  # its own checkpoint never reads it.
+  c.init = ml_collections.ConfigDict()
+  c.init.workdir = ""
+  c.init.checkpoint_step = -1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 2e-3         # x batch_size / 256 (MoCo-v3 ViT: 1.5e-4 at batch 4096)

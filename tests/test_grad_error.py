@@ -312,7 +312,7 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
                           # at a one-sided 25% level 2 batches can displace the prior
                           "grad_error.ci_level": 0.5,
                           "grad_error.candidates": ("keep0.25|keep0.25",),
-                          "search.prior": "1:keep0.25|keep0.25"})
+                          "search.prior": "1:keep0.25|keep0.25", "pilot.warm_start": True})
   text = pilot_mode.run(config, str(tmp_path))
   pilot_dir = tmp_path / "pilot"
   assert sorted(os.listdir(pilot_dir / "milestones")) == ["2", "6"]  # 30% -> step 2, 90% -> 6
@@ -332,6 +332,8 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   assert per_round > 0 and cost["measurement_units"] == pytest.approx(rounds * per_round)
   assert cost["remaining_units"] == pytest.approx(budget - cost["total_units"])
   assert "nothing is left" in (tmp_path / "schedule.txt").read_text()   # fraction 1.0 here
+  # pilot.warm_start: the searched run is to start from the pilot's final weights.
+  assert cost["init_workdir"] == str(pilot_dir)
 
 
 def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashion_mnist):
@@ -393,6 +395,7 @@ def test_a_pilot_that_could_not_displace_the_prior_trains_and_measures_nothing(
   cost = json.loads((tmp_path / "pilot_cost.json").read_text())
   assert cost["total_units"] == 0 and cost["remaining_units"] == pytest.approx(config.budget)
   assert not cost["measured"] and cost["needed_batches"] == 7
+  assert cost["init_workdir"] is None   # no pilot trained, nothing to start from
   schedule = (tmp_path / "schedule.txt").read_text()
   assert "displacing the prior takes >= 7 of each" in schedule
   config.schedule_file = str(tmp_path / "schedule.txt")

@@ -33,6 +33,8 @@ CASES = {
                            "--config.data.dir=/nonexistent"], "'cifar10' is not prepared"),
     "cluster half-specified": ([SMOKE, "--config.distributed.coordinator_address=127.0.0.1:1"],
                                "needs distributed.num_processes > 0"),
+    "init from nowhere": ([SMOKE, "--config.init.workdir=/nonexistent/run"],
+                          "init.workdir='/nonexistent/run' holds no checkpoints/"),
 }
 
 

@@ -246,3 +246,44 @@ def test_each_objective_trains_a_compressed_then_full_run(tmp_path, recipe, comp
   assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in lines)
   assert lines[0]["seq_len"] < lines[-1]["seq_len"]
   assert 0.0 < result["knn_top1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_fresh_run_starts_from_another_runs_weights_with_init_workdir(tmp_path,
+                                                                         needs_fashion_mnist):
+  """init.workdir: the trained network, EMA copy and objective state (DINO's centre) of the source
+  run's latest checkpoint, at step 0 with a fresh optimiser state; a source that is missing, or
+  holds another train state, is one UserError before anything trains."""
+  from vit_accel import run_setup
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(tiny_config(steps=4, recipe="dino"), source)
+  saved = ocp.StandardCheckpointer().restore(os.path.join(source, "checkpoints", "4", "state"))
+  config = tiny_config(steps=4, recipe="dino", **{"init.workdir": source})
+  run = run_setup.build(config)
+  fresh = run.fresh_state()
+  warm = train.initial_state(run)
+  assert int(warm.step) == 0
+  for part in ("params", "ema_params", "extra"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(warm, part), saved[part])
+    # ...which are not what a random start holds (the centre starts at zero)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(getattr(warm, part)),
+                                                        jax.tree.leaves(getattr(fresh, part))))
+  jax.tree.map(np.testing.assert_array_equal, warm.opt_state, fresh.opt_state)
+  config.init.checkpoint_step = 2   # an earlier one, by step
+  jax.tree.map(np.testing.assert_array_equal, train.initial_state(run).params,
+               load_params(source, 2))
+
+  # Trains on from there (and a resumed run reads its own checkpoint, not init.workdir's).
+  warm_dir = str(tmp_path / "warm")
+  train.train_and_evaluate(tiny_config(steps=4, recipe="dino", stop_at_step=2,
+                                       **{"init.workdir": source}), warm_dir)
+  train.train_and_evaluate(tiny_config(steps=4, recipe="dino", **{"init.workdir": source}), warm_dir)
+  assert [l["step"] for l in read_lines(warm_dir) if "loss" in l] == [2, 4]
+
+  with pytest.raises(UserError, match=r"init.workdir=.* holds no checkpoints/"):
+    train.train_and_evaluate(tiny_config(**{"init.workdir": str(tmp_path / "nowhere")}),
+                             str(tmp_path / "a"))
+  assert not (tmp_path / "a").exists()
+  with pytest.raises(UserError, match=r"another train state"):   # a MoCo-v3 state
+    train.train_and_evaluate(tiny_config(**{"init.workdir": source}), str(tmp_path / "b"))
+  assert os.listdir(os.path.join(source, "checkpoints"))   # the source is only read

@@ -218,6 +218,7 @@ DOMAINS = {
     "pilot.budget_fraction": FRACTION,
     "pilot.measure_fraction": FRACTION,
     "pilot.at_progress": Each(FRACTION),
+    "pilot.warm_start": FLAG,
     # optimiser
     "optim.base_lr": POSITIVE,
     "optim.warmup_fraction": PROBABILITY,
@@ -291,6 +292,8 @@ DOMAINS = {
     "eval.linear": Choice(("ridge", "logistic")),
     # export
     "export.checkpoint_step": Number(0, integer=True, also=(-1,)),
+    "init.workdir": TEXT,
+    "init.checkpoint_step": Number(0, integer=True, also=(-1,)),
     "export.dir": TEXT,
     "export.patch_size": NON_NEGATIVE_INT,   # 0 = base; else must tile the image (the driver)
     # fine-tune (--mode=finetune; batch vs devices and train split: finetune.make_plan)

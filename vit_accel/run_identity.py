@@ -40,6 +40,7 @@ FREE = (
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
     "distributed.", "mesh.", "checkpoint.", "eval.", "export.",
     "finetune.",        # --mode=finetune's own recipe: pretraining never reads it
+    "init.",            # where a fresh run's weights came from: a resumed run never reads it
 )
 
 

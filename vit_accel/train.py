@@ -31,6 +31,7 @@ from vit_accel.chronometer import Chronometer, EtaEstimator, format_duration, it
 from vit_accel.errors import Preempted, StorageError, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
+from vit_accel.modes import eval as eval_mode
 from vit_accel.train_step import compile_train_step
 
 
@@ -62,7 +63,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       saved, meta, ckpt.directory, config.allow_schedule_change))
   ckpt.remove_unfinished()   # this run owns the directory now (its identity matched)
   saved = restored[1] if restored else {}
-  train_state = restored[0] if restored else run.fresh_state()
+  train_state = restored[0] if restored else initial_state(run)
   start_step = int(train_state.step)
   decisions = list(saved.get("online_decisions", []))   # online: one per segment decided so far
   if decisions:
@@ -168,6 +169,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ the loop's parts
+def initial_state(run) -> state.TrainState:
+  """A fresh run's TrainState: random (run.fresh_state()), or with init.workdir set the trained
+  network, EMA copy and objective state (`extra`) of that run's checkpoint init.checkpoint_step
+  (-1 = the latest), with step 0 and a fresh optimiser state, so the lr, momentum and every other
+  schedule start afresh (a warm start, as big_vision's `model_init` or a pilot's weights handed on).
+
+  Raises UserError (one line) when init.workdir holds no such checkpoint, one of another train state
+  (model, heads or objective), or one that cannot be read."""
+  fresh = run.fresh_state()
+  source = run.config.init.workdir
+  if not source:
+    return fresh
+  step, saved, _ = eval_mode.restore_checkpoint(run.config, os.path.expanduser(source),
+                                                run.restore_target,
+                                                step_key="init.checkpoint_step")
+  logging.info("initialised from %s/checkpoints step %d (weights only)", source, step)
+  # The optimiser's state is a function of the tree's shapes only at step 0 (zero moments): the
+  # fresh one fits the restored weights.
+  return fresh.replace(params=saved.params, ema_params=saved.ema_params, extra=saved.extra)
+
+
 def use_compilation_cache(config) -> None:
   """Re-runs and resumes reuse compiled steps instead of compiling them again (compile_cache_dir)."""
   if config.compile_cache_dir:

@@ -8,7 +8,9 @@ momentum schedules are the full run's, compressed in time). The measurements spe
 pilot.measure_fraction of the budget (measurement_plan: fewer batches and rounds at small budgets).
 What the pilot spent (training and measurements, in budget units) goes to WORKDIR/pilot_cost.json
 and schedule.txt's last comment, with the budget that is left: comparisons at equal total budget
-train the searched schedule on it. With a prior schedule (search.prior) and a budget whose
+train the searched schedule on it. With pilot.warm_start the searched run starts from the pilot's
+final weights (pilot_cost.json's `init_workdir`, for --config.init.workdir), so the pilot's training
+is not thrown away; its lr schedule and optimiser restart. With a prior schedule (search.prior) and a budget whose
 measurements could not displace it (step_plan.prior_displaceable), the pilot trains and measures
 nothing and the schedule is the prior, at no cost.
 """
@@ -121,12 +123,15 @@ def run(config, workdir: str, args: Args = Args()) -> str:
     pilot.search.grad_error_file = os.path.join(pilot_dir, "grad_error.json")
   text = search_mode.run(pilot, workdir)
   cost = pilot_cost(config, pilot, measured, num_train)
+  # pilot.warm_start: the searched run starts from the pilot's final weights (train.initial_state).
+  cost["init_workdir"] = os.path.abspath(pilot_dir) if config.pilot.warm_start else None
+  start = (f" --config.init.workdir={cost['init_workdir']}" if cost["init_workdir"] else "")
   if jax.process_index() == 0:
     io.atomic_write_json(os.path.join(workdir, "pilot_cost.json"), cost)
     with open(os.path.join(workdir, "schedule.txt"), "a") as f:
       if cost["remaining_units"] > 0:
         f.write(f"# the pilot spent {cost['total_units']:.4g} units ({cost['fraction']:.1%} of "
-                f"the budget); charge it: --config.budget={cost['remaining_units']:.6g}\n")
+                f"the budget); charge it: --config.budget={cost['remaining_units']:.6g}{start}\n")
       else:
         f.write(f"# the pilot spent {cost['total_units']:.4g} units, {cost['fraction']:.0%} of "
                 f"the budget: nothing is left for the searched run at equal total budget\n")
@@ -139,7 +144,7 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   print(f"the pilot spent {cost['total_units']:.4g} budget units ({cost['fraction']:.1%}: training "
         f"{cost['train_units']:.4g}, gradient-error measurements {cost['measurement_units']:.4g});"
         f" at equal total budget train the searched schedule with "
-        f"--config.budget={cost['remaining_units']:.6g}", flush=True)
+        f"--config.budget={cost['remaining_units']:.6g}{start}", flush=True)
   save_config(config, workdir, "pilot", primary=jax.process_index() == 0)
   return text
 
@@ -175,6 +180,7 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
   budget = step_plan.budget_units(config, num_train)
   cost = {"train_units": 0.0, "measurement_units": 0.0, "rounds": 0, "total_units": 0.0,
           "budget_units": budget, "fraction": 0.0, "remaining_units": budget, "measured": False,
+          "init_workdir": None,   # no pilot trained: nothing to start from
           "needed_batches": needed,
           "measure": {"reference_batches": measure["reference_batches"],
                       "batches": measure["batches"], "max_rounds": measure["max_rounds"]}}
