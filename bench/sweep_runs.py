@@ -118,6 +118,17 @@ def run_key(arm: str, budget: float, lr: float, batch: int, seed: int) -> str:
   return f"{arm}_b{budget:g}_lr{lr:g}_bs{batch}_s{seed}"
 
 
+def check_warm_start(workdir: str, pilot: dict, overrides: dict) -> None:
+  """SystemExit (one `error:` line) when the pilot kept in `workdir` (its pilot_cost.json, `pilot`)
+  ran with another pilot.warm_start than the arm's `overrides` ask for (default False): resuming
+  it would record a searched run from random weights as warm-started, or the reverse."""
+  warm = str(overrides.get("pilot.warm_start", False)).strip().lower() in ("true", "1")
+  if pilot.get("warm_start", False) != warm:
+    raise SystemExit(f"error: {workdir} holds a pilot of pilot.warm_start="
+                     f"{pilot.get('warm_start', False)}, this arm asks for {warm}; give the arm "
+                     f"another name or another --workdir_root")
+
+
 @dataclasses.dataclass(frozen=True)
 class Runner:
   """Runs one objective's recipe (configs/fmnist_<objective>.py[:config_arg]) with `extra`
@@ -174,6 +185,7 @@ class Runner:
                      mode="pilot")
       with open(os.path.join(workdir, "pilot_cost.json")) as f:
         pilot = json.load(f)
+      check_warm_start(workdir, pilot, common)
       if pilot["remaining_units"] <= 0:
         raise SystemExit(f"error: at {budget:g} epochs the pilot spends {pilot['fraction']:.0%} "
                          f"of the budget, leaving nothing for the searched run; drop this budget "
@@ -198,7 +210,7 @@ class Runner:
       chosen = ({} if schedule == "recipe" else
                 {"schedule_file": os.path.abspath(schedule)} if os.path.isfile(schedule) else
                 {"schedule": schedule})
-    self.main_py(run_dir, {**chosen, **common})
+    self.main_py(run_dir, {**common, **chosen})   # the pilot's budget and source win
     final = [m for m in read_metrics(run_dir, kind="eval") if "evaluated_by" not in m][-1]
     with open(os.path.join(run_dir, "plan.json")) as f:
       plan = json.load(f)

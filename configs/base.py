@@ -141,8 +141,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # A fresh run's starting weights: the trained network, the EMA copy and the objective's state
   # (DINO's centre) of checkpoint `checkpoint_step` (-1 = the latest) in init.workdir's run; step,
-  # optimiser state and every schedule start afresh. "" = random initialisation. A run resuming
-  # its own checkpoint never reads it.
+  # optimiser state and every schedule start afresh. "" = random initialisation. The source's
+  # optimiser state is not read (it may differ, e.g. in clipping). Part of the run's identity: a
+  # resume must name the same source, which it never reads (it may be gone by then).
   c.init = ml_collections.ConfigDict()
   c.init.workdir = ""
   c.init.checkpoint_step = -1

@@ -233,3 +233,19 @@ def test_a_run_of_older_rules_counts_only_where_it_measured_nothing():
       assert sweep_runs.same_rules(chose)
       other = next(s for s in sweep_runs.MEASURED if s != schedule)
       assert not sweep_runs.same_rules(dict(chose, schedule=other))
+
+
+def test_a_kept_pilot_is_resumed_only_with_its_own_warm_start(tmp_path):
+  """sweep_runs.check_warm_start: a pilot kept from a run with the other pilot.warm_start is refused
+  (it would record a run from random weights as warm-started, or the reverse)."""
+  import sweep_runs
+  cold, warm = {"warm_start": False, "init_workdir": None}, {"warm_start": True,
+                                                             "init_workdir": "/r/pilot"}
+  sweep_runs.check_warm_start(str(tmp_path), cold, {})
+  sweep_runs.check_warm_start(str(tmp_path), warm, {"pilot.warm_start": "True"})
+  sweep_runs.check_warm_start(str(tmp_path), {}, {"pilot.warm_start": "false"})  # an older pilot
+  with pytest.raises(SystemExit, match=r"error: .* holds a pilot of pilot.warm_start=False, this "
+                                       r"arm asks for True"):
+    sweep_runs.check_warm_start(str(tmp_path), cold, {"pilot.warm_start": "True"})
+  with pytest.raises(SystemExit, match=r"pilot.warm_start=True, this arm asks for False"):
+    sweep_runs.check_warm_start(str(tmp_path), warm, {})

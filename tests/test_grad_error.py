@@ -333,7 +333,13 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   assert cost["remaining_units"] == pytest.approx(budget - cost["total_units"])
   assert "nothing is left" in (tmp_path / "schedule.txt").read_text()   # fraction 1.0 here
   # pilot.warm_start: the searched run is to start from the pilot's final weights.
-  assert cost["init_workdir"] == str(pilot_dir)
+  assert cost["warm_start"] and cost["init_workdir"] == str(pilot_dir)
+  assert pilot_mode.searched_run_flags(dict(cost, remaining_units=1500.0)) == (
+      f"--config.budget=1500 --config.init.workdir={pilot_dir}")
+  assert pilot_mode.searched_run_flags(
+      dict(cost, remaining_units=2.5e6, init_workdir="/runs/my run/pilot")) == (
+      "--config.budget=2.5e+06 --config.init.workdir='/runs/my run/pilot'")   # a shell word
+  assert pilot_mode.searched_run_flags(dict(cost, init_workdir=None)).count("--config") == 1
 
 
 def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashion_mnist):

@@ -33,9 +33,25 @@ CASES = {
                            "--config.data.dir=/nonexistent"], "'cifar10' is not prepared"),
     "cluster half-specified": ([SMOKE, "--config.distributed.coordinator_address=127.0.0.1:1"],
                                "needs distributed.num_processes > 0"),
-    "init from nowhere": ([SMOKE, "--config.init.workdir=/nonexistent/run"],
-                          "init.workdir='/nonexistent/run' holds no checkpoints/"),
+    "init step without a source": ([SMOKE, "--config.init.checkpoint_step=3"],
+                                   "init.checkpoint_step=3 needs init.workdir"),
 }
+
+
+def test_a_fresh_run_from_a_missing_source_is_one_line_and_creates_nothing(tmp_path):
+  """init.workdir is read only by a fresh run (a resume never reads it): its errors come before
+  the new run's directory exists."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", SMOKE,
+                         "--config.init.workdir=/nonexistent/run", "--logtostderr",
+                         "--verbosity=-1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "init.workdir='/nonexistent/run' holds no checkpoints/" in errors[0], errors[0]
+  assert not workdir.exists()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

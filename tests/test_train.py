@@ -252,17 +252,23 @@ def test_each_objective_trains_a_compressed_then_full_run(tmp_path, recipe, comp
 def test_a_fresh_run_starts_from_another_runs_weights_with_init_workdir(tmp_path,
                                                                          needs_fashion_mnist):
   """init.workdir: the trained network, EMA copy and objective state (DINO's centre) of the source
-  run's latest checkpoint, at step 0 with a fresh optimiser state; a source that is missing, or
-  holds another train state, is one UserError before anything trains."""
+  run's latest checkpoint, at step 0 with a fresh optimiser state - even when the source's
+  optimiser had another structure (no clipping); a resume reads its own checkpoint, not the source
+  (which may be gone), and refuses another source; a bad source is one UserError before the new
+  run's directory exists."""
   from vit_accel import run_setup
   source = str(tmp_path / "source")
-  train.train_and_evaluate(tiny_config(steps=4, recipe="dino"), source)
+  # No clipping in the source, clipping (DINO's recipe: 3.0) in the warm run: other optimiser trees.
+  train.train_and_evaluate(tiny_config(steps=4, recipe="dino", **{"optim.grad_clip": 0.0}), source)
   saved = ocp.StandardCheckpointer().restore(os.path.join(source, "checkpoints", "4", "state"))
-  config = tiny_config(steps=4, recipe="dino", **{"init.workdir": source})
+  warm_config = lambda **kw: tiny_config(steps=4, recipe="dino", **{"init.workdir": source, **kw})  # noqa: E731
+  config = warm_config()
+  assert config.optim.grad_clip > 0
   run = run_setup.build(config)
   fresh = run.fresh_state()
   warm = train.initial_state(run)
   assert int(warm.step) == 0
+  assert jax.tree.structure(warm) == jax.tree.structure(fresh)   # the compiled step's own tree
   for part in ("params", "ema_params", "extra"):
     jax.tree.map(np.testing.assert_array_equal, getattr(warm, part), saved[part])
     # ...which are not what a random start holds (the centre starts at zero)
@@ -273,17 +279,42 @@ def test_a_fresh_run_starts_from_another_runs_weights_with_init_workdir(tmp_path
   jax.tree.map(np.testing.assert_array_equal, train.initial_state(run).params,
                load_params(source, 2))
 
-  # Trains on from there (and a resumed run reads its own checkpoint, not init.workdir's).
-  warm_dir = str(tmp_path / "warm")
-  train.train_and_evaluate(tiny_config(steps=4, recipe="dino", stop_at_step=2,
-                                       **{"init.workdir": source}), warm_dir)
-  train.train_and_evaluate(tiny_config(steps=4, recipe="dino", **{"init.workdir": source}), warm_dir)
-  assert [l["step"] for l in read_lines(warm_dir) if "loss" in l] == [2, 4]
+  # Trains on from there, in one go or interrupted; the resume does not read the source.
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train.train_and_evaluate(warm_config(), whole)
+  train.train_and_evaluate(warm_config(stop_at_step=2), parts)
+  os.rename(source, source + ".moved")
+  with pytest.raises(UserError, match=r"init.workdir=.*elsewhere"):   # another source: another run
+    train.train_and_evaluate(warm_config(**{"init.workdir": source + "/elsewhere"}), parts)
+  train.train_and_evaluate(warm_config(), parts)
+  assert [l["step"] for l in read_lines(parts) if "loss" in l] == [2, 4]
+  jax.tree.map(np.testing.assert_array_equal, load_params(parts, 4), load_params(whole, 4))
+  os.rename(source + ".moved", source)
 
-  with pytest.raises(UserError, match=r"init.workdir=.* holds no checkpoints/"):
-    train.train_and_evaluate(tiny_config(**{"init.workdir": str(tmp_path / "nowhere")}),
-                             str(tmp_path / "a"))
-  assert not (tmp_path / "a").exists()
-  with pytest.raises(UserError, match=r"another train state"):   # a MoCo-v3 state
-    train.train_and_evaluate(tiny_config(**{"init.workdir": source}), str(tmp_path / "b"))
+  for name, overrides, error in [
+      ("a", {"init.workdir": str(tmp_path / "nowhere")}, r"init.workdir=.* holds no checkpoints/"),
+      ("b", {"init.workdir": source}, r"another train state .*point init.workdir="),   # MoCo-v3
+      ("c", {"init.workdir": source, "init.checkpoint_step": 3}, r"init.checkpoint_step=3 is not"),
+  ]:
+    with pytest.raises(UserError, match=error):
+      train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / name))
+    assert not (tmp_path / name).exists()   # nothing created
+  with pytest.raises(UserError, match=r"this run's own --workdir"):
+    train.train_and_evaluate(warm_config(**{"init.workdir": str(tmp_path / "d")}),
+                             str(tmp_path / "d"))
   assert os.listdir(os.path.join(source, "checkpoints"))   # the source is only read
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "mocov3"])
+def test_a_warm_start_of_each_objective_restores_its_own_tree(tmp_path, recipe,
+                                                              needs_fashion_mnist):
+  """Objectives without an EMA copy or extra state (SimCLR: both {}) or with one (MoCo-v3's key
+  encoder) warm-start into the train state's own tree, with the source's trained weights."""
+  from vit_accel import run_setup
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(tiny_config(steps=2, recipe=recipe), source)
+  run = run_setup.build(tiny_config(steps=2, recipe=recipe, **{"init.workdir": source}))
+  fresh, warm = run.fresh_state(), train.initial_state(run)
+  assert jax.tree.structure(warm) == jax.tree.structure(fresh)
+  jax.tree.map(np.testing.assert_array_equal, warm.params, load_params(source, 2))
+  assert int(warm.step) == 0

@@ -45,6 +45,8 @@ class Checkpointer:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add("state", args, ocp.StandardCheckpointHandler)
+    # Some fields of the state only (restore_fields: a warm start's weights, not the optimiser's).
+    registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add("meta", args, ocp.JsonCheckpointHandler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -79,17 +81,23 @@ class Checkpointer:
     reading the arrays."""
     return self._manager.item_metadata(step)["state"]
 
-  def check_compatible(self, step: int, abstract_state) -> None:
-    """Raises UserError (one line) when checkpoint `step` holds a train state of another structure,
-    shape or dtype than `abstract_state`. May raise anything when its metadata cannot be read."""
-    self._refuse_mismatch(step, self.state_metadata(step), abstract_state)
+  def check_compatible(self, step: int, abstract_state, *, fields: tuple[str, ...] = (),
+                       fix: str = "restore that config, or use a new --workdir") -> None:
+    """Raises UserError (one line, ending in `fix`) when checkpoint `step` holds a train state of
+    another structure, shape or dtype than `abstract_state` - in `fields` (top-level field names)
+    only, when given. May raise anything when its metadata cannot be read."""
+    saved = self.state_metadata(step)
+    if fields:
+      saved = _fields(getattr(saved, "tree", saved), fields)
+      abstract_state = _fields(abstract_state, fields)
+    self._refuse_mismatch(step, saved, abstract_state, fix)
 
-  def _refuse_mismatch(self, step: int, saved_layout, abstract_state) -> None:
+  def _refuse_mismatch(self, step: int, saved_layout, abstract_state,
+                       fix: str = "restore that config, or use a new --workdir") -> None:
     problem = state_mismatch(saved_layout, abstract_state)
     if problem:
       raise UserError(f"checkpoint {step} in {self.directory} was written by a config that builds "
-                      f"another train state ({problem}); restore that config, or use a new "
-                      f"--workdir")
+                      f"another train state ({problem}); {fix}")
 
   def restore(self, step: int, abstract_state):
     """(state placed on `abstract_state`'s shardings, meta dict)."""
@@ -97,6 +105,16 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
+
+  def restore_fields(self, step: int, abstract_state, fields: tuple[str, ...]) -> dict:
+    """{field: subtree} of checkpoint `step`, for the top-level `fields` of the train state only,
+    placed on `abstract_state`'s shardings (Orbax partial restore: the other fields, e.g. the
+    optimiser's moments, are neither read nor compared)."""
+    item = _fields(abstract_state, fields)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+    return dict(restored["state"])
 
   def restore_latest_good(self, abstract_state, check_meta=lambda meta: None):
     """(state, meta) of the newest checkpoint that restores, or None when there is none.
@@ -200,6 +218,12 @@ class Checkpointer:
 # Orbax writes a checkpoint under `<step><TMP_SUFFIX>...` and renames it when complete.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
+def _fields(tree, fields: tuple[str, ...]) -> dict:
+  """{name: tree.name} of a dataclass (the TrainState) or mapping (its saved metadata)."""
+  get = tree.__getitem__ if isinstance(tree, dict) else lambda name: getattr(tree, name)
+  return {name: get(name) for name in fields}
+
+
 def _layout(tree) -> dict:
   """{path: (shape, dtype name)} of a tree of arrays, ShapeDtypeStructs or Orbax array metadata."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
@@ -228,3 +252,54 @@ def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or shape structs) carrying `shardings`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+class NoCheckpoint(UserError):
+  """A run directory has no checkpoint at all (a mode with another way on, e.g. a fresh backbone,
+  says so)."""
+
+
+def restore_checkpoint(config, workdir: str, target, *, step_key: str = "eval.checkpoint_step",
+                       fields: tuple[str, ...] = (), fix: str | None = None,
+                       ) -> tuple[int, object, dict]:
+  """(step, state, metadata) of the checkpoint the config key `step_key` names (-1 = the latest):
+  eval.checkpoint_step (--mode=eval), export.checkpoint_step, finetune.checkpoint_step,
+  init.checkpoint_step (a warm start) - in WORKDIR/checkpoints, restored read-only onto `target`'s
+  shardings. With `fields` (top-level TrainState field names) only those are compared and read, and
+  `state` is {field: subtree}.
+
+  Raises UserError (one line, naming the saved steps) when there is none (NoCheckpoint), the step
+  is not saved, it was written by a config of other shapes or it cannot be read; `fix` replaces
+  the remedy those lines name (default: for a reader of its own run's checkpoints)."""
+  section, name = step_key.split(".")
+  ckpt = Checkpointer(f"{workdir}/checkpoints", keep=None, every_steps=1, async_save=False,
+                      read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    wanted = int(config[section][name])
+    if not steps:
+      raise NoCheckpoint(f"no checkpoint in {ckpt.directory}; " + (
+          fix or "train first (same --workdir), or point --workdir at a run directory"))
+    step = max(steps) if wanted < 0 else wanted
+    if step not in steps:
+      raise UserError(f"{step_key}={wanted} is not in {ckpt.directory}; saved steps: "
+                      f"{', '.join(map(str, sorted(steps)))}")
+    try:
+      ckpt.check_compatible(step, target, fields=fields,
+                            fix=fix or "restore that config, or use a new --workdir")
+      if fields:
+        state, meta = ckpt.restore_fields(step, target, fields), ckpt.restore_meta(step)
+      else:
+        state, meta = ckpt.restore(step, target)
+    except UserError:
+      raise   # written by a config of other shapes: named as such, not as unreadable
+    except Exception as e:  # noqa: BLE001 - any read failure: name it; a reader moves nothing
+      reason = first_line(e)
+      others = sorted(s for s in steps if s != step)
+      raise UserError(f"checkpoint {step} in {ckpt.directory} cannot be read ({reason}); "
+                      + (f"choose another with --config.{step_key} (saved: "
+                         f"{', '.join(map(str, others))})" if others else
+                         fix or "re-run training in this workdir to replace it")) from None
+  finally:
+    ckpt.close()
+  return step, state, meta

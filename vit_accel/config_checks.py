@@ -2,8 +2,6 @@
 the rules that tie keys together. Each failure is a UserError naming the key and the fix."""
 from __future__ import annotations
 
-import os
-
 import jax
 
 from input_pipeline import tf_runtime
@@ -57,10 +55,10 @@ def validate_config(config) -> None:
                     "every view on a file source, and decoding with data.augment_on='device') "
                     "needs it: run ./setup.sh, or train an in-memory source (fashion_mnist) with "
                     "--config.data.augment_on=device")
-  source = config.init.workdir
-  if source and not os.path.isdir(os.path.join(os.path.expanduser(source), "checkpoints")):
-    raise UserError(f"init.workdir={source!r} holds no checkpoints/ directory: point it at a "
-                    f"trained run's --workdir (e.g. a pilot's WORKDIR/pilot), or clear it")
+  # The source itself is read (and checked) by a fresh run only: train.read_warm_start.
+  if config.init.checkpoint_step != -1 and not config.init.workdir:
+    raise UserError(f"init.checkpoint_step={config.init.checkpoint_step} needs init.workdir (the "
+                    f"run to start from); set it, or leave init.checkpoint_step at -1")
   if config.budget <= 0 and config.budget_epochs <= 0:
     raise UserError("set budget (base-forward units) or budget_epochs (full-cost epochs) > 0")
   specs = {key: step_plan.candidates(config, key)

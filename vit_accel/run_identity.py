@@ -40,8 +40,9 @@ FREE = (
     "data.dir", "data.prefetch", "data.shuffle_buffer", "data.verify_images", "data.bad_images",
     "distributed.", "mesh.", "checkpoint.", "eval.", "export.",
     "finetune.",        # --mode=finetune's own recipe: pretraining never reads it
-    "init.",            # where a fresh run's weights came from: a resumed run never reads it
 )
+# Not free: `init.*` (where a fresh run's weights came from). A resume never reads the source (it
+# may be gone), but one naming another source is another run, refused as such.
 
 
 def _free(key: str) -> bool:

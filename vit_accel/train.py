@@ -31,7 +31,6 @@ from vit_accel.chronometer import Chronometer, EtaEstimator, format_duration, it
 from vit_accel.errors import Preempted, StorageError, UserError
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter, read_metrics
-from vit_accel.modes import eval as eval_mode
 from vit_accel.train_step import compile_train_step
 
 
@@ -47,6 +46,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   meta = run_identity.run_metadata(
       config, plan, fingerprint.fingerprint(config, run.train_source, run.test_source),
       online=step_plan.is_online(config))
+  # A fresh run's starting weights (init.workdir) are read before its workdir is created, so a bad
+  # source leaves nothing behind; a resuming run never reads them.
+  warm = None if has_checkpoints(workdir) else read_warm_start(config, run.restore_target, workdir)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
                                     every_steps=config.checkpoint.every_steps,
                                     async_save=config.checkpoint.async_save)
@@ -63,7 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       saved, meta, ckpt.directory, config.allow_schedule_change))
   ckpt.remove_unfinished()   # this run owns the directory now (its identity matched)
   saved = restored[1] if restored else {}
-  train_state = restored[0] if restored else initial_state(run)
+  train_state = restored[0] if restored else initial_state(run, warm)
   start_step = int(train_state.step)
   decisions = list(saved.get("online_decisions", []))   # online: one per segment decided so far
   if decisions:
@@ -169,25 +171,59 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ the loop's parts
-def initial_state(run) -> state.TrainState:
-  """A fresh run's TrainState: random (run.fresh_state()), or with init.workdir set the trained
-  network, EMA copy and objective state (`extra`) of that run's checkpoint init.checkpoint_step
-  (-1 = the latest), with step 0 and a fresh optimiser state, so the lr, momentum and every other
-  schedule start afresh (a warm start, as big_vision's `model_init` or a pilot's weights handed on).
+# A warm start's part of the train state: the weights and the objective's state, not the step or
+# the optimiser's moments (a fresh optimiser may even have another structure, e.g. clipping).
+WARM_START_FIELDS = ("params", "ema_params", "extra")
 
-  Raises UserError (one line) when init.workdir holds no such checkpoint, one of another train state
-  (model, heads or objective), or one that cannot be read."""
-  fresh = run.fresh_state()
-  source = run.config.init.workdir
+
+def read_warm_start(config, target, workdir: str | None = None) -> dict | None:
+  """{field: subtree} (WARM_START_FIELDS, on `target`'s shardings) of checkpoint
+  init.checkpoint_step (-1 = the latest) of the run in init.workdir; None when init.workdir is "".
+  Only those fields are compared with `target` and read (checkpointing.restore_checkpoint).
+
+  Raises UserError (one line, naming init.workdir) when it is this run's own `workdir`, holds no
+  checkpoints/, not that step, another network or objective state, or one that cannot be read."""
+  source = config.init.workdir
   if not source:
+    return None
+  path = os.path.abspath(os.path.expanduser(source))
+  fix = (f"point init.workdir={source!r} at a trained run of this model and objective (e.g. a "
+         f"pilot's WORKDIR/pilot), or clear it")
+  if workdir is not None and path == os.path.abspath(workdir):
+    raise UserError(f"init.workdir={source!r} is this run's own --workdir; a run resumes its own "
+                    f"checkpoints without it: clear it, or use a new --workdir")
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise UserError(f"init.workdir={source!r} holds no checkpoints/ directory: {fix}")
+  step, fields, _ = checkpointing.restore_checkpoint(config, path, target,
+                                                     step_key="init.checkpoint_step",
+                                                     fields=WARM_START_FIELDS, fix=fix)
+  logging.info("initialised from %s/checkpoints step %d (weights only)", path, step)
+  return fields
+
+
+def initial_state(run, warm: dict | None = None) -> state.TrainState:
+  """A fresh run's TrainState: random (run.fresh_state()), or with init.workdir set the trained
+  network, EMA copy and objective state (`extra`) of that run's checkpoint (read_warm_start, or
+  `warm` when already read), with step 0 and a fresh optimiser state, so the learning rate, the
+  momentum and every other schedule (DINO's teacher temperature and last-layer freeze too) start
+  afresh: a warm start, as big_vision's `model_init` loads a pretrained model, or a pilot's
+  weights handed on. The source's optimiser state is not read, so it may differ in structure.
+
+  Raises UserError as read_warm_start does."""
+  fresh = run.fresh_state()
+  warm = warm if warm is not None else read_warm_start(run.config, run.restore_target)
+  if warm is None:
     return fresh
-  step, saved, _ = eval_mode.restore_checkpoint(run.config, os.path.expanduser(source),
-                                                run.restore_target,
-                                                step_key="init.checkpoint_step")
-  logging.info("initialised from %s/checkpoints step %d (weights only)", source, step)
   # The optimiser's state is a function of the tree's shapes only at step 0 (zero moments): the
   # fresh one fits the restored weights.
-  return fresh.replace(params=saved.params, ema_params=saved.ema_params, extra=saved.extra)
+  return fresh.replace(**warm)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds any step (finished or not), read without creating it."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.split(".")[0].isdigit()
+                                          for name in os.listdir(directory))
 
 
 def use_compilation_cache(config) -> None:

@@ -9,53 +9,12 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from vit_accel import checkpointing, distributed, run_setup
-from vit_accel.errors import UserError, first_line
+from vit_accel import distributed, run_setup
+from vit_accel.checkpointing import restore_checkpoint
 from vit_accel.evaluator import Evaluator
 from vit_accel.metric_writer import MetricWriter
 from vit_accel.modes import Args, save_config
 from vit_accel.state import eval_params
-
-
-class NoCheckpoint(UserError):
-  """WORKDIR has no checkpoint at all (a mode with another way on, e.g. a fresh backbone, says so)."""
-
-
-def restore_checkpoint(config, workdir: str, target, *,
-                       step_key: str = "eval.checkpoint_step") -> tuple[int, object, dict]:
-  """(step, state, metadata) of the checkpoint the config key `step_key` names (-1 = the latest;
-  --mode=export passes export.checkpoint_step) in WORKDIR/checkpoints, restored read-only into
-  `target`. UserError (naming the saved steps) when there is none, it is not saved, it was written
-  by a config of other shapes or cannot be read."""
-  section, name = step_key.split(".")
-  ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.checkpoint.keep,
-                                    every_steps=config.checkpoint.every_steps, async_save=False,
-                                    read_only=True)
-  try:
-    steps = ckpt.all_steps()
-    wanted = int(config[section][name])
-    if not steps:
-      raise NoCheckpoint(f"no checkpoint in {ckpt.directory}; train first (same --workdir), or point "
-                      f"--workdir at a run directory")
-    step = max(steps) if wanted < 0 else wanted
-    if step not in steps:
-      raise UserError(f"{step_key}={wanted} is not in {ckpt.directory}; saved steps: "
-                      f"{', '.join(map(str, sorted(steps)))}")
-    try:
-      ckpt.check_compatible(step, target)
-      state, meta = ckpt.restore(step, target)
-    except UserError:
-      raise   # written by a config of other shapes: named as such, not as unreadable
-    except Exception as e:  # noqa: BLE001 - any read failure: name it; eval moves nothing
-      reason = first_line(e)
-      others = sorted(s for s in steps if s != step)
-      raise UserError(f"checkpoint {step} in {ckpt.directory} cannot be read ({reason}); "
-                      + (f"choose another with --config.{step_key} (saved: "
-                         f"{', '.join(map(str, others))})" if others else
-                         "re-run training in this workdir to replace it")) from None
-  finally:
-    ckpt.close()
-  return step, state, meta
 
 
 def run(config, workdir: str, args: Args = Args()) -> dict:

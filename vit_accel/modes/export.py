@@ -18,9 +18,9 @@ from absl import logging
 from vit_accel import distributed, objectives, run_setup
 from vit_accel import export as export_lib
 from vit_accel import sharding as sharding_lib
+from vit_accel.checkpointing import restore_checkpoint
 from vit_accel.errors import UserError
 from vit_accel.modes import Args, save_config
-from vit_accel.modes.eval import restore_checkpoint
 from vit_accel.state import EVAL_WEIGHTS, eval_params
 
 

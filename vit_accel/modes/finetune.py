@@ -15,11 +15,10 @@ import os
 import jax
 from absl import logging
 
-from vit_accel import distributed, finetune, run_setup
+from vit_accel import checkpointing, distributed, finetune, run_setup
 from vit_accel.errors import UserError
 from vit_accel.metric_writer import MetricWriter
 from vit_accel.modes import Args, save_config
-from vit_accel.modes import eval as eval_mode
 from vit_accel.state import eval_params
 from vit_accel.train import use_compilation_cache
 
@@ -28,11 +27,11 @@ def restore_backbone(config, workdir: str, target) -> tuple[int, object]:
   """(step, backbone parameters) of checkpoint finetune.checkpoint_step (-1 = the latest) in
   WORKDIR/checkpoints: the `backbone` subtree of state.eval_params (the objective's evaluation
   weights). UserError (one line) when there is no such checkpoint, or it cannot be read or was
-  written by a config of other shapes (modes/eval.restore_checkpoint's checks)."""
+  written by a config of other shapes (checkpointing.restore_checkpoint's checks)."""
   try:
-    step, state, _ = eval_mode.restore_checkpoint(config, workdir, target,
-                                                  step_key="finetune.checkpoint_step")
-  except eval_mode.NoCheckpoint as e:   # this mode has a way on without one
+    step, state, _ = checkpointing.restore_checkpoint(config, workdir, target,
+                                                      step_key="finetune.checkpoint_step")
+  except checkpointing.NoCheckpoint as e:   # this mode has a way on without one
     raise UserError(f"{e}; or fine-tune a fresh backbone with --config.finetune.init=random") \
         from None
   return step, eval_params(config, state)["backbone"]

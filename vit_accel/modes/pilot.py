@@ -17,6 +17,7 @@ nothing and the schedule is the prior, at no cost.
 from __future__ import annotations
 
 import os
+import shlex
 
 import jax
 from absl import logging
@@ -124,14 +125,15 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   text = search_mode.run(pilot, workdir)
   cost = pilot_cost(config, pilot, measured, num_train)
   # pilot.warm_start: the searched run starts from the pilot's final weights (train.initial_state).
+  cost["warm_start"] = bool(config.pilot.warm_start)
   cost["init_workdir"] = os.path.abspath(pilot_dir) if config.pilot.warm_start else None
-  start = (f" --config.init.workdir={cost['init_workdir']}" if cost["init_workdir"] else "")
+  flags = searched_run_flags(cost)
   if jax.process_index() == 0:
     io.atomic_write_json(os.path.join(workdir, "pilot_cost.json"), cost)
     with open(os.path.join(workdir, "schedule.txt"), "a") as f:
       if cost["remaining_units"] > 0:
         f.write(f"# the pilot spent {cost['total_units']:.4g} units ({cost['fraction']:.1%} of "
-                f"the budget); charge it: --config.budget={cost['remaining_units']:.6g}{start}\n")
+                f"the budget); charge it: {flags}\n")
       else:
         f.write(f"# the pilot spent {cost['total_units']:.4g} units, {cost['fraction']:.0%} of "
                 f"the budget: nothing is left for the searched run at equal total budget\n")
@@ -144,9 +146,19 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   print(f"the pilot spent {cost['total_units']:.4g} budget units ({cost['fraction']:.1%}: training "
         f"{cost['train_units']:.4g}, gradient-error measurements {cost['measurement_units']:.4g});"
         f" at equal total budget train the searched schedule with "
-        f"--config.budget={cost['remaining_units']:.6g}{start}", flush=True)
+        f"{flags}", flush=True)
   save_config(config, workdir, "pilot", primary=jax.process_index() == 0)
   return text
+
+
+def searched_run_flags(cost: dict) -> str:
+  """The flags that train the searched schedule at equal total budget after a pilot that spent
+  `cost` (pilot_cost.json): the budget it left and, with pilot.warm_start, the weights it ends
+  with, e.g. `--config.budget=1.5e+06 --config.init.workdir=/runs/a/pilot` (shell-quoted)."""
+  flags = f"--config.budget={cost['remaining_units']:.6g}"
+  if cost.get("init_workdir"):
+    flags += f" --config.init.workdir={shlex.quote(cost['init_workdir'])}"
+  return flags
 
 
 def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, needed: int) -> str:
@@ -180,6 +192,7 @@ def prior_without_pilot(config, workdir: str, num_train: int, measure: dict, nee
   budget = step_plan.budget_units(config, num_train)
   cost = {"train_units": 0.0, "measurement_units": 0.0, "rounds": 0, "total_units": 0.0,
           "budget_units": budget, "fraction": 0.0, "remaining_units": budget, "measured": False,
+          "warm_start": bool(config.pilot.warm_start),
           "init_workdir": None,   # no pilot trained: nothing to start from
           "needed_batches": needed,
           "measure": {"reference_batches": measure["reference_batches"],
