@@ -123,10 +123,10 @@ def check_warm_start(workdir: str, pilot: dict, overrides: dict) -> None:
   ran with another pilot.warm_start than the arm's `overrides` ask for (default False): resuming
   it would record a searched run from random weights as warm-started, or the reverse."""
   warm = str(overrides.get("pilot.warm_start", False)).strip().lower() in ("true", "1")
-  if pilot.get("warm_start", False) != warm:
-    raise SystemExit(f"error: {workdir} holds a pilot of pilot.warm_start="
-                     f"{pilot.get('warm_start', False)}, this arm asks for {warm}; give the arm "
-                     f"another name or another --workdir_root")
+  kept = pilot.get("warm_start", bool(pilot.get("init_workdir")))   # older files: its source
+  if kept != warm:
+    raise SystemExit(f"error: {workdir} holds a pilot of pilot.warm_start={kept}, this arm asks "
+                     f"for {warm}; give the arm another name or another --workdir_root")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -244,6 +244,8 @@ def test_a_kept_pilot_is_resumed_only_with_its_own_warm_start(tmp_path):
   sweep_runs.check_warm_start(str(tmp_path), cold, {})
   sweep_runs.check_warm_start(str(tmp_path), warm, {"pilot.warm_start": "True"})
   sweep_runs.check_warm_start(str(tmp_path), {}, {"pilot.warm_start": "false"})  # an older pilot
+  sweep_runs.check_warm_start(str(tmp_path), {"init_workdir": "/r/pilot"},   # ...a warm one
+                              {"pilot.warm_start": "True"})
   with pytest.raises(SystemExit, match=r"error: .* holds a pilot of pilot.warm_start=False, this "
                                        r"arm asks for True"):
     sweep_runs.check_warm_start(str(tmp_path), cold, {"pilot.warm_start": "True"})

@@ -293,7 +293,9 @@ def test_a_fresh_run_starts_from_another_runs_weights_with_init_workdir(tmp_path
 
   for name, overrides, error in [
       ("a", {"init.workdir": str(tmp_path / "nowhere")}, r"init.workdir=.* holds no checkpoints/"),
-      ("b", {"init.workdir": source}, r"another train state .*point init.workdir="),   # MoCo-v3
+      ("b", {"init.workdir": source}, r"holds a dino run, this run is mocov3; point init"),
+      ("b2", {"init.workdir": source, "recipe": "dino", "dino.out_dim": 128},
+       r"another train state \(.*\); point init.workdir="),
       ("c", {"init.workdir": source, "init.checkpoint_step": 3}, r"init.checkpoint_step=3 is not"),
   ]:
     with pytest.raises(UserError, match=error):

@@ -43,10 +43,11 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
     # A registry, so that a checkpoint's array metadata (shapes, dtypes) can be read on its own.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    # Some fields of the state only (restore_fields: a warm start's weights, not the optimiser's).
+    # Added first: the last handler added for an item is the one a checkpoint records as its own.
+    registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add("state", args, ocp.StandardCheckpointHandler)
-    # Some fields of the state only (restore_fields: a warm start's weights, not the optimiser's).
-    registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add("meta", args, ocp.JsonCheckpointHandler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -261,12 +262,15 @@ class NoCheckpoint(UserError):
 
 def restore_checkpoint(config, workdir: str, target, *, step_key: str = "eval.checkpoint_step",
                        fields: tuple[str, ...] = (), fix: str | None = None,
-                       ) -> tuple[int, object, dict]:
+                       check_meta=None) -> tuple[int, object, dict]:
   """(step, state, metadata) of the checkpoint the config key `step_key` names (-1 = the latest):
   eval.checkpoint_step (--mode=eval), export.checkpoint_step, finetune.checkpoint_step,
   init.checkpoint_step (a warm start) - in WORKDIR/checkpoints, restored read-only onto `target`'s
   shardings. With `fields` (top-level TrainState field names) only those are compared and read, and
   `state` is {field: subtree}.
+
+  `check_meta(meta)`, when given, sees the checkpoint's metadata (run_identity.run_metadata) first
+  and may raise.
 
   Raises UserError (one line, naming the saved steps) when there is none (NoCheckpoint), the step
   is not saved, it was written by a config of other shapes or it cannot be read; `fix` replaces
@@ -285,6 +289,8 @@ def restore_checkpoint(config, workdir: str, target, *, step_key: str = "eval.ch
       raise UserError(f"{step_key}={wanted} is not in {ckpt.directory}; saved steps: "
                       f"{', '.join(map(str, sorted(steps)))}")
     try:
+      if check_meta is not None:
+        check_meta(ckpt.restore_meta(step))
       ckpt.check_compatible(step, target, fields=fields,
                             fix=fix or "restore that config, or use a new --workdir")
       if fields:

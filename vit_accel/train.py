@@ -65,7 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       saved, meta, ckpt.directory, config.allow_schedule_change))
   ckpt.remove_unfinished()   # this run owns the directory now (its identity matched)
   saved = restored[1] if restored else {}
-  train_state = restored[0] if restored else initial_state(run, warm)
+  train_state = restored[0] if restored else initial_state(run, warm, workdir)
   start_step = int(train_state.step)
   decisions = list(saved.get("online_decisions", []))   # online: one per segment decided so far
   if decisions:
@@ -182,7 +182,8 @@ def read_warm_start(config, target, workdir: str | None = None) -> dict | None:
   Only those fields are compared with `target` and read (checkpointing.restore_checkpoint).
 
   Raises UserError (one line, naming init.workdir) when it is this run's own `workdir`, holds no
-  checkpoints/, not that step, another network or objective state, or one that cannot be read."""
+  checkpoints/, not that step, a run of another objective or train-state format, another network
+  or objective state, or one that cannot be read."""
   source = config.init.workdir
   if not source:
     return None
@@ -194,14 +195,27 @@ def read_warm_start(config, target, workdir: str | None = None) -> dict | None:
                     f"checkpoints without it: clear it, or use a new --workdir")
   if not os.path.isdir(os.path.join(path, "checkpoints")):
     raise UserError(f"init.workdir={source!r} holds no checkpoints/ directory: {fix}")
+
+  def check_meta(meta: dict) -> None:
+    # Another layout of the train state, or another objective: equal shapes do not make equal
+    # meanings (e.g. one objective's projection head read as another's).
+    if meta.get("state_format", 1) != run_identity.STATE_FORMAT:
+      raise UserError(f"init.workdir={source!r} holds a checkpoint in train-state format "
+                      f"{meta.get('state_format', 1)} (an older vit-accel); {fix}")
+    objective = (meta.get("run") or {}).get("objective", meta.get("objective"))
+    if objective is not None and objective != config.objective:
+      raise UserError(f"init.workdir={source!r} holds a {objective} run, this run is "
+                      f"{config.objective}; {fix}")
+
   step, fields, _ = checkpointing.restore_checkpoint(config, path, target,
                                                      step_key="init.checkpoint_step",
-                                                     fields=WARM_START_FIELDS, fix=fix)
+                                                     fields=WARM_START_FIELDS, fix=fix,
+                                                     check_meta=check_meta)
   logging.info("initialised from %s/checkpoints step %d (weights only)", path, step)
   return fields
 
 
-def initial_state(run, warm: dict | None = None) -> state.TrainState:
+def initial_state(run, warm: dict | None = None, workdir: str | None = None) -> state.TrainState:
   """A fresh run's TrainState: random (run.fresh_state()), or with init.workdir set the trained
   network, EMA copy and objective state (`extra`) of that run's checkpoint (read_warm_start, or
   `warm` when already read), with step 0 and a fresh optimiser state, so the learning rate, the
@@ -211,7 +225,7 @@ def initial_state(run, warm: dict | None = None) -> state.TrainState:
 
   Raises UserError as read_warm_start does."""
   fresh = run.fresh_state()
-  warm = warm if warm is not None else read_warm_start(run.config, run.restore_target)
+  warm = warm if warm is not None else read_warm_start(run.config, run.restore_target, workdir)
   if warm is None:
     return fresh
   # The optimiser's state is a function of the tree's shapes only at step 0 (zero moments): the
@@ -220,10 +234,10 @@ def initial_state(run, warm: dict | None = None) -> state.TrainState:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  """Whether WORKDIR/checkpoints holds any step (finished or not), read without creating it."""
+  """Whether WORKDIR/checkpoints holds a finished step (Orbax renames a finished save to its bare
+  step number), read without creating anything."""
   directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.split(".")[0].isdigit()
-                                          for name in os.listdir(directory))
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def use_compilation_cache(config) -> None:
