@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Step cost relative to full length in CA-MSE: --mode=cost's measured times from this table
   # ("" = WORKDIR/cost_table.json when there; "none" = the analytic cost model).
   c.grad_error.cost_table = ""
+  # The space the errors are measured in: "euclidean" (the raw gradient, the paper's) or "adam"
+  # (each coordinate divided by AdamW's sqrt(nu_hat) + eps at the checkpoint: the update's space).
+  c.grad_error.metric = "euclidean"
   # --mode=search (vit_accel/schedule_search.py): lowest CA-MSE per budget interval ->
   # WORKDIR/schedule.txt.
   c.search = ml_collections.ConfigDict()

@@ -251,3 +251,40 @@ def test_a_kept_pilot_is_resumed_only_with_its_own_warm_start(tmp_path):
     sweep_runs.check_warm_start(str(tmp_path), cold, {"pilot.warm_start": "True"})
   with pytest.raises(SystemExit, match=r"pilot.warm_start=True, this arm asks for False"):
     sweep_runs.check_warm_start(str(tmp_path), warm, {})
+
+
+def test_gradient_error_groups_partition_the_parameters_and_sum_to_the_whole():
+  """bench/grad_error_by_group.py: every parameter in exactly one group, the groups' bias^2 sum
+  to the whole vector's noise-corrected bias^2 (grad_error.gram_terms), and a group the candidate
+  leaves untouched shows no bias and cosine 1."""
+  import grad_error_by_group as by_group  # bench/grad_error_by_group.py
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vit_accel import grad_error
+  params = {"backbone": {"patch_embed": {"kernel": jnp.zeros((2, 3))},
+                         "block_0": {"attn": {"query": {"kernel": jnp.zeros((3, 3))}},
+                                     "ln1": {"scale": jnp.zeros(3)},
+                                     "mlp": {"fc1": {"kernel": jnp.zeros((3, 2))}}},
+                         "norm": {"scale": jnp.zeros(3)}},
+            "projector": {"kernel": jnp.zeros((3, 4))}}
+  groups = by_group.group_slices(params)
+  assert set(groups) == {"embedding", "attention", "norms", "mlp", "heads"}
+  covered = np.sort(np.concatenate(list(groups.values())))
+  np.testing.assert_array_equal(covered, np.arange(6 + 9 + 3 + 6 + 3 + 12))
+  rng = np.random.default_rng(0)
+  truth = rng.normal(size=39)
+  ref = truth + 0.3 * rng.normal(size=(8, 39))
+  shift = np.zeros(39)
+  shift[groups["attention"]] = 0.8             # the candidate is biased in the attention only
+  cand = truth + shift + 0.3 * rng.normal(size=(12, 39))
+  terms = by_group.group_terms(ref, cand, groups)
+  w = np.full((1, 8), 1 / 8)
+  v = np.full((1, 12), 1 / 12)
+  whole = grad_error.gram_terms(ref @ ref.T, cand @ cand.T, cand @ ref.T, w, v, 1.0)
+  assert terms["all"][0] == pytest.approx(whole["bias2_raw"][0], rel=1e-9)
+  assert sum(t[1] for name, t in terms.items() if name != "all") == pytest.approx(1.0)
+  assert terms["attention"][0] > 10 * abs(terms["mlp"][0])
+  cand_same = truth + 0.3 * rng.normal(size=(12, 39))
+  cand_same[:, groups["mlp"]] = ref.mean(0)[groups["mlp"]]   # exactly g* in that group
+  assert by_group.group_terms(ref, cand_same, groups)["mlp"][2] == pytest.approx(1.0)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -81,6 +82,45 @@ def test_estimators_recover_closed_form_bias_and_variance():
   _, full_variance = closed_form(w, w_star, full)
   own = {k: v[0] for k, v in estimate(ref, None, 1.0).items()}
   assert own["bias2"] == 0 and own["variance"] * norm2 == pytest.approx(full_variance, rel=0.05)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_adam_scale_is_adamw_denominator_after_its_steps(grad_clip):
+  """adam_scale = 1 / (sqrt(nu / (1 - b2^t)) + 1e-8), nu AdamW's second moment after t steps,
+  recomputed here from the gradients fed (clipped or not: the optimiser is a chain then); before
+  any step every coordinate gets the same factor (the Euclidean metric)."""
+  import jax.numpy as jnp
+  from jax.flatten_util import ravel_pytree
+
+  from vit_accel import optimizer
+  config = ml_collections.ConfigDict({"optim": dict(b1=0.9, b2=0.95, weight_decay=0.1,
+                                                    grad_clip=grad_clip)})
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}, "scale": jnp.ones(4)}
+  tx = optimizer.make_optimizer(config)
+  opt_state = tx.init(params)
+  first = grad_error.adam_scale(config, opt_state, None)
+  assert first.shape == (12,) and np.all(first == first[0])
+  rng = np.random.default_rng(0)
+  nu = np.zeros(12)
+  for t in range(1, 4):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 3.0, jnp.float32),
+                         params)
+    flat = np.asarray(ravel_pytree(grads)[0], np.float64)
+    if grad_clip:   # clip_by_global_norm runs before AdamW's moments
+      flat = flat * min(1.0, grad_clip / np.linalg.norm(flat))
+    nu = 0.95 * nu + 0.05 * flat ** 2
+    _, opt_state = tx.update(grads, opt_state, params)
+  expected = 1.0 / (np.sqrt(nu / (1 - 0.95 ** 3)) + 1e-8)
+  np.testing.assert_allclose(grad_error.adam_scale(config, opt_state, None), expected, rtol=1e-4)
+
+
+def test_adam_scale_refuses_an_optimiser_without_adams_moments():
+  import jax.numpy as jnp
+  import optax
+  config = ml_collections.ConfigDict({"optim": dict(b2=0.95)})
+  opt_state = optax.sgd(0.1, momentum=0.9).init({"w": jnp.ones(3)})
+  with pytest.raises(UserError, match="grad_error.metric=adam needs AdamW"):
+    grad_error.adam_scale(config, opt_state, None)
 
 
 def test_gram_terms_equal_the_direct_formulas():
@@ -286,6 +326,7 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
       assert r["ca_mse_ci"][0] <= r["ca_mse"] <= r["ca_mse_ci"][1]
   saved = json.loads((tmp_path / "run" / "grad_error.json").read_text())
   assert saved["tables"][1]["rows"][1]["ca_mse"] == result["tables"][1]["rows"][1]["ca_mse"]
+  assert saved["metric"] == "euclidean"
   assert (tmp_path / "run" / "grad_error.png").stat().st_size > 0
 
   config.search.prior = "1:keep0.25|keep0.25"   # one the measured candidates can weigh
@@ -302,6 +343,17 @@ def test_grad_error_then_search_on_a_tiny_run(tmp_path, needs_fashion_mnist):
   config.grad_error.steps = (4,)
   with pytest.raises(UserError, match=r"grad_error.steps \[4\] not saved"):
     grad_error_mode.run(config, workdir)
+
+  # The same batches in AdamW's preconditioned coordinates: other values, same kind of table.
+  adam = grad_error_mode.run(ml_collections.ConfigDict(
+      {**config.to_dict(), "schedule_file": "",
+       "grad_error": {**config.grad_error.to_dict(), "metric": "adam", "steps": (6,)}}), workdir)
+  assert adam["metric"] == "adam"
+  full, keep = adam["tables"][0]["rows"]
+  euclid = result["tables"][1]["rows"]
+  assert full["grad_norm2"] != pytest.approx(euclid[0]["grad_norm2"], rel=1e-2)
+  assert keep["ca_mse"] != pytest.approx(euclid[1]["ca_mse"], rel=1e-3)
+  assert np.isfinite(keep["ca_mse"]) and keep["variance"] > 0 and full["bias2"] == 0
 
 
 def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mnist):

@@ -408,7 +408,7 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
   for key, value in (("search.monotone", True), ("search.final_full", False),
                      ("search.tie_tolerance", 0.2), ("grad_error.ci_level", 0.5),
                      ("search.prior", "1:full"), ("online.ties", "tolerance"),
-                     ("online.measure_fraction", 0.5)):
+                     ("online.measure_fraction", 0.5), ("grad_error.metric", "adam")):
     changed = tiny_config(steps=100, schedule="online", **{key: value})
     current = run_identity.run_metadata(changed, step_plan.make_step_plan(changed, 1000), {},
                                         online=True)
@@ -426,6 +426,10 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
   with pytest.raises(UserError, match=r"search.prior: '' there, 'dynamic' now.*"
                                       r"resume with --config.search.prior=''"):
     run_identity.check_resumable(before_prior, saved, "/run/checkpoints", False)
+  # One saved before grad_error.metric existed measured in the paper's (Euclidean) coordinates.
+  rules = {k: v for k, v in saved["plan"]["rules"].items() if k != "grad_error.metric"}
+  run_identity.check_resumable(dict(saved, plan=dict(saved["plan"], rules=rules)), saved,
+                               "/run/checkpoints", False)
   # One whose decisions followed older rules (schedule_search.RULES_VERSION) is refused unless
   # the plan may change.
   older_rules = dict(saved, plan=dict(saved["plan"], rules=dict(saved["plan"]["rules"],

@@ -203,6 +203,7 @@ DOMAINS = {
     "grad_error.ci_target": NON_NEGATIVE,
     "grad_error.max_rounds": COUNT,
     "grad_error.cost_table": TEXT,
+    "grad_error.metric": Choice(("euclidean", "adam")),
     "search.tie_tolerance": NON_NEGATIVE,
     "search.grad_error_file": TEXT,
     "search.final_full": FLAG,

@@ -15,6 +15,12 @@ NeurIPS 2024):
             strategy of cost c affords a batch c_ref / c times larger, which divides its variance.
   cosine    between mean_m g_m and g*.
 
+Metric (`grad_error.metric`): "euclidean" measures these in the raw gradient's coordinates, as the
+paper does. "adam" measures them after dividing each coordinate by AdamW's step denominator at the
+checkpoint, sqrt(nu_hat) + eps (nu_hat the bias-corrected second-moment estimate; Kingma & Ba
+2015): the space in which the optimiser turns a gradient into an update, so an error in a
+coordinate Adam scales down counts for less (`adam_scale`).
+
 Intervals: gradients are flattened with ravel_pytree on device and kept on the host for one
 strategy at a time (M vectors, plus the R reference ones), only long enough to take their Gram
 matrices; every term is a quadratic form in per-batch weights, so Efron's bootstrap over batches
@@ -30,7 +36,9 @@ writes WORKDIR/grad_error.json (+ the heat-map, report.grad_error_heatmap); the 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
@@ -170,6 +178,33 @@ def gram(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
   return out
 
 
+METRICS = ("euclidean", "adam")
+
+
+def adam_scale(config, opt_state, mesh) -> np.ndarray:
+  """[P] float32 on the host, ravel_pytree's order of the parameters: 1 / (sqrt(nu_hat) + eps), the
+  per-coordinate factor AdamW applies to a gradient (optax.scale_by_adam's denominator, eps 1e-8),
+  from the second-moment estimate nu in `opt_state` (bias-corrected by 1 - b2^count). Before the
+  first step (count 0) every coordinate gets the same factor, i.e. the Euclidean metric. Raises
+  UserError when the optimiser state has no single AdamW second moment (another optimiser)."""
+  try:
+    nu = optax.tree_utils.tree_get(opt_state, "nu")
+    count = optax.tree_utils.tree_get(opt_state, "count")
+  except (KeyError, ValueError) as e:
+    raise UserError(f"grad_error.metric=adam needs AdamW's state (nu, count): {e}") from None
+  if nu is None or count is None:
+    raise UserError("grad_error.metric=adam needs AdamW's state (nu, count); the optimiser has none")
+  b2 = float(config.optim.b2)
+
+  def scale(nu, count):
+    correction = jnp.where(count > 0, 1.0 - b2 ** count.astype(jnp.float32), 1.0)
+    return ravel_pytree(jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / correction) + 1e-8), nu))[0]
+
+  gathered = {} if mesh is None else {"out_shardings": sharding_lib.replicated(mesh)}
+  out = jax.jit(scale, **gathered)(nu, count)
+  return np.asarray(sharding_lib.to_host(out), np.float32).ravel()
+
+
 # ---------------------------------------------------------------------------- on a real model
 def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
   """strategies -> jitted (state, batch, rng, progress) -> flat float32 gradient of the objective
@@ -192,7 +227,7 @@ def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
 
 def measure_round(config, state, global_batches, reference_batches: int, grad_fns: dict,
                   costs: dict, rng, progress: float, draws: int, seed,
-                  cost_ratios: dict | None = None) -> dict:
+                  cost_ratios: dict | None = None, scale: np.ndarray | None = None) -> dict:
   """One round: g* from the first `reference_batches` batches at full length, then every other
   strategy of `grad_fns` (full length first) on the remaining batches, at the objective's schedules
   for budget `progress`; the estimate and `draws` bootstrap draws of every term per strategy
@@ -200,7 +235,8 @@ def measure_round(config, state, global_batches, reference_batches: int, grad_fn
   every host gets the same. Host memory: (reference_batches + batches) flat float32 gradients.
   CA-MSE weighs the variance by each strategy's step cost relative to
   full length: `cost_ratios[st]` (measured, --mode=cost) when given, else costs[st] / costs[full]
-  (the analytic model)."""
+  (the analytic model). `scale` [P] (adam_scale), when given, multiplies every gradient first: the
+  terms are then those of the preconditioned gradients."""
   progress = np.float32(progress)
   strategies = list(grad_fns)
   full = strategies[0]
@@ -213,7 +249,7 @@ def measure_round(config, state, global_batches, reference_batches: int, grad_fn
                      np.float32).ravel()
       if out is None:
         out = np.empty((len(chunk), g.size), np.float32)
-      out[i] = g
+      out[i] = g if scale is None else g * scale
     return out
 
   measured = global_batches[reference_batches:]
@@ -266,19 +302,22 @@ def settled(rows: list[dict], ci_target: float, prior: str | None = None,
 def measure(config, state, next_batches, reference_batches: int, batches: int, grad_fns: dict,
             costs: dict, rng, progress: float, *, max_rounds: int = 1, seed: int = 0,
             cost_ratios: dict | None = None, prior: str | None = None,
-            min_batches: int = 0) -> list[dict]:
+            min_batches: int = 0, mesh=None) -> list[dict]:
   """One table with intervals: rounds of `reference_batches` + `batches` fresh batches
   (`next_batches(n)` -> n global batches), pooled (pool_rounds), until the measurement is
   `settled` (grad_error.ci_target; `prior`, `min_batches`) or `max_rounds` rounds are spent.
-  Intervals: the central grad_error.ci_level share of grad_error.bootstrap draws. Identical on
-  every host."""
+  Intervals: the central grad_error.ci_level share of grad_error.bootstrap draws. In
+  grad_error.metric's coordinates (the "adam" metric reads state.opt_state, gathered over `mesh`).
+  Identical on every host."""
   ge = config.grad_error
+  metric = ge.get("metric", "euclidean")   # configs saved before the key: the paper's metric
+  scale = adam_scale(config, state.opt_state, mesh) if metric == "adam" else None
   rounds, rows = [], []
   for i in range(max_rounds):
     rounds.append(measure_round(config, state, next_batches(reference_batches + batches),
                                 reference_batches, grad_fns, costs,
                                 jax.random.fold_in(rng, 1_000_003 * i), progress,
-                                int(ge.bootstrap), (seed, i), cost_ratios))
+                                int(ge.bootstrap), (seed, i), cost_ratios, scale))
     rows = pool_rounds(rounds, float(ge.ci_level))
     done = settled(rows, float(ge.ci_target), prior, min_batches)
     if jax.process_count() > 1:   # every host must run the same rounds: process 0 decides

@@ -84,7 +84,8 @@ class OnlineScheduler:
     # One round: its cost is charged to the budget up front (online_overhead_units).
     rows = grad_error.measure(self.config, state, next_batches, cfg.reference_batches,
                               cfg.batches, self.grad_fns, self.costs, rng, progress,
-                              max_rounds=1, seed=self.config.seed * 1_000_003 + step)
+                              max_rounds=1, seed=self.config.seed * 1_000_003 + step,
+                              mesh=self.run.mesh)
     previous = next((r for r in rows if decisions and r["strategy"] == decisions[-1]["strategy"]),
                     None)
     min_cost = schedule_search.relative_cost(previous) if search.monotone and previous else 0.0

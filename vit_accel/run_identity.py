@@ -63,13 +63,13 @@ def identity(config, data_fingerprint: dict) -> dict:
 # The keys outside `online.` by which an online schedule decides (vit_accel/online.py): a resumed
 # online run takes its remaining decisions by the rules it started with.
 ONLINE_RULES = ("search.final_full", "search.monotone", "search.tie_tolerance", "search.prior",
-                "grad_error.bootstrap", "grad_error.ci_level")
+                "grad_error.bootstrap", "grad_error.ci_level", "grad_error.metric")
 
 
 # The value an ONLINE_RULES key had in effect before it existed (an online checkpoint saved then
-# lacks it): search.prior '' = no prior; `version` (schedule_search.RULES_VERSION, not a config
-# key) 1.
-RULES_BEFORE_THEIR_KEY = {"search.prior": "", "version": 1}
+# lacks it): search.prior '' = no prior; grad_error.metric the paper's, "euclidean"; `version`
+# (schedule_search.RULES_VERSION, not a config key) 1.
+RULES_BEFORE_THEIR_KEY = {"search.prior": "", "grad_error.metric": "euclidean", "version": 1}
 
 
 def run_metadata(config, plan, data_fingerprint: dict, online: bool) -> dict:

@@ -148,7 +148,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
                               grad_fns, costs, rng, progress, max_rounds=int(ge.max_rounds),
                               seed=config.seed * 1_000_003 + step, cost_ratios=cost_ratios,
                               prior=schedule_search.prior_at(prior, progress),
-                              min_batches=needed)
+                              min_batches=needed, mesh=setup.mesh)
     tables.append({"step": step, "progress": progress, "rows": rows,
                    "seconds": time.time() - t0})
     logging.info("grad_error at step %d (%.0f%% of the budget) in %.0fs", step, 100 * progress,
@@ -158,7 +158,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   result = {"workdir": workdir, "batch_size": int(config.batch_size),
             "reference_batches": int(ge.reference_batches), "batches": int(ge.batches),
             "max_rounds": int(ge.max_rounds), "ci_level": float(ge.ci_level),
-            "bootstrap": int(ge.bootstrap),
+            "bootstrap": int(ge.bootstrap), "metric": ge.get("metric", "euclidean"),
             "tables": tables, "seconds": time.time() - t_start}
   if jax.process_index() == 0:
     path = os.path.join(workdir, "grad_error.json")
