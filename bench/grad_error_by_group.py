@@ -4,8 +4,8 @@
       [--reference_batches=8] [--batches=12] [--out=bench/results/...md] [--label=TEXT]
 
 `--mode=grad_error` gives one number per strategy for the whole parameter vector. This splits the
-same quantities by parameter group (the embeddings, the blocks' attention and MLP weights, the
-norms, the objective's heads), to see whether a strategy's bias is the whole network pointing
+same quantities by parameter group (patch and position embeddings, CLS token, the blocks'
+attention and MLP weights, the norms, the objective's heads), to see whether a strategy's bias is the whole network pointing
 elsewhere or a few parameters (say, the patch embedding that flexible patch scaling resizes). RUN is a run directory with checkpoints and its
 config.json (a pilot's WORKDIR/pilot); the batches are the ones the run would have trained on next,
 as --mode=grad_error takes them. Per group: bias^2 (noise-corrected as in vit_accel/grad_error.py)
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from input_pipeline import streams  # noqa: E402
-from vit_accel import grad_error, io, run_setup, step_plan  # noqa: E402
+from vit_accel import grad_error, io, rng_streams, run_setup, step_plan  # noqa: E402
 from vit_accel import sharding as sharding_lib  # noqa: E402
 from vit_accel.errors import UserError  # noqa: E402
 from vit_accel.modes import grad_error as grad_error_mode  # noqa: E402
@@ -41,14 +41,15 @@ FLAGS = flags.FLAGS
 
 
 def group_of(path: tuple[str, ...]) -> str:
-  """A parameter's group from its path in the params tree: embedding (patch and position
-  embeddings, CLS token), attention and mlp (over every block), norms, heads (the objective's)."""
+  """A parameter's group from its path in the params tree: patch_embed, pos_embed, cls_token (the
+  first two are what flexible patch scaling resizes), attention and mlp (over every block), norms,
+  heads (the objective's)."""
   if path[0] != "backbone":
     return "heads"
   if path[1].startswith("block"):
     return {"attn": "attention", "mlp": "mlp"}.get(path[2], "norms")
   if path[1] in ("patch_embed", "pos_embed", "cls_token"):
-    return "embedding"
+    return path[1]
   return "norms"
 
 
@@ -112,7 +113,8 @@ def main(argv):
                                      start_step=step)
     chunk = [next(batches) for _ in range(r + m)]
     progress = np.float32(setup.plan.progress_at(step))
-    rng = jax.random.key(config.seed)
+    # The token-keep draws --mode=grad_error makes at this step.
+    rng = jax.random.fold_in(jax.random.key(config.seed), rng_streams.GRAD_ERROR + step)
 
     def gradients(st, part, offset, state=state, progress=progress, scale=scale, rng=rng):
       out = np.stack([np.asarray(sharding_lib.to_host(

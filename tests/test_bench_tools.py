@@ -269,7 +269,7 @@ def test_gradient_error_groups_partition_the_parameters_and_sum_to_the_whole():
                          "norm": {"scale": jnp.zeros(3)}},
             "projector": {"kernel": jnp.zeros((3, 4))}}
   groups = by_group.group_slices(params)
-  assert set(groups) == {"embedding", "attention", "norms", "mlp", "heads"}
+  assert set(groups) == {"patch_embed", "attention", "norms", "mlp", "heads"}
   covered = np.sort(np.concatenate(list(groups.values())))
   np.testing.assert_array_equal(covered, np.arange(6 + 9 + 3 + 6 + 3 + 12))
   rng = np.random.default_rng(0)

@@ -119,8 +119,28 @@ def test_adam_scale_refuses_an_optimiser_without_adams_moments():
   import optax
   config = ml_collections.ConfigDict({"optim": dict(b2=0.95)})
   opt_state = optax.sgd(0.1, momentum=0.9).init({"w": jnp.ones(3)})
-  with pytest.raises(UserError, match="grad_error.metric=adam needs AdamW"):
+  with pytest.raises(UserError, match="grad_error.metric=adam needs the state of one AdamW"):
     grad_error.adam_scale(config, opt_state, None)
+  two = optax.chain(optax.adam(0.1), optax.adam(0.1)).init({"w": jnp.ones(3)})
+  with pytest.raises(UserError, match="needs the state of one AdamW"):
+    grad_error.adam_scale(config, two, None)
+
+
+def test_adam_scale_skips_coordinates_without_a_gradient_yet_and_other_counts():
+  """A leaf whose gradients were all 0 (a frozen layer: AdamW leaves it alone) gets factor 0, not
+  1 / eps; a schedule's own step count elsewhere in the chain is not taken for AdamW's."""
+  import jax.numpy as jnp
+  import optax
+  config = ml_collections.ConfigDict({"optim": dict(b2=0.95)})
+  params = {"frozen": jnp.ones(2), "live": jnp.ones(3)}
+  tx = optax.chain(optax.scale_by_schedule(lambda count: 1.0), optax.adam(1.0, b2=0.95))
+  opt_state = tx.init(params)
+  grads = {"frozen": jnp.zeros(2), "live": jnp.array([1.0, 2.0, -4.0])}
+  for _ in range(2):
+    _, opt_state = tx.update(grads, opt_state, params)
+  got = grad_error.adam_scale(config, opt_state, None)
+  # ravel order: "frozen" then "live"; nu_hat = g^2 exactly for a constant gradient
+  np.testing.assert_allclose(got, [0.0, 0.0, 1.0, 0.5, 0.25], rtol=1e-5)
 
 
 def test_gram_terms_equal_the_direct_formulas():

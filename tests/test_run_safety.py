@@ -428,8 +428,12 @@ def test_an_online_run_resumes_only_under_the_rules_it_decided_by():
     run_identity.check_resumable(before_prior, saved, "/run/checkpoints", False)
   # One saved before grad_error.metric existed measured in the paper's (Euclidean) coordinates.
   rules = {k: v for k, v in saved["plan"]["rules"].items() if k != "grad_error.metric"}
-  run_identity.check_resumable(dict(saved, plan=dict(saved["plan"], rules=rules)), saved,
-                               "/run/checkpoints", False)
+  before_metric = dict(saved, plan=dict(saved["plan"], rules=rules))
+  run_identity.check_resumable(before_metric, saved, "/run/checkpoints", False)
+  adam = tiny_config(steps=100, schedule="online", **{"grad_error.metric": "adam"})
+  with pytest.raises(UserError, match=r"grad_error.metric: 'euclidean' there, 'adam' now"):
+    run_identity.check_resumable(before_metric, run_identity.run_metadata(
+        adam, step_plan.make_step_plan(adam, 1000), {}, online=True), "/run/checkpoints", False)
   # One whose decisions followed older rules (schedule_search.RULES_VERSION) is refused unless
   # the plan may change.
   older_rules = dict(saved, plan=dict(saved["plan"], rules=dict(saved["plan"]["rules"],

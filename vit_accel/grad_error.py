@@ -42,8 +42,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
+from vit_accel import optimizer, train_step
 from vit_accel import sharding as sharding_lib
-from vit_accel import train_step
+from vit_accel.config_domains import DOMAINS
 from vit_accel.errors import UserError
 
 
@@ -178,30 +179,43 @@ def gram(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
   return out
 
 
-METRICS = ("euclidean", "adam")
+METRICS = DOMAINS["grad_error.metric"].values   # one list: the config check's
+
+
+def _adam_state(opt_state):
+  """The optimiser state's optax.ScaleByAdamState (AdamW's moments), found by its type so that
+  other state in the chain (a schedule's step count) is not mistaken for it; None unless exactly
+  one."""
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+  return found[0] if len(found) == 1 else None
 
 
 def adam_scale(config, opt_state, mesh) -> np.ndarray:
-  """[P] float32 on the host, ravel_pytree's order of the parameters: 1 / (sqrt(nu_hat) + eps), the
-  per-coordinate factor AdamW applies to a gradient (optax.scale_by_adam's denominator, eps 1e-8),
-  from the second-moment estimate nu in `opt_state` (bias-corrected by 1 - b2^count). Before the
-  first step (count 0) every coordinate gets the same factor, i.e. the Euclidean metric. Raises
-  UserError when the optimiser state has no single AdamW second moment (another optimiser)."""
-  try:
-    nu = optax.tree_utils.tree_get(opt_state, "nu")
-    count = optax.tree_utils.tree_get(opt_state, "count")
-  except (KeyError, ValueError) as e:
-    raise UserError(f"grad_error.metric=adam needs AdamW's state (nu, count): {e}") from None
-  if nu is None or count is None:
-    raise UserError("grad_error.metric=adam needs AdamW's state (nu, count); the optimiser has none")
+  """[P] float32 on the host, in ravel_pytree's order of the parameters: 1 / (sqrt(nu_hat) + eps),
+  the per-coordinate factor AdamW applies to a gradient (optax.scale_by_adam's denominator, eps
+  optimizer.ADAM_EPS), from the second moment nu in `opt_state` bias-corrected by 1 - b2^count: the
+  denominator of the checkpoint's last step (the next step's would also hold that step's gradient).
+  Before the first step (count 0) every coordinate gets the same factor, i.e. the Euclidean
+  metric. Coordinates whose nu is still 0 after steps have had no gradient (DINO's last layer
+  while frozen: its updates are 0) and get 0, not 1 / eps, which would swamp every term. Gathered
+  replicated over `mesh` (None: as jit places it). Raises UserError when the optimiser state holds
+  no single AdamW moment state (another optimiser)."""
+  adam = _adam_state(opt_state)
+  if adam is None:
+    raise UserError("grad_error.metric=adam needs the state of one AdamW (optax.scale_by_adam) in "
+                    "the optimiser; this optimiser has none")
   b2 = float(config.optim.b2)
 
   def scale(nu, count):
-    correction = jnp.where(count > 0, 1.0 - b2 ** count.astype(jnp.float32), 1.0)
-    return ravel_pytree(jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / correction) + 1e-8), nu))[0]
+    started = count > 0
+    correction = jnp.where(started, 1.0 - b2 ** count.astype(jnp.float32), 1.0)
+    factor = lambda v: jnp.where(started & (v == 0), 0.0,  # noqa: E731
+                                 1.0 / (jnp.sqrt(v / correction) + optimizer.ADAM_EPS))
+    return ravel_pytree(jax.tree.map(factor, nu))[0]
 
   gathered = {} if mesh is None else {"out_shardings": sharding_lib.replicated(mesh)}
-  out = jax.jit(scale, **gathered)(nu, count)
+  out = jax.jit(scale, **gathered)(adam.nu, adam.count)
   return np.asarray(sharding_lib.to_host(out), np.float32).ravel()
 
 

@@ -8,6 +8,9 @@ import optax
 
 from vit_accel.config_domains import DOMAINS
 
+# AdamW's epsilon (optax's default, named so that grad_error.adam_scale divides by the same).
+ADAM_EPS = 1e-8
+
 
 def decay_mask(params):
   """A tree like `params` (nested dict of arrays): True where weight decay applies, i.e. matrices
@@ -22,7 +25,7 @@ def make_optimizer(config):
   """AdamW at unit learning rate; the step scales its updates by the lr of the current budget
   progress (learning_rate_at below), which is exactly AdamW with that lr. No weight decay on
   biases, norms, CLS token and position embedding (decay_mask)."""
-  tx = optax.adamw(1.0, b1=config.optim.b1, b2=config.optim.b2,
+  tx = optax.adamw(1.0, b1=config.optim.b1, b2=config.optim.b2, eps=ADAM_EPS,
                    weight_decay=config.optim.weight_decay, mask=decay_mask)
   if config.optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), tx)
