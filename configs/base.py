@@ -141,6 +141,10 @@ def get_config() -> ml_collections.ConfigDict:
   # `init`), so the pilot's training is not thrown away; its lr schedule and optimiser restart.
   # --mode=pilot says so in schedule.txt and pilot_cost.json ("init_workdir").
   c.pilot.warm_start = False
+  # What the pilot trains under: "none" (uncompressed, the paper's pilot) or "prior" (search.prior,
+  # compressed in time like its lr schedule: the milestones' weights are then those the run would
+  # have at that progress, and each pilot step costs what the prior's does).
+  c.pilot.train_schedule = "none"
 
   # A fresh run's starting weights: the trained network, the EMA copy and the objective's state
   # (DINO's centre) of checkpoint `checkpoint_step` (-1 = the latest) in init.workdir's run; step,

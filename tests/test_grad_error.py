@@ -414,6 +414,31 @@ def test_pilot_runs_measures_and_searches_in_one_call(tmp_path, needs_fashion_mn
   assert pilot_mode.searched_run_flags(dict(cost, init_workdir=None)).count("--config") == 1
 
 
+@pytest.mark.slow
+def test_a_pilot_under_the_prior_trains_its_stages_and_an_empty_prior_is_refused(
+    tmp_path, needs_fashion_mnist):
+  """pilot.train_schedule=prior: the pilot's step plan is search.prior's (compressed in time), so
+  the milestone weights are trained as the run would train them; without a prior, one line and
+  nothing is written."""
+  from conftest import tiny_config
+  overrides = {"pilot.budget_fraction": 1.0, "pilot.at_progress": (0.3, 0.9),
+               "pilot.measure_fraction": 1.0, "pilot.train_schedule": "prior",
+               "grad_error.reference_batches": 2, "grad_error.batches": 2,
+               "grad_error.ci_level": 0.5, "grad_error.candidates": ("keep0.25|keep0.25",)}
+  config = tiny_config(**overrides, **{"search.prior": "0.5:keep0.25|keep0.25; 1:full"})
+  pilot_mode.run(config, str(tmp_path / "a"))
+  plan = json.loads((tmp_path / "a" / "pilot" / "plan.json").read_text())
+  assert [s["spec"] for s in plan["stages"]] == ["keep0.25|keep0.25", "full"]
+  cost = json.loads((tmp_path / "a" / "pilot_cost.json").read_text())
+  assert cost["train_units"] == pytest.approx(step_plan.budget_units(config, 60000))
+  assert cost["measured"]
+  unprimed = tiny_config(**overrides, **{"search.prior": ""})
+  with pytest.raises(UserError, match="pilot.train_schedule=prior trains the pilot under "
+                                      "search.prior, which is empty"):
+    pilot_mode.run(unprimed, str(tmp_path / "b"))
+  assert not (tmp_path / "b").exists()
+
+
 def test_pilot_measurements_fit_their_share_of_the_budget(tmp_path, needs_fashion_mnist):
   """measurement_plan: the configured R, M and rounds where the cap allows; R and M shrunk together
   (not below 2) and fewer rounds at smaller budgets, one round per milestone always within the

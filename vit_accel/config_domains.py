@@ -220,6 +220,7 @@ DOMAINS = {
     "pilot.measure_fraction": FRACTION,
     "pilot.at_progress": Each(FRACTION),
     "pilot.warm_start": FLAG,
+    "pilot.train_schedule": Choice(("none", "prior")),
     # optimiser
     "optim.base_lr": POSITIVE,
     "optim.warmup_fraction": PROBABILITY,

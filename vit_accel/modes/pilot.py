@@ -1,6 +1,7 @@
 """--mode=pilot: the paper's procedure in one command.
 
-A short uncompressed run (pilot.budget_fraction of the budget) in WORKDIR/pilot with milestones at
+A short run (pilot.budget_fraction of the budget; uncompressed, or under the prior schedule with
+pilot.train_schedule=prior) in WORKDIR/pilot with milestones at
 pilot.at_progress of its own budget, the gradient-error tables at those milestones (--mode=grad_error
 on WORKDIR/pilot), and the schedule searched from them (--mode=search: WORKDIR/schedule.txt). A
 milestone at fraction p of the pilot stands for progress p of the full run (the pilot's lr and
@@ -31,12 +32,14 @@ from vit_accel.modes import search as search_mode
 
 
 def pilot_config(config, num_train: int):
-  """The pilot run's config: the uncompressed schedule on pilot.budget_fraction of the budget,
-  milestones at pilot.at_progress, one evaluation at the end (at the periodic sizes)."""
+  """The pilot run's config: on pilot.budget_fraction of the budget, the uncompressed schedule
+  (pilot.train_schedule "none") or the prior's (search.prior, "prior"), milestones at
+  pilot.at_progress, one evaluation at the end (at the periodic sizes)."""
   pilot = config.copy_and_resolve_references()
   with pilot.unlocked():
     pilot.budget = float(config.pilot.budget_fraction) * step_plan.budget_units(config, num_train)
-    pilot.schedule = "none"
+    pilot.schedule = (config.search.prior
+                      if config.pilot.get("train_schedule", "none") == "prior" else "none")
     pilot.schedule_file = ""
     pilot.checkpoint.at_progress = tuple(config.pilot.at_progress)
     pilot.eval.every_steps = 0
@@ -86,6 +89,10 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
   step_plan.check_prior_measured(config, "grad_error.candidates")   # the config alone says so
+  if config.pilot.get("train_schedule", "none") == "prior" and not config.search.prior:
+    raise UserError("pilot.train_schedule=prior trains the pilot under search.prior, which is "
+                    "empty; set search.prior (e.g. the recipe's preset) or "
+                    "pilot.train_schedule=none")
   distributed.initialize(config)   # multi-host: before anything touches a device
   num_train = pipeline.load_source(config, "train").num_examples
   try:
