@@ -25,7 +25,6 @@ from absl import app, flags  # noqa: E402
 
 from input_pipeline import streams  # noqa: E402
 from vit_accel import grad_error, io, rng_streams, run_setup, step_plan  # noqa: E402
-from vit_accel import sharding as sharding_lib  # noqa: E402
 from vit_accel.errors import UserError  # noqa: E402
 from vit_accel.modes import grad_error as grad_error_mode  # noqa: E402
 
@@ -64,23 +63,25 @@ def group_slices(params) -> dict[str, np.ndarray]:
 
 
 def group_terms(ref: np.ndarray, cand: np.ndarray, groups: dict) -> dict:
-  """ref [R, P], cand [M, P] (float64) -> {group: (bias2, share, cosine)}, bias2 and share over
-  the whole ||g*||^2; bias2 = ||mean cand - g*||^2 - var_cand / M - var_ref / R on the group's
-  coordinates (the noise correction of grad_error.gram_terms)."""
+  """ref [R, P], cand [M, P] (float64) -> {group: (bias2, share, cosine)}: grad_error.gram_terms
+  on the group's coordinates (bias2 noise-corrected, before clipping at 0, so the groups' sum is
+  the whole vector's), bias2 and share rescaled to the whole ||g*||^2. A group with ||g*|| = 0 (no
+  gradient there yet, e.g. DINO's frozen last layer) has share 0 and no bias2 or cosine: nan."""
+  w = np.full((1, len(ref)), 1.0 / len(ref))
+  v = np.full((1, len(cand)), 1.0 / len(cand))
   g_star = ref.mean(0)
   norm2 = float(g_star @ g_star)
-  mean = cand.mean(0)
   out = {}
   for name, idx in groups.items():
-    d = mean[idx] - g_star[idx]
-    var_c = ((cand[:, idx] - mean[idx]) ** 2).sum() / (len(cand) - 1)
-    var_r = ((ref[:, idx] - g_star[idx]) ** 2).sum() / (len(ref) - 1)
-    bias2 = d @ d - var_c / len(cand) - var_r / len(ref)
-    cos = mean[idx] @ g_star[idx] / (np.linalg.norm(mean[idx]) * np.linalg.norm(g_star[idx])
-                                     + 1e-300)
-    out[name] = (bias2 / norm2, float(g_star[idx] @ g_star[idx]) / norm2, float(cos))
-  out["all"] = (sum(v[0] for v in out.values()), 1.0,
-                float(mean @ g_star / (np.linalg.norm(mean) * np.sqrt(norm2) + 1e-300)))
+    r, c = ref[:, idx], cand[:, idx]
+    share = float(g_star[idx] @ g_star[idx]) / norm2
+    if share == 0.0:
+      out[name] = (float("nan"), 0.0, float("nan"))
+      continue
+    t = grad_error.gram_terms(r @ r.T, c @ c.T, c @ r.T, w, v, 1.0)
+    out[name] = (float(t["bias2_raw"][0]) * share, share, float(t["cosine"][0]))
+  whole = grad_error.gram_terms(ref @ ref.T, cand @ cand.T, cand @ ref.T, w, v, 1.0)
+  out["all"] = (float(whole["bias2_raw"][0]), 1.0, float(whole["cosine"][0]))
   return out
 
 
@@ -117,10 +118,8 @@ def main(argv):
     rng = jax.random.fold_in(jax.random.key(config.seed), rng_streams.GRAD_ERROR + step)
 
     def gradients(st, part, offset, state=state, progress=progress, scale=scale, rng=rng):
-      out = np.stack([np.asarray(sharding_lib.to_host(
-          fns[st](state, b, jax.random.fold_in(rng, offset + i), progress)), np.float64).ravel()
-          for i, b in enumerate(part)])
-      return out if scale is None else out * scale
+      return grad_error.batch_gradients(fns[st], state, part, rng, offset, progress,
+                                        scale).astype(np.float64)
 
     ref = gradients(strategies[0], chunk[:r], 0)
     groups = group_slices(jax.device_get(state.params))

@@ -288,3 +288,6 @@ def test_gradient_error_groups_partition_the_parameters_and_sum_to_the_whole():
   cand_same = truth + 0.3 * rng.normal(size=(12, 39))
   cand_same[:, groups["mlp"]] = ref.mean(0)[groups["mlp"]]   # exactly g* in that group
   assert by_group.group_terms(ref, cand_same, groups)["mlp"][2] == pytest.approx(1.0)
+  ref[:, groups["heads"]] = 0.0                 # no gradient there yet: no share, no ratio
+  silent = by_group.group_terms(ref, cand, groups)["heads"]
+  assert silent[1] == 0.0 and np.isnan(silent[0]) and np.isnan(silent[2])

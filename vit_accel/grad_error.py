@@ -182,6 +182,11 @@ def gram(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
 METRICS = DOMAINS["grad_error.metric"].values   # one list: the config check's
 
 
+def metric_of(config) -> str:
+  """grad_error.metric; "euclidean" (the paper's) for configs saved before the key existed."""
+  return config.grad_error.get("metric", "euclidean")
+
+
 def _adam_state(opt_state):
   """The optimiser state's optax.ScaleByAdamState (AdamW's moments), found by its type so that
   other state in the chain (a schedule's step count) is not mistaken for it; None unless exactly
@@ -239,6 +244,21 @@ def make_grad_fns(config, model, strategies, state_shardings, mesh) -> dict:
   return grad_fns
 
 
+def batch_gradients(grad_fn, state, batches, rng, offset: int, progress,
+                    scale: np.ndarray | None = None) -> np.ndarray:
+  """[len(batches), P] float32 on the host: `grad_fn` (one of make_grad_fns') on each batch, the
+  i-th with key fold_in(rng, offset + i) (token-keep draws differ per batch, and a batch's draw
+  is the same whichever strategy or tool asks), times `scale` [P] (adam_scale) when given."""
+  out = None
+  for i, batch in enumerate(batches):
+    g = np.asarray(sharding_lib.to_host(grad_fn(state, batch, jax.random.fold_in(rng, offset + i),
+                                                progress)), np.float32).ravel()
+    if out is None:
+      out = np.empty((len(batches), g.size), np.float32)
+    out[i] = g if scale is None else g * scale
+  return out
+
+
 def measure_round(config, state, global_batches, reference_batches: int, grad_fns: dict,
                   costs: dict, rng, progress: float, draws: int, seed,
                   cost_ratios: dict | None = None, scale: np.ndarray | None = None) -> dict:
@@ -256,15 +276,7 @@ def measure_round(config, state, global_batches, reference_batches: int, grad_fn
   full = strategies[0]
 
   def gradients(st, chunk, offset):
-    out = None
-    for i, batch in enumerate(chunk):
-      r = jax.random.fold_in(rng, offset + i)  # token-keep draws differ per batch
-      g = np.asarray(sharding_lib.to_host(grad_fns[st](state, batch, r, progress)),
-                     np.float32).ravel()
-      if out is None:
-        out = np.empty((len(chunk), g.size), np.float32)
-      out[i] = g if scale is None else g * scale
-    return out
+    return batch_gradients(grad_fns[st], state, chunk, rng, offset, progress, scale)
 
   measured = global_batches[reference_batches:]
   gen = np.random.default_rng(seed)
@@ -324,8 +336,7 @@ def measure(config, state, next_batches, reference_batches: int, batches: int, g
   grad_error.metric's coordinates (the "adam" metric reads state.opt_state, gathered over `mesh`).
   Identical on every host."""
   ge = config.grad_error
-  metric = ge.get("metric", "euclidean")   # configs saved before the key: the paper's metric
-  scale = adam_scale(config, state.opt_state, mesh) if metric == "adam" else None
+  scale = adam_scale(config, state.opt_state, mesh) if metric_of(config) == "adam" else None
   rounds, rows = [], []
   for i in range(max_rounds):
     rounds.append(measure_round(config, state, next_batches(reference_batches + batches),

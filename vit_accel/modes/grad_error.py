@@ -158,7 +158,7 @@ def run(config, workdir: str, args: Args = Args()) -> dict:
   result = {"workdir": workdir, "batch_size": int(config.batch_size),
             "reference_batches": int(ge.reference_batches), "batches": int(ge.batches),
             "max_rounds": int(ge.max_rounds), "ci_level": float(ge.ci_level),
-            "bootstrap": int(ge.bootstrap), "metric": ge.get("metric", "euclidean"),
+            "bootstrap": int(ge.bootstrap), "metric": grad_error.metric_of(config),
             "tables": tables, "seconds": time.time() - t_start}
   if jax.process_index() == 0:
     path = os.path.join(workdir, "grad_error.json")

@@ -31,6 +31,11 @@ from vit_accel.modes import grad_error as grad_error_mode
 from vit_accel.modes import search as search_mode
 
 
+def trains_under_prior(config) -> bool:
+  """pilot.train_schedule == "prior"; "none" for configs saved before the key existed."""
+  return config.pilot.get("train_schedule", "none") == "prior"
+
+
 def pilot_config(config, num_train: int):
   """The pilot run's config: on pilot.budget_fraction of the budget, the uncompressed schedule
   (pilot.train_schedule "none") or the prior's (search.prior, "prior"), milestones at
@@ -38,8 +43,7 @@ def pilot_config(config, num_train: int):
   pilot = config.copy_and_resolve_references()
   with pilot.unlocked():
     pilot.budget = float(config.pilot.budget_fraction) * step_plan.budget_units(config, num_train)
-    pilot.schedule = (config.search.prior
-                      if config.pilot.get("train_schedule", "none") == "prior" else "none")
+    pilot.schedule = config.search.prior if trains_under_prior(config) else "none"
     pilot.schedule_file = ""
     pilot.checkpoint.at_progress = tuple(config.pilot.at_progress)
     pilot.eval.every_steps = 0
@@ -89,7 +93,7 @@ def run(config, workdir: str, args: Args = Args()) -> str:
   """The schedule string written to WORKDIR/schedule.txt."""
   del args
   step_plan.check_prior_measured(config, "grad_error.candidates")   # the config alone says so
-  if config.pilot.get("train_schedule", "none") == "prior" and not config.search.prior:
+  if trains_under_prior(config) and not config.search.prior:
     raise UserError("pilot.train_schedule=prior trains the pilot under search.prior, which is "
                     "empty; set search.prior (e.g. the recipe's preset) or "
                     "pilot.train_schedule=none")
