@@ -99,6 +99,29 @@ def test_cls_is_first_and_untouched_under_token_keep():
     assert np.all(d.min(axis=1) < 1e-6)
 
 
+@pytest.mark.parametrize("spec", ["keep0.25", "patch8,keep0.5", "res16,keep0.5"])
+def test_token_keep_before_the_embedding_equals_keep_tokens_after_it(spec):
+  # The ViT gathers the kept patches before embedding them; that must be keep_tokens of the
+  # full embedding (same rng -> same tokens), with the same gradients for every parameter.
+  vit, params, x = _vit()
+  strategy, rng = Strategy.parse(spec), jax.random.key(5)
+  kept = vit.layout(strategy).kept
+
+  def early(p):
+    return vit.apply(p, x, strategy, rng, method=vit.tokens)[:, 1:]
+
+  def late(p):
+    return compression.keep_tokens(vit.apply(p, x, strategy, method=vit.embed), rng, kept)
+
+  np.testing.assert_allclose(early(params), late(params), rtol=1e-6, atol=1e-6)
+  w = jax.random.normal(jax.random.key(6), early(params).shape)
+  g_early = jax.grad(lambda p: (early(p) * w).sum())(params)
+  g_late = jax.grad(lambda p: (late(p) * w).sum())(params)
+  for a, b in zip(jax.tree.leaves(g_early), jax.tree.leaves(g_late)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(g_early["params"]["pos_embed"]).sum()) > 0
+
+
 @pytest.mark.parametrize("spec,tokens", [("full", 64), ("keep0.25", 16), ("keep0.5", 32),
                                          ("patch8", 16), ("patch8,keep0.5", 8), ("res16", 16),
                                          ("patch12", 9), ("count24", 24), ("patch16", 4)])

@@ -255,7 +255,9 @@ class FlexiPatchEmbed(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, patch_size: int):
+  def __call__(self, images, patch_size: int, keep=None):
+    """images [B, S, S, C] -> tokens [B, (S / patch_size)^2, width], or [B, K, width] for the
+    patches at `keep` [B, K] (int indices into the row-major patch grid) only."""
     channels = images.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.base_patch, self.base_patch, channels, self.width))
@@ -267,6 +269,8 @@ class FlexiPatchEmbed(nn.Module):
     # Patchify + one matmul: the same as a stride-p convolution, and faster on CPU.
     patches = images.astype(self.dtype).reshape(b, g, patch_size, g, patch_size, c)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, patch_size * patch_size * c)
+    if keep is not None:   # pixels carry no gradient: gathering here needs no scatter backward
+      patches = compression.gather_rows(patches, keep)
     return (flat_dot_general(patches, kernel.reshape(-1, self.width), (((2,), (0,)), ((), ())))
             + bias.astype(self.dtype))
 
@@ -309,29 +313,35 @@ class VisionTransformer(nn.Module):
   def layout(self, strategy: Strategy, image_size: int | None = None) -> compression.Layout:
     return strategy.layout(image_size or self.image_size, self.patch_size)
 
-  def embed(self, images, strategy: Strategy = FULL):
-    """Images [B, S, S, C] -> patch tokens with position embeddings [B, n*n, width] (no CLS, nothing
-    dropped yet) for the strategy's patch size / resolution. S is usually model.image_size; other
-    sides (DINO's local crops) get the position-embedding grid resized to their own token grid."""
+  def embed(self, images, strategy: Strategy = FULL, keep=None):
+    """Images [B, S, S, C] -> patch tokens with position embeddings [B, n*n, width] (no CLS) for
+    the strategy's patch size / resolution; with `keep` [B, K] (int patch indices, as
+    `compression.keep_indices`) only those patches' tokens, [B, K, width]. S is usually
+    model.image_size; other sides (DINO's local crops) get the position-embedding grid resized to
+    their own token grid."""
     if images.shape[1] != images.shape[2]:
       raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}; views must be square")
     lay = self.layout(strategy, images.shape[1])
     if lay.input_size != images.shape[1]:
       b, _, _, c = images.shape
       images = jax.image.resize(images, (b, lay.input_size, lay.input_size, c), method="linear")
-    x = self.patch_embed(images, lay.patch_size)
+    x = self.patch_embed(images, lay.patch_size, keep)
     with jax.named_scope("pos_resize"):  # likewise, for the position-embedding grid
       pos = compression.resize_pos_embed(self.pos_embed, lay.grid)
+    if keep is not None:
+      pos = jnp.take(pos[0], keep, axis=0)   # [B, K, width]
     return x + pos.astype(x.dtype)
 
   def tokens(self, images, strategy: Strategy = FULL, rng=None):
-    """The sequence the blocks see: [CLS, kept patch tokens] -> [B, 1 + K, width]."""
-    x = self.embed(images, strategy)
-    kept = self.layout(strategy, images.shape[1]).kept
-    if kept < x.shape[1]:
+    """The sequence the blocks see: [CLS, kept patch tokens] -> [B, 1 + K, width]. The kept
+    patches are those of `compression.keep_tokens` for this rng, gathered before the embedding."""
+    lay = self.layout(strategy, images.shape[1])
+    keep = None
+    if lay.kept < lay.num_patches:
       if rng is None:
         raise ValueError(f"strategy {strategy.spec} drops tokens and needs an rng")
-      x = compression.keep_tokens(x, rng, kept)
+      keep = compression.keep_indices(rng, images.shape[0], lay.num_patches, lay.kept)
+    x = self.embed(images, strategy, keep)
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.width))
     return jnp.concatenate([cls, x], axis=1)
 
