@@ -85,14 +85,14 @@ def product_shapes(spec: dict, batch: int) -> list[dict]:
   on the online and the momentum branch, gradients on the online one); ours_parts: how many
   products ours splits it into along n (q, k and v are three projections in our model, one fused
   qkv Linear in timm's). part: 'blocks' (the transformer blocks, m = batch x (kept + CLS)),
-  'heads' (projector and predictor, m = batch) or 'patch_embed' (every patch is embedded before
-  the token keep, in both; no input gradient). The kept count is the model's (bucket-rounded, as
+  'heads' (projector and predictor, m = batch) or 'patch_embed' (no input gradient; ours embeds
+  the kept patches only, m = batch x kept, and the peer, as timm does, every patch of the `batch`
+  images with its convolution before the token keep). The kept count is the model's (bucket-rounded, as
   compression.Strategy.layout computes it). Attention's batched products are not here."""
   sys.path.insert(0, ROOT)
   from vit_accel import compression
   width, hidden = spec["width"], int(spec["width"] * spec["mlp"])
   head_hidden, out_dim, depth = spec["hidden"], spec["out"], spec["depth"]
-  patches = (spec["image"] // spec["patch"]) ** 2
   both, online = 2 * 2, 2   # forwards on two branches x two views; gradients on one branch
   out = []
   for strategy in STRATEGIES:
@@ -111,8 +111,8 @@ def product_shapes(spec: dict, batch: int) -> list[dict]:
     add("blocks", "attn_out", rows, width, width, grads, times=depth)
     add("blocks", "mlp_in", rows, width, hidden, grads, times=depth)
     add("blocks", "mlp_out", rows, hidden, width, grads, times=depth)
-    add("patch_embed", "patch_embed", batch * patches, spec["patch"] ** 2 * 3, width,
-        (("fwd", both), ("dw", online)), image=spec["image"], patch=spec["patch"])
+    add("patch_embed", "patch_embed", batch * kept, spec["patch"] ** 2 * 3, width,
+        (("fwd", both), ("dw", online)), image=spec["image"], patch=spec["patch"], batch=batch)
     add("heads", "proj_fc0", batch, width, head_hidden, grads)
     add("heads", "proj_fc1", batch, head_hidden, head_hidden, grads)
     add("heads", "proj_fc2", batch, head_hidden, out_dim, grads)
@@ -181,7 +181,7 @@ def products_peer(shapes: list[dict], repeats: int) -> dict:
       m, k, n = p["m"], p["k"], p["n"]
       if p["name"] == "patch_embed":
         side, patch = p["image"], p["patch"]
-        images = torch.randn(m // (side // patch) ** 2, 3, side, side)
+        images = torch.randn(p["batch"], 3, side, side)   # timm embeds every patch
         w, dy = torch.randn(n, 3, patch, patch), torch.randn(images.shape[0], n, side // patch,
                                                              side // patch)
         f = {"fwd": lambda: torch.nn.functional.conv2d(images, w, stride=patch),

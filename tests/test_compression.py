@@ -99,13 +99,17 @@ def test_cls_is_first_and_untouched_under_token_keep():
     assert np.all(d.min(axis=1) < 1e-6)
 
 
-@pytest.mark.parametrize("spec", ["keep0.25", "patch8,keep0.5", "res16,keep0.5"])
-def test_token_keep_before_the_embedding_equals_keep_tokens_after_it(spec):
+@pytest.mark.parametrize("spec,side", [("keep0.25", 32), ("patch8,keep0.5", 32),
+                                       ("res16,keep0.5", 32), ("keep0.5", 16)])
+def test_token_keep_before_the_embedding_equals_keep_tokens_after_it(spec, side):
   # The ViT gathers the kept patches before embedding them; that must be keep_tokens of the
-  # full embedding (same rng -> same tokens), with the same gradients for every parameter.
-  vit, params, x = _vit()
+  # full embedding (same rng -> same tokens), with the same gradients for every parameter. Side
+  # 16 is a DINO local crop: its own 4x4 grid, not the model's 8x8.
+  vit, params, _ = _vit()
+  x = jax.random.normal(jax.random.key(0), (3, side, side, 3))
   strategy, rng = Strategy.parse(spec), jax.random.key(5)
-  kept = vit.layout(strategy).kept
+  kept = vit.layout(strategy, side).kept
+  assert kept < vit.layout(compression.FULL, side).num_patches
 
   def early(p):
     return vit.apply(p, x, strategy, rng, method=vit.tokens)[:, 1:]
@@ -221,7 +225,7 @@ def test_backbone_flops_by_hand():
   m = _model_cfg()
   lay = Strategy(keep_ratio=0.25).layout(32, 4)   # 16 kept patches + CLS
   w, n = 128, 17
-  embed = 2 * 64 * 4 * 4 * 3 * w                  # every patch is embedded before dropping
+  embed = 2 * 64 * 4 * 4 * 3 * w                  # charged for every patch, kept or not
   block = 2 * n * (4 * w * w + 2 * w * 512) + 4 * n * n * w
   assert compression.backbone_forward_flops(m, lay) == pytest.approx(embed + 4 * block)
 

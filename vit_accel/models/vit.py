@@ -269,7 +269,7 @@ class FlexiPatchEmbed(nn.Module):
     # Patchify + one matmul: the same as a stride-p convolution, and faster on CPU.
     patches = images.astype(self.dtype).reshape(b, g, patch_size, g, patch_size, c)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, patch_size * patch_size * c)
-    if keep is not None:   # pixels carry no gradient: gathering here needs no scatter backward
+    if keep is not None:   # pixels carry no gradient: this gather has no backward at all
       patches = compression.gather_rows(patches, keep)
     return (flat_dot_general(patches, kernel.reshape(-1, self.width), (((2,), (0,)), ((), ())))
             + bias.astype(self.dtype))
@@ -328,8 +328,8 @@ class VisionTransformer(nn.Module):
     x = self.patch_embed(images, lay.patch_size, keep)
     with jax.named_scope("pos_resize"):  # likewise, for the position-embedding grid
       pos = compression.resize_pos_embed(self.pos_embed, lay.grid)
-    if keep is not None:
-      pos = jnp.take(pos[0], keep, axis=0)   # [B, K, width]
+    if keep is not None:   # per sample, as keep_tokens: a backward without colliding indices
+      pos = compression.gather_rows(jnp.broadcast_to(pos, (keep.shape[0],) + pos.shape[1:]), keep)
     return x + pos.astype(x.dtype)
 
   def tokens(self, images, strategy: Strategy = FULL, rng=None):
