@@ -19,13 +19,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every 2 steps, small evaluations.
 FLAGS = ["--config=configs/fmnist_mocov3.py:smoke", "--config.batch_size=16",
          "--config.budget=1800", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
-         "--config.tensorboard=False", "--config.compile_cache_dir=",
+         "--config.tensorboard=False",
          "--config.eval.final_bank_size=400", "--config.eval.final_query_size=200",
          "--config.eval.batch_size=200"]
 
 
 def command(workdir):
-  return [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS]
+  # A compile cache of the test's own (beside its run directories): each re-run loads the steps
+  # the first run compiled, as a user's re-run would, instead of compiling them again.
+  cache = os.path.join(os.path.dirname(workdir), "xla")
+  return [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS,
+          f"--config.compile_cache_dir={cache}"]
 
 
 def env():
