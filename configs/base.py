@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule = "dynamic"
   c.schedule_file = ""  # a file holding a schedule (e.g. --mode=search's); wins over schedule
   c.allow_schedule_change = False   # True: resume a checkpoint under a different step plan
-  c.compile_cache_dir = "~/.cache/vit_accel/xla"   # JAX persistent compilation cache; "" = off
+  # JAX persistent compilation cache; "" = JAX's own setting (off unless JAX_COMPILATION_CACHE_DIR).
+  c.compile_cache_dir = "~/.cache/vit_accel/xla"
   # XLA CPU flags added to XLA_FLAGS before JAX starts (flags XLA_FLAGS already sets win; "" = none).
   # YNNPACK fusions off: on a 2-core AVX-512 CPU the embedded default's MoCo-v3 train step (batch
   # 256) ran 2270 -> 2010 ms without them, keep-25% 545 -> 537 ms (bench/cpu_peer.py measures it).

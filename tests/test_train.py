@@ -138,17 +138,22 @@ MULTI = "0.4:keep0.25|keep0.25; 0.7:keep0.5; 1:full"
 
 @pytest.mark.slow
 def test_multistage_run_compiles_one_step_per_stage_and_logs_stages(tmp_path, needs_fashion_mnist):
-  compiles = []
+  compiles = []   # one entry per executable obtained: compiled, or loaded from the compile cache
 
   def listener(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(duration)
+
+  def hit_listener(event, **kwargs):
+    if event == "/jax/compilation_cache/cache_hits":
+      compiles.append(0.0)
 
   # A first run pays the process's one-time compilations (evaluation maths, host-side helpers);
   # only the two runs after it are counted, so the test gives the same counts run alone or after
   # any other test.
   train.train_and_evaluate(tiny_config(), str(tmp_path / "warm"))
   jax.monitoring.register_event_duration_secs_listener(listener)
+  jax.monitoring.register_event_listener(hit_listener)
   try:
     train.train_and_evaluate(tiny_config(), str(tmp_path / "one"))
     single = len(compiles)
@@ -157,6 +162,7 @@ def test_multistage_run_compiles_one_step_per_stage_and_logs_stages(tmp_path, ne
     multi = len(compiles)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(hit_listener)
   # Same run structure, two more stage signatures: exactly two more compilations, none in the loop.
   assert multi == single + 2
   lines = [l for l in read_lines(str(tmp_path / "multi")) if "loss" in l]
@@ -320,3 +326,22 @@ def test_a_warm_start_of_each_objective_restores_its_own_tree(tmp_path, recipe,
   assert jax.tree.structure(warm) == jax.tree.structure(fresh)
   jax.tree.map(np.testing.assert_array_equal, warm.params, load_params(source, 2))
   assert int(warm.step) == 0
+
+
+def test_compile_cache_dir_takes_effect_in_a_process_that_already_compiled(tmp_path):
+  # JAX opens its persistent cache once, at a process's first compilation; this process (the test
+  # session) compiled long ago, yet a run's compile_cache_dir must still receive its programs.
+  import ml_collections
+  jax.jit(lambda x: x + 1)(1.0)
+  saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  cache = tmp_path / "xla"
+  try:
+    train.use_compilation_cache(ml_collections.ConfigDict({"compile_cache_dir": str(cache)}))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # cache even this one
+    jax.jit(lambda x: (x * 3.0 + 7.0).sum())(np.arange(11.0))
+    assert cache.is_dir() and os.listdir(cache)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.reset_cache()

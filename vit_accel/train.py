@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental.compilation_cache import compilation_cache
 
 from input_pipeline import fingerprint, streams
 from vit_accel import (
@@ -241,10 +242,17 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 def use_compilation_cache(config) -> None:
-  """Re-runs and resumes reuse compiled steps instead of compiling them again (compile_cache_dir)."""
-  if config.compile_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  """Re-runs and resumes reuse compiled steps instead of compiling them again (compile_cache_dir;
+  "" leaves JAX's own setting, off unless JAX_COMPILATION_CACHE_DIR names a directory)."""
+  if not config.compile_cache_dir:
+    return
+  path = os.path.expanduser(config.compile_cache_dir)
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    # JAX opens its cache once per process, at the first compilation: a process that compiled
+    # before this run (a notebook, a test, a sweep calling runs in turn) must reopen it here.
+    compilation_cache.reset_cache()
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _write_plan(workdir: str, plan: step_plan.StepPlan) -> None:
