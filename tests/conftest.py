@@ -1,18 +1,18 @@
-import getpass
 import os
-import tempfile
 
 import pytest
 
 # Keep test processes quiet and on the CPU, whatever the machine has.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA compile cache for the whole test session and both tiers: the in-process runs
-# and the main.py subprocesses (they inherit the environment; a config's compile_cache_dir="" then
-# falls back to it) compile the same tiny models again and again. It changes no result: a cached
-# executable is the one XLA would compile. Outside ~/.cache, capped, and removable at any time.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"vit_accel_test_xla_{getpass.getuser()}"))
+# One persistent XLA compile cache for the test session and both tiers: the in-process runs and the
+# main.py subprocesses (they inherit the environment; a config's compile_cache_dir="" then falls
+# back to it) compile the same tiny models again and again. It changes no result: the cache key
+# holds the JAX version, XLA flags and devices, and a hit is the executable XLA would compile. In
+# the user's own cache directory (JAX runs what it finds there: no shared /tmp), capped; delete it
+# between sessions if JAX warns that it cannot read an entry (a process killed mid-write).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "vit_accel", "test_xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 # Tests import tensorflow themselves; TF must be configured (accelerators hidden) before any of

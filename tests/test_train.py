@@ -138,8 +138,8 @@ MULTI = "0.4:keep0.25|keep0.25; 0.7:keep0.5; 1:full"
 
 @pytest.fixture
 def without_compile_cache():
-  """The session's persistent compile cache off for one test (a test that counts XLA compilations
-  must see every one), then back as it was."""
+  """The session's persistent compile cache off for one test, then back as it was: a test that
+  counts compilations then counts the same whatever earlier tests left in the cache."""
   from jax.experimental.compilation_cache import compilation_cache
   saved = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
@@ -339,19 +339,25 @@ def test_a_warm_start_of_each_objective_restores_its_own_tree(tmp_path, recipe,
 
 
 def test_compile_cache_dir_takes_effect_in_a_process_that_already_compiled(tmp_path):
-  # JAX opens its persistent cache once, at a process's first compilation; this process (the test
-  # session) compiled long ago, yet a run's compile_cache_dir must still receive its programs.
+  # JAX opens its persistent cache once, at a process's first compilation: a process that compiled
+  # with one cache directory (as a notebook, a test session or a sweep does) must still send a
+  # run's programs to the run's compile_cache_dir.
   import ml_collections
-  jax.jit(lambda x: x + 1)(1.0)
-  saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  cache = tmp_path / "xla"
+  from jax.experimental.compilation_cache import compilation_cache
+  saved = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs)
+  first, cache = tmp_path / "first", tmp_path / "xla"
   try:
+    jax.config.update("jax_compilation_cache_dir", str(first))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # cache even these
+    compilation_cache.reset_cache()
+    jax.jit(lambda x: (x + 1.0).sum())(np.arange(5.0))
+    assert os.listdir(first)   # the process's cache is open, at the first directory
     train.use_compilation_cache(ml_collections.ConfigDict({"compile_cache_dir": str(cache)}))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # cache even this one
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.jit(lambda x: (x * 3.0 + 7.0).sum())(np.arange(11.0))
     assert cache.is_dir() and os.listdir(cache)
   finally:
     jax.config.update("jax_compilation_cache_dir", saved[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-    from jax.experimental.compilation_cache import compilation_cache
     compilation_cache.reset_cache()

@@ -249,8 +249,8 @@ def use_compilation_cache(config) -> None:
   path = os.path.expanduser(config.compile_cache_dir)
   if jax.config.jax_compilation_cache_dir != path:
     jax.config.update("jax_compilation_cache_dir", path)
-    # JAX opens its cache once per process, at the first compilation: a process that compiled
-    # before this run (a notebook, a test, a sweep calling runs in turn) must reopen it here.
+    # JAX opens its cache at most once per process (at the first compilation with a directory
+    # set): a process that compiled before this run (a notebook, a test session) must reopen it.
     compilation_cache.reset_cache()
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
