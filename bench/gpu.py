@@ -274,7 +274,7 @@ def main(argv):
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   if FLAGS.tiny:
     models = [("vit_b16 (tiny stand-in)", vit_b16_config(32, tiny=True)),
-              ("embedded default", default_config(64, "float32"))]
+              ("embedded default", default_config(16, "float32"))]
   else:
     models = [("ViT-B/16", vit_b16_config(FLAGS.vit_b_batch, tiny=False)),
               ("ViT-S/16", vit_s16_config(FLAGS.vit_s_batch, tiny=False)),

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=16", "--config.budget=400", "--config.log_every_steps=1",
         "--config.tensorboard=False", "--config.eval.at_start=False", "--config.eval.bank_size=400",
         "--config.eval.query_size=200", "--config.eval.final_bank_size=400",
-        "--config.eval.final_query_size=200", "--config.eval.batch_size=200"]
+        "--config.eval.final_query_size=200", "--config.eval.batch_size=200",
+        "--config.compile_cache_dir="]   # the test session's compile cache, not the user's
 
 
 def run(workdir, devices, *extra):
