@@ -49,6 +49,7 @@ from sweep_runs import (  # noqa: E402  (bench/ is the script's directory)
   parse_arms,
   run_key,
   runner_from_flags,
+  shared_legend,
   wall,
 )
 
@@ -297,11 +298,8 @@ def report(records: list[dict], arms, grid, stem: str, not_started=()) -> None:
                    f"{row['baseline_wall_s']:.0f} s | {arm} | {le}{e['budget_epochs']:.3g}{flag} | "
                    f"{le}{e['wall_s']:.0f} s | {ge}{e['speedup_budget']:.2f}x | "
                    f"{ge}{e['speedup_wall']:.2f}x{star} |")
-  if any(cpu_shared(r) for r in records):
-    lines += ["", "\\* wall-clock inflated: the machine was shared with other work during this run "
-              "(or one of the runs the figure is read from): marked in the record, or a 1-minute "
-              "load average of 2.5 or more at its end. Budgets and accuracies do not depend on it "
-              "(a run's numbers are the same alone or shared); the budget speed-up is the exact one."]
+  legend = shared_legend(records, derived=True)
+  lines += legend[:1] + [line + " The budget speed-up is the exact one." for line in legend[1:]]
   lines += ["", f"## Seed spread at {FLAGS.seed_budget:g} epochs", "",
             "| arm | seeds | final kNN | mean | std | range |", "|---|---|---|---:|---:|---:|"]
   for arm, s in spread.items():

@@ -49,6 +49,7 @@ from sweep_runs import (  # bench/ is the script's directory
   run_key,
   runner_from_flags,
   same_rules,
+  shared_legend,
   wall,
 )
 
@@ -218,7 +219,10 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
             "seed, is not noise): "
             + ", ".join(f"{r['budget_epochs']:g} epochs: "
                         + (f"{r['noise']:.4f}" if r["noise"] is not None else "not yet measured")
-                        for r in rows) + ".", "", "## Why each measured schedule is what it is", ""]
+                        for r in rows) + "."]
+  shown = {key for row in rows for e in row["arms"].values() for key in e["keys"]}
+  lines += shared_legend([r for r in records if r["key"] in shown])
+  lines += ["", "## Why each measured schedule is what it is", ""]
   copies = os.path.join(os.path.dirname(stem), os.path.basename(stem))
   for row in rows:
     for arm, e in row["arms"].items():

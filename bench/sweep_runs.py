@@ -317,3 +317,16 @@ def cpu_shared(record: dict) -> bool:
 def wall(record: dict) -> str:
   """The run's training wall-clock, starred when the machine was shared."""
   return f"{record['train_wall_s']:.0f} s" + ("*" if cpu_shared(record) else "")
+
+
+def shared_legend(records, *, derived: bool = False) -> list[str]:
+  """The Markdown footnote for the walls `wall` stars: `["", text]` when any of `records` ran on a
+  shared machine (`cpu_shared`), else `[]`. `derived`: the starred figures are read from several
+  runs (a speed-up), and one shared run is enough to star them."""
+  if not any(cpu_shared(r) for r in records):
+    return []
+  return ["", "\\* wall-clock inflated: the machine was shared with other work during this run"
+          + (" (or one of the runs the figure is read from)" if derived else "")
+          + ": marked in the record, or a 1-minute load average of 2.5 or more at its end. "
+          "Budgets and accuracies do not depend on it (a run's numbers are the same alone or "
+          "shared)."]

@@ -179,6 +179,20 @@ def test_pipeline_bench_variants_are_checked_config_overrides():
       pipeline_bench.parse_variant(bad)
 
 
+def test_a_starred_wall_comes_with_its_legend_and_only_then():
+  import sweep_runs
+  alone = {"train_wall_s": 100.0, "load_avg_1m": 2.1}
+  loaded = {"train_wall_s": 100.0, "load_avg_1m": 2.6}
+  marked = {"train_wall_s": 100.0, "load_avg_1m": 0.5, "cpu_shared": True}
+  assert sweep_runs.wall(alone) == "100 s" and sweep_runs.shared_legend([alone]) == []
+  for shared in (loaded, marked):
+    assert sweep_runs.wall(shared) == "100 s*"
+    legend = sweep_runs.shared_legend([alone, shared])
+    assert legend[0] == "" and legend[1].startswith("\\* wall-clock inflated")
+    assert "read from" not in legend[1]
+  assert "read from" in sweep_runs.shared_legend([marked], derived=True)[1]
+
+
 def test_a_measured_arm_resumes_only_a_workdir_of_its_own_rules(tmp_path):
   import sweep_runs
   fresh = tmp_path / "fresh"
