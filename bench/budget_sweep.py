@@ -298,8 +298,7 @@ def report(records: list[dict], arms, grid, stem: str, not_started=()) -> None:
                    f"{row['baseline_wall_s']:.0f} s | {arm} | {le}{e['budget_epochs']:.3g}{flag} | "
                    f"{le}{e['wall_s']:.0f} s | {ge}{e['speedup_budget']:.2f}x | "
                    f"{ge}{e['speedup_wall']:.2f}x{star} |")
-  legend = shared_legend(records, derived=True)
-  lines += legend[:1] + [line + " The budget speed-up is the exact one." for line in legend[1:]]
+  lines += shared_legend(records, derived=True)
   lines += ["", f"## Seed spread at {FLAGS.seed_budget:g} epochs", "",
             "| arm | seeds | final kNN | mean | std | range |", "|---|---|---|---:|---:|---:|"]
   for arm, s in spread.items():

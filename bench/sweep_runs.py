@@ -321,12 +321,12 @@ def wall(record: dict) -> str:
 
 def shared_legend(records, *, derived: bool = False) -> list[str]:
   """The Markdown footnote for the walls `wall` stars: `["", text]` when any of `records` ran on a
-  shared machine (`cpu_shared`), else `[]`. `derived`: the starred figures are read from several
-  runs (a speed-up), and one shared run is enough to star them."""
+  shared machine (`cpu_shared`), else `[]`. `derived`: the starred figures are speed-ups read from
+  several runs (one shared run is enough to star them; the budget speed-up is exact)."""
   if not any(cpu_shared(r) for r in records):
     return []
   return ["", "\\* wall-clock inflated: the machine was shared with other work during this run"
           + (" (or one of the runs the figure is read from)" if derived else "")
           + ": marked in the record, or a 1-minute load average of 2.5 or more at its end. "
           "Budgets and accuracies do not depend on it (a run's numbers are the same alone or "
-          "shared)."]
+          "shared)." + (" The budget speed-up is the exact one." if derived else "")]
