@@ -20,10 +20,13 @@ setting tuned for the preset: if anything, the preset's advantage); --settings=r
 arm at the recipe's own. Runs are shared with the budget sweep (same .jsonl, same keys and
 workdirs), so the baseline and preset runs it already has are not run again.
 
-Verdict per budget: an arm's mean final kNN over the seeds against the preset's; the noise is the
-largest seed-to-seed range among the fixed-schedule arms (baseline, preset) at that budget
-(measured, not assumed; a searched or online arm's seeds also differ in what they chose). "above": more
-than the noise above the preset; "within noise"; "below": more than the noise below.
+Verdict per budget: an arm's mean final kNN against the preset's, over the seeds both have run
+(at least two; a seed added to some arms only, e.g. `--seeds=2 --arms=accelerated=recipe,
+online=online`, sharpens those arms' comparison and leaves the others' standing); the noise is the
+largest seed-to-seed range among the fixed-schedule arms (baseline, preset), each over its own
+seeds, at that budget (measured, not assumed; a searched or online arm's seeds also differ in what
+they chose). "above": more than the noise above the preset; "within noise"; "below": more than the
+noise below.
 
 Pausable and resumable as the budget sweep (sweep_runs): WORKDIR_ROOT/PAUSE holds the next run;
 finished runs are skipped; the report (schedule_comparison_<objective>.{md,json}, and each searched
@@ -160,19 +163,36 @@ def compare(records, arms, settings) -> list[dict]:
     for arm, e in row["arms"].items():
       if preset is None or arm == PRESET:
         continue
-      e["diff"] = e["mean"] - preset["mean"]
-      if len(FLAGS.seeds) < 2:
-        e["verdict"] = "one seed: noise not measured"
-      elif not len(e["knn"]) == len(preset["knn"]) == len(FLAGS.seeds) or row["noise"] is None:
-        e["verdict"] = "seeds incomplete"
-      elif e["diff"] > row["noise"]:
-        e["verdict"] = "above"
-      elif e["diff"] >= -row["noise"]:
-        e["verdict"] = "within noise"
-      else:
-        e["verdict"] = "below"
+      e.update(paired_verdict(dict(zip(e["seeds"], e["knn"])),
+                              dict(zip(preset["seeds"], preset["knn"])), row["noise"]))
     out.append(row)
   return out
+
+
+def paired_verdict(knn: dict, preset_knn: dict, noise: float | None) -> dict:
+  """An arm against the preset on the seeds both have run ({seed: final kNN} each), so a seed
+  added to some arms only (say a third seed of the preset and the online arm, to pin the noise
+  down) leaves the others' verdicts standing. Returns {"diff": mean - preset's mean over those
+  seeds, "diff_seeds": them, "verdict"}: "above" / "within noise" / "below" against `noise` (the
+  largest seed range of a fixed schedule, each over its own seeds); "one seed in common: no
+  verdict" with one shared seed; "seeds incomplete" with none (then there is no diff) or with the
+  noise unmeasured (no fixed schedule has two seeds yet)."""
+  shared = sorted(set(knn) & set(preset_knn))
+  if not shared:
+    return {"diff_seeds": [], "verdict": "seeds incomplete"}
+  diff = (statistics.mean(knn[s] for s in shared)
+          - statistics.mean(preset_knn[s] for s in shared))
+  if len(shared) < 2:
+    verdict = "one seed in common: no verdict"
+  elif noise is None:
+    verdict = "seeds incomplete"
+  elif diff > noise:
+    verdict = "above"
+  elif diff >= -noise:
+    verdict = "within noise"
+  else:
+    verdict = "below"
+  return {"diff": diff, "diff_seeds": shared, "verdict": verdict}
 
 
 def merged(stages: list[str]) -> list[str]:
@@ -208,6 +228,8 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
       stages = (next(iter(shown.values())) if len(set(shown.values())) == 1 else
                 " / ".join(f"s{seed}: {text}" for seed, text in shown.items())).replace("|", "\\|")
       diff = f"{e['diff']:+.4f}" if "diff" in e else ""
+      if diff and e["diff_seeds"] != sorted(e["seeds"]):   # fewer seeds than the arm has
+        diff += " (" + ", ".join(f"s{s}" for s in e["diff_seeds"]) + ")"
       pilot = ", ".join(f"{share:.0%}" + (f" ({m['reference_batches']}, {m['batches']}, "
                                          f"<={m['max_rounds']})" if m else "")
                         + (f": unmeasured, the prior (needs {needed})" if needed else "")

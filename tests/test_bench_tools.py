@@ -193,6 +193,27 @@ def test_a_starred_wall_comes_with_its_legend_and_only_then():
   assert "read from" in sweep_runs.shared_legend([marked], derived=True)[1]
 
 
+def test_an_arm_is_judged_against_the_preset_on_the_seeds_both_ran():
+  from schedule_comparison import paired_verdict
+  preset = {0: 0.80, 1: 0.79, 2: 0.77}
+  # all three seeds in common: the means over three
+  three = paired_verdict({0: 0.78, 1: 0.78, 2: 0.76}, preset, noise=0.03)
+  assert three["diff_seeds"] == [0, 1, 2]
+  assert three["diff"] == pytest.approx(0.7733333 - 0.7866667, abs=1e-6)
+  assert three["verdict"] == "within noise"
+  # an arm without the third seed is compared on seeds 0 and 1 only, not with the 3-seed mean
+  two = paired_verdict({0: 0.74, 1: 0.75}, preset, noise=0.03)
+  assert two["diff_seeds"] == [0, 1] and two["diff"] == pytest.approx(-0.05)
+  assert two["verdict"] == "below"
+  assert paired_verdict({0: 0.84, 1: 0.83}, preset, noise=0.03)["verdict"] == "above"
+  assert paired_verdict({0: 0.84, 1: 0.83}, preset, noise=0.05)["verdict"] == "within noise"
+  one = paired_verdict({1: 0.70, 5: 0.90}, preset, noise=0.03)
+  assert one["diff"] == pytest.approx(-0.09) and one["verdict"] == "one seed in common: no verdict"
+  assert paired_verdict({0: 0.78, 1: 0.78}, preset, noise=None)["verdict"] == "seeds incomplete"
+  none = paired_verdict({7: 0.78}, preset, noise=0.03)
+  assert "diff" not in none and none["verdict"] == "seeds incomplete"
+
+
 def test_a_measured_arm_resumes_only_a_workdir_of_its_own_rules(tmp_path):
   import sweep_runs
   fresh = tmp_path / "fresh"
