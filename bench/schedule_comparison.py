@@ -9,7 +9,7 @@ Arms (--arms, NAME=SCHEDULE): `baseline=none`, `accelerated=recipe` (the recipe'
 gradient error at its milestones, the schedule search; then the searched schedule on the budget the
 pilot left, so the pilot's units and wall-clock are in the arm's) and `online=online` (CA-MSE
 re-measured during training, the measurements charged to the budget). Every arm runs at every
---budgets and --seeds.
+--budgets and --seeds; the report shows the runs of those arms, budgets and seeds.
 
 --arm_overrides=ARM:KEY=VALUE (repeatable) sets a config key for one arm (e.g. the search without
 its prior schedule: `--arms=...,searched_noprior=pilot --arm_overrides=searched_noprior:search.prior=`).
@@ -21,12 +21,17 @@ arm at the recipe's own. Runs are shared with the budget sweep (same .jsonl, sam
 workdirs), so the baseline and preset runs it already has are not run again.
 
 Verdict per budget: an arm's mean final kNN against the preset's, over the seeds both have run
-(at least two; a seed added to some arms only, e.g. `--seeds=2 --arms=accelerated=recipe,
-online=online`, sharpens those arms' comparison and leaves the others' standing); the noise is the
-largest seed-to-seed range among the fixed-schedule arms (baseline, preset), each over its own
-seeds, at that budget (measured, not assumed; a searched or online arm's seeds also differ in what
-they chose). "above": more than the noise above the preset; "within noise"; "below": more than the
-noise below.
+(at least two); the noise is the largest seed-to-seed range among the fixed-schedule arms
+(baseline, preset), each over all its own seeds, at that budget (measured, not assumed; a searched
+or online arm's seeds also differ in what they chose). "above": more than the noise above the
+preset; "within noise"; "below": more than the noise below.
+
+A seed for some arms only (to pin the noise down where a verdict is close), in two steps: run it
+with an out_dir holding a copy of the .jsonl (that run's report shows only what it ran), e.g.
+`--seeds=2 --arms=accelerated=recipe,online=online`; append its records to the .jsonl here and
+rewrite the report with every arm, `--seeds=0,1,2 --report_only`. The other arms keep their
+difference to the preset (over their own seeds); the noise, over every seed of a fixed arm, can
+only grow.
 
 Pausable and resumable as the budget sweep (sweep_runs): WORKDIR_ROOT/PAUSE holds the next run;
 finished runs are skipped; the report (schedule_comparison_<objective>.{md,json}, and each searched
@@ -133,8 +138,12 @@ def find(records, run) -> dict | None:
 
 
 def compare(records, arms, settings) -> list[dict]:
-  """Per budget and arm: seeds, kNN per seed, mean, stages and reasons of each seed's run; per
-  budget the noise (largest seed range of a fixed schedule) and each arm's difference to the preset with a verdict."""
+  """[{"budget_epochs", "noise", "arms": {arm: {...}}}] per --budgets: for each arm of `arms`
+  ((name, schedule) pairs) with a finished record in `records` (the .jsonl's dicts; the runs
+  planned with `settings` for --seeds, found by `find`), its seeds, final kNN and linear probe per
+  seed, mean, stages, reasons and walls; the noise (the largest seed range of a fixed schedule);
+  and for every arm but the preset its difference to the preset on the seeds both ran, with a
+  verdict (paired_verdict)."""
   out = []
   runs = planned_runs(arms, settings)
   for budget in sorted(float(b) for b in FLAGS.budgets):
@@ -170,22 +179,22 @@ def compare(records, arms, settings) -> list[dict]:
 
 
 def paired_verdict(knn: dict, preset_knn: dict, noise: float | None) -> dict:
-  """An arm against the preset on the seeds both have run ({seed: final kNN} each), so a seed
-  added to some arms only (say a third seed of the preset and the online arm, to pin the noise
-  down) leaves the others' verdicts standing. Returns {"diff": mean - preset's mean over those
-  seeds, "diff_seeds": them, "verdict"}: "above" / "within noise" / "below" against `noise` (the
-  largest seed range of a fixed schedule, each over its own seeds); "one seed in common: no
-  verdict" with one shared seed; "seeds incomplete" with none (then there is no diff) or with the
-  noise unmeasured (no fixed schedule has two seeds yet)."""
+  """An arm against the preset on the seeds both have run (`knn`, `preset_knn`: {seed: final
+  kNN}), so an arm is never compared with a mean over seeds it lacks: a seed added to some arms
+  only leaves the others' differences as they were. Returns {"diff": the arm's mean minus the
+  preset's over those seeds (absent when they share none), "diff_seeds": those seeds, sorted,
+  "verdict"}: "above" / "within noise" / "below" against `noise` (kNN points; the largest seed
+  range of a fixed schedule), or "one seed in common: no verdict", "no seed in common", or "noise
+  not measured" (`noise` None)."""
   shared = sorted(set(knn) & set(preset_knn))
   if not shared:
-    return {"diff_seeds": [], "verdict": "seeds incomplete"}
+    return {"diff_seeds": [], "verdict": "no seed in common"}
   diff = (statistics.mean(knn[s] for s in shared)
           - statistics.mean(preset_knn[s] for s in shared))
   if len(shared) < 2:
     verdict = "one seed in common: no verdict"
   elif noise is None:
-    verdict = "seeds incomplete"
+    verdict = "noise not measured"
   elif diff > noise:
     verdict = "above"
   elif diff >= -noise:
@@ -208,6 +217,8 @@ def merged(stages: list[str]) -> list[str]:
 
 
 def report(records, arms, settings, stem: str, runner: Runner) -> None:
+  """Writes `stem`.md (the table of `compare`, the noise, the reasons of every measured run) and
+  `stem`.json, and copies each searched run's plan file (runner's workdir/schedule.txt) to `stem`/."""
   rows = compare(records, arms, settings)
   lines = [f"# Schedules compared: {FLAGS.objective}", "",
            f"Written by `python bench/schedule_comparison.py {' '.join(sys.argv[1:])}` on "
@@ -228,14 +239,17 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
       stages = (next(iter(shown.values())) if len(set(shown.values())) == 1 else
                 " / ".join(f"s{seed}: {text}" for seed, text in shown.items())).replace("|", "\\|")
       diff = f"{e['diff']:+.4f}" if "diff" in e else ""
-      if diff and e["diff_seeds"] != sorted(e["seeds"]):   # fewer seeds than the arm has
-        diff += " (" + ", ".join(f"s{s}" for s in e["diff_seeds"]) + ")"
+      preset_seeds = row["arms"][PRESET]["seeds"] if PRESET in row["arms"] else []
+      if diff and not e["diff_seeds"] == sorted(e["seeds"]) == sorted(preset_seeds):
+        diff += " (" + ", ".join(f"s{s}" for s in e["diff_seeds"]) + ")"   # not all of them
       pilot = ", ".join(f"{share:.0%}" + (f" ({m['reference_batches']}, {m['batches']}, "
                                          f"<={m['max_rounds']})" if m else "")
                         + (f": unmeasured, the prior (needs {needed})" if needed else "")
                         for share, m, needed in e["pilot"])
       lines.append(f"| {row['budget_epochs']:g} | {arm} | {knn} | {e['mean']:.4f} | {diff} | "
                    f"{e.get('verdict', '')} | {stages} | {pilot} | {', '.join(e['wall'])} |")
+  lines += ["", "vs preset: the arm's mean final kNN minus the preset's, over the seeds both ran "
+            "(listed where that is not every seed of both)."]
   lines += ["", "Noise (largest seed-to-seed range of final kNN among the fixed-schedule arms, "
             "per budget; a measured arm's own range, which includes its different choices per "
             "seed, is not noise): "

@@ -209,9 +209,47 @@ def test_an_arm_is_judged_against_the_preset_on_the_seeds_both_ran():
   assert paired_verdict({0: 0.84, 1: 0.83}, preset, noise=0.05)["verdict"] == "within noise"
   one = paired_verdict({1: 0.70, 5: 0.90}, preset, noise=0.03)
   assert one["diff"] == pytest.approx(-0.09) and one["verdict"] == "one seed in common: no verdict"
-  assert paired_verdict({0: 0.78, 1: 0.78}, preset, noise=None)["verdict"] == "seeds incomplete"
+  assert paired_verdict({0: 0.78, 1: 0.78}, preset, noise=None)["verdict"] == "noise not measured"
   none = paired_verdict({7: 0.78}, preset, noise=0.03)
-  assert "diff" not in none and none["verdict"] == "seeds incomplete"
+  assert "diff" not in none and none["verdict"] == "no seed in common"
+
+
+def test_the_report_compares_each_arm_on_its_own_seeds_and_says_which(tmp_path):
+  """A preset and an online arm with a third seed, a baseline with two and a searched arm with
+  one: each arm's difference is over the seeds it shares with the preset, the noise over every
+  seed of a fixed arm, and the table names the seeds where they are not all of both."""
+  import schedule_comparison as sc
+  import sweep_runs
+  from absl.testing import flagsaver
+  if not sc.FLAGS.is_parsed():
+    sc.FLAGS(["schedule_comparison"])
+  settings = {"baseline": (0.002, 64), "compressed": (0.001, 64)}
+  arms = [("baseline", "none"), ("accelerated", "recipe"), ("searched", "pilot"),
+          ("online", "online")]
+  knn = {"baseline": {0: 0.73, 1: 0.72}, "accelerated": {0: 0.79, 1: 0.79, 2: 0.77},
+         "searched": {1: 0.75}, "online": {0: 0.78, 1: 0.77, 2: 0.78}}
+  records = [{"key": sc.run_key(arm, 4.0, *settings["baseline" if arm == "baseline"
+                                                    else "compressed"], seed),
+              "arm": arm, "schedule": dict(arms)[arm], "seed": seed, "final_knn": value,
+              "stages": ["full x10"], "why": [], "train_wall_s": 10.0,
+              "rules_version": sweep_runs.RULES_VERSION}
+             for arm, by_seed in knn.items() for seed, value in by_seed.items()]
+  with flagsaver.flagsaver(budgets=["4"], seeds=["0", "1", "2"], extra=[], arm_overrides=[]):
+    (row,) = sc.compare(records, arms, settings)
+    sc.report(records, arms, settings, str(tmp_path / "report"),
+              type("NoWorkdirs", (), {"workdir": lambda self, key: str(tmp_path / key)})())
+  assert row["noise"] == pytest.approx(0.02)   # the preset's three seeds, not the baseline's 0.01
+  e = row["arms"]
+  assert e["online"]["diff_seeds"] == [0, 1, 2]
+  assert e["online"]["diff"] == pytest.approx(-0.02 / 3) and e["online"]["verdict"] == "within noise"
+  assert e["baseline"]["diff_seeds"] == [0, 1] and e["baseline"]["diff"] == pytest.approx(-0.065)
+  assert e["baseline"]["verdict"] == "below"
+  assert e["searched"]["diff"] == pytest.approx(-0.04)
+  assert e["searched"]["verdict"] == "one seed in common: no verdict"
+  cells = {line.split(" | ")[1]: line.split(" | ")[4] for line in
+           (tmp_path / "report.md").read_text().splitlines() if line.startswith("| 4 |")}
+  assert cells == {"baseline": "-0.0650 (s0, s1)", "accelerated": "", "searched": "-0.0400 (s1)",
+                   "online": "-0.0067"}
 
 
 def test_a_measured_arm_resumes_only_a_workdir_of_its_own_rules(tmp_path):
