@@ -183,12 +183,13 @@ def paired_verdict(knn: dict, preset_knn: dict, noise: float | None) -> dict:
   kNN}), so an arm is never compared with a mean over seeds it lacks: a seed added to some arms
   only leaves the others' differences as they were. Returns {"diff": the arm's mean minus the
   preset's over those seeds (absent when they share none), "diff_seeds": those seeds, sorted,
-  "verdict"}: "above" / "within noise" / "below" against `noise` (kNN points; the largest seed
+  "every_seed": whether they are every seed of both (a report names them where not), "verdict"}: "above" / "within noise" / "below" against `noise` (kNN points; the largest seed
   range of a fixed schedule), or "one seed in common: no verdict", "no seed in common", or "noise
   not measured" (`noise` None)."""
   shared = sorted(set(knn) & set(preset_knn))
+  every_seed = shared == sorted(knn) == sorted(preset_knn)
   if not shared:
-    return {"diff_seeds": [], "verdict": "no seed in common"}
+    return {"diff_seeds": [], "every_seed": every_seed, "verdict": "no seed in common"}
   diff = (statistics.mean(knn[s] for s in shared)
           - statistics.mean(preset_knn[s] for s in shared))
   if len(shared) < 2:
@@ -201,7 +202,7 @@ def paired_verdict(knn: dict, preset_knn: dict, noise: float | None) -> dict:
     verdict = "within noise"
   else:
     verdict = "below"
-  return {"diff": diff, "diff_seeds": shared, "verdict": verdict}
+  return {"diff": diff, "diff_seeds": shared, "every_seed": every_seed, "verdict": verdict}
 
 
 def merged(stages: list[str]) -> list[str]:
@@ -239,8 +240,7 @@ def report(records, arms, settings, stem: str, runner: Runner) -> None:
       stages = (next(iter(shown.values())) if len(set(shown.values())) == 1 else
                 " / ".join(f"s{seed}: {text}" for seed, text in shown.items())).replace("|", "\\|")
       diff = f"{e['diff']:+.4f}" if "diff" in e else ""
-      preset_seeds = row["arms"][PRESET]["seeds"] if PRESET in row["arms"] else []
-      if diff and not e["diff_seeds"] == sorted(e["seeds"]) == sorted(preset_seeds):
+      if diff and not e["every_seed"]:
         diff += " (" + ", ".join(f"s{s}" for s in e["diff_seeds"]) + ")"   # not all of them
       pilot = ", ".join(f"{share:.0%}" + (f" ({m['reference_batches']}, {m['batches']}, "
                                          f"<={m['max_rounds']})" if m else "")

@@ -198,13 +198,17 @@ def test_an_arm_is_judged_against_the_preset_on_the_seeds_both_ran():
   preset = {0: 0.80, 1: 0.79, 2: 0.77}
   # all three seeds in common: the means over three
   three = paired_verdict({0: 0.78, 1: 0.78, 2: 0.76}, preset, noise=0.03)
-  assert three["diff_seeds"] == [0, 1, 2]
+  assert three["diff_seeds"] == [0, 1, 2] and three["every_seed"]
   assert three["diff"] == pytest.approx(0.7733333 - 0.7866667, abs=1e-6)
   assert three["verdict"] == "within noise"
   # an arm without the third seed is compared on seeds 0 and 1 only, not with the 3-seed mean
   two = paired_verdict({0: 0.74, 1: 0.75}, preset, noise=0.03)
   assert two["diff_seeds"] == [0, 1] and two["diff"] == pytest.approx(-0.05)
-  assert two["verdict"] == "below"
+  assert two["verdict"] == "below" and not two["every_seed"]   # the preset has seed 2 too
+  # the arm's extra seed is left out of the difference, and the report must say so
+  extra = paired_verdict({0: 0.80, 1: 0.79, 2: 0.77, 3: 0.70}, preset, noise=0.03)
+  assert extra["diff"] == pytest.approx(0.0) and not extra["every_seed"]
+  assert paired_verdict({0: 0.74, 1: 0.75}, {0: 0.80, 1: 0.79}, noise=0.03)["every_seed"]
   assert paired_verdict({0: 0.84, 1: 0.83}, preset, noise=0.03)["verdict"] == "above"
   assert paired_verdict({0: 0.84, 1: 0.83}, preset, noise=0.05)["verdict"] == "within noise"
   one = paired_verdict({1: 0.70, 5: 0.90}, preset, noise=0.03)
