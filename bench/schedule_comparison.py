@@ -183,9 +183,10 @@ def paired_verdict(knn: dict, preset_knn: dict, noise: float | None) -> dict:
   kNN}), so an arm is never compared with a mean over seeds it lacks: a seed added to some arms
   only leaves the others' differences as they were. Returns {"diff": the arm's mean minus the
   preset's over those seeds (absent when they share none), "diff_seeds": those seeds, sorted,
-  "every_seed": whether they are every seed of both (a report names them where not), "verdict"}: "above" / "within noise" / "below" against `noise` (kNN points; the largest seed
-  range of a fixed schedule), or "one seed in common: no verdict", "no seed in common", or "noise
-  not measured" (`noise` None)."""
+  "every_seed": whether they are every seed of both (a report names them where not), "verdict"}:
+  "above" / "within noise" / "below" against `noise` (kNN points; the largest seed range of a
+  fixed schedule), or "one seed in common: no verdict", "no seed in common", or "noise not
+  measured" (`noise` None)."""
   shared = sorted(set(knn) & set(preset_knn))
   every_seed = shared == sorted(knn) == sorted(preset_knn)
   if not shared:
